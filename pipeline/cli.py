@@ -1,0 +1,54 @@
+"""`hardneg` command line. `mine` is called by other tools and scripts: add options, never rename them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def cmd_mine(args) -> int:
+    from .mine import RunMismatch, mine
+    from .read import InputError
+    from .stats import EpochStats
+
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.no_progress:
+            cfg.run.progress = False
+        result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite)
+    except (ConfigError, InputError, RunMismatch) as exc:
+        print(f"hardneg: error: {exc}", file=sys.stderr)
+        return 2
+    if result.skipped:
+        print(f"{result.epoch_dir} is already complete for this config (use --overwrite to write it again)")
+    else:
+        how = "reused the kept retrieval" if result.reused_retrieval else "embedded and retrieved"
+        print(f"wrote {result.epoch_dir} ({how}, {result.stats['timings']['total_s']:.1f}s)")
+    print(EpochStats.summary_text(result.stats))
+    print(f"shards: {result.epoch_dir}/part-*.parquet   rejects: {result.epoch_dir}/_rejects.jsonl")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hardneg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("mine", help="mine hard negatives into OUT/epoch=NNNN/ Parquet shards")
+    p.add_argument("--config", required=True, help="YAML config (see docs/configuration.md)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sample.n_negatives=8 (repeatable)")
+    p.add_argument("--epoch", type=int, default=0, help="epoch to write; reuses the kept retrieval (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing epoch or a run of another config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

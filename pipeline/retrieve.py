@@ -1,0 +1,418 @@
+"""Retrieval, the Ray edge: build the index over a candidate pool, search the queries, measure recall.
+
+``retrieve(pool, queries, k, cfg)`` -> ``(scores, ids, info)``:
+
+* plan the index (``pipeline.index.choose_index``);
+* small pools / query sets (or no running Ray session): build and search in-process;
+* otherwise: train the index once in the driver on a sample, start ``num_shards`` shard actors (fractional CPUs,
+  spread over the nodes), each adding its contiguous row range of the pool batch by batch (reading ``.npy`` shards or
+  a memmap itself, or receiving batches from the driver for an in-memory array), and search the queries as a Ray Data
+  stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
+* measure recall@k against exact (streaming brute-force) search on ``recall_sample`` queries before the full search;
+  below ``recall_floor`` raise nprobe / efSearch (doubling) until it is met, or raise ``RecallFloorError``.
+
+Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import faiss
+
+from pipeline.index import (
+    BuiltIndex, IndexConfig, check_config, VectorSource, as_source, build_index, canonical_topk, choose_index, derive_ef_search,
+    exact_search, gpu_plan, make_index, merge_topk, recall_at_k, rescore_exact, retune, search, set_search_params,
+    source_from_spec, add_source, train_index, to_gpu, _cfg, _f32,
+)
+
+MAX_EF_SEARCH = 4096
+
+
+class RecallFloorError(RuntimeError):
+    """The index's measured recall@k stayed below ``index.recall_floor``."""
+
+    def __init__(self, recall: float, floor: float, k: int, info: dict, why: str):
+        self.recall, self.floor, self.k, self.info = recall, floor, k, info
+        params = info.get("params", {})
+        knob = ("index.nprobe (now %s of nlist=%s)" % (params.get("nprobe"), params.get("nlist"))
+                if "nprobe" in params else
+                "index.ef_search (now %s)" % params.get("ef_search") if "ef_search" in params else "index.kind")
+        super().__init__(
+            f"recall@{k} of the {info.get('factory')} index is {recall:.4f} on {info.get('recall_sample')} sampled "
+            f"queries, below index.recall_floor={floor} ({why}). Raise {knob}, choose a more exact index "
+            f"(index.kind=flat / ivf_flat, or a larger index.memory_budget_gb / index.pq_m), enable "
+            f"index.auto_tune, or lower index.recall_floor (null turns the check off).")
+
+
+def _use_ray(cfg, n: int, nq: int) -> bool:
+    mode = str(_cfg(cfg, "distributed", "auto")).lower()
+    if mode in ("never", "false", "off"):
+        return False
+    import ray
+    if not ray.is_initialized():
+        if mode in ("always", "true", "on"):
+            raise RuntimeError("index.distributed=always but Ray is not initialised (call ray.init() first)")
+        return False
+    if mode in ("always", "true", "on"):
+        return True
+    thr = int(_cfg(cfg, "ray_above", 100_000))
+    return n >= thr or nq >= thr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# In-process searcher
+# --------------------------------------------------------------------------------------------------------------
+
+class _LocalSearcher:
+    mode = "in_process"
+
+    def __init__(self, src: VectorSource, plan: dict, cfg, k: int):
+        t = time.perf_counter()
+        self.built = build_index(src, cfg, k_hint=k, plan=plan)
+        self.build_s = time.perf_counter() - t
+        self.num_shards = 1
+
+    def params(self) -> dict:
+        return dict(self.built.info["params"])
+
+    def set_params(self, **kw) -> dict:
+        return retune(self.built, **kw)
+
+    def search(self, q: np.ndarray, k: int):
+        return search(self.built, q, k)
+
+    search_all = search
+
+    def index_info(self) -> dict:
+        return dict(self.built.info)
+
+    def close(self):
+        self.built = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ray: shard actors + Ray Data search stage
+# --------------------------------------------------------------------------------------------------------------
+
+def _shard_actor_cls():
+    import ray
+
+    @ray.remote
+    class IndexShard:
+        """Holds rows [lo, hi) of the pool in its own index (same trained quantizer as the other shards)."""
+
+        def __init__(self, template: list, plan: dict, lo: int, hi: int, threads: int, gpu_cfg: str):
+            faiss.omp_set_num_threads(max(1, int(threads)))
+            t = template[0]
+            t = ray.get(t) if isinstance(t, ray.ObjectRef) else t
+            self.index = faiss.deserialize_index(np.asarray(t)) if t is not None else make_index(plan)
+            self.plan, self.lo, self.hi, self.gpu_cfg = plan, int(lo), int(hi), gpu_cfg
+            self.cpu_index = None
+
+        def add_from_spec(self, spec, batch_rows: int):
+            src = source_from_spec(spec)
+            secs = add_source(self.index, src, self.lo, self.hi, batch_rows)
+            return int(self.index.ntotal), secs
+
+        def add(self, x):
+            self.index.add(np.ascontiguousarray(x, dtype=np.float32))
+            return int(self.index.ntotal)
+
+        def finish(self, k_hint: int):
+            used = set_search_params(self.index, self.plan, k_hint)
+            gp = gpu_plan(type("C", (), {"gpu": self.gpu_cfg})(), k=k_hint, kind=self.plan["kind"],
+                          nprobe=used.get("nprobe"))
+            nbytes = int(faiss.serialize_index(self.index).nbytes) if self.index.ntotal <= 2_000_000 else -1
+            if gp["use_gpu"]:
+                self.cpu_index = self.index
+                self.index = to_gpu(self.index, gp["ngpu"], self.plan)
+            return {"ntotal": int(self.index.ntotal), "bytes": nbytes, "params": used, "gpu": gp,
+                    "node": ray.get_runtime_context().get_node_id()}
+
+        def set_params(self, params: dict, k_hint: int):
+            self.plan["params"].update({a: b for a, b in params.items() if b is not None})
+            used = set_search_params(self.cpu_index or self.index, self.plan, k_hint)
+            if self.cpu_index is not None and "nprobe" in used:  # pragma: no cover - GPU only
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", used["nprobe"])
+            return used
+
+        def search(self, q, k: int):
+            idx = self.index
+            if self.cpu_index is not None:  # pragma: no cover - GPU only
+                gp = gpu_plan(type("C", (), {"gpu": self.gpu_cfg})(), k=k, kind=self.plan["kind"],
+                              nprobe=self.plan["params"].get("nprobe"))
+                if not gp["search_on_gpu"]:
+                    idx = self.cpu_index
+            D, I = idx.search(np.ascontiguousarray(q, dtype=np.float32), int(k))
+            I = I.astype(np.int64)
+            I = np.where(I >= 0, I + self.lo, -1)
+            return D.astype(np.float32), I
+
+    return IndexShard
+
+
+class _SearchStage:
+    """Ray Data stage (actor): for a block of query row numbers, search every shard and merge the top-k exactly;
+    rescore lossy candidates from the pool files when the pool is on disk."""
+
+    def __init__(self, shards, queries, k: int, kk: int, source_spec=None):
+        import ray
+        self.ray = ray
+        self.shards = shards
+        self.q = ray.get(queries[0])
+        self.k, self.kk = int(k), int(kk)
+        self.src = source_from_spec(source_spec) if source_spec is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        rows = np.asarray(batch["data"], dtype=np.int64).reshape(-1)
+        q = np.ascontiguousarray(self.q[rows])
+        qref = self.ray.put(q)
+        parts = self.ray.get([s.search.remote(qref, self.kk) for s in self.shards])
+        D, I = merge_topk(parts, self.kk)
+        if self.src is not None:
+            D = rescore_exact(self.src, q, I)
+            D, I = canonical_topk(D, I, self.k)
+        return {"row": rows, "scores": D, "ids": I}
+
+
+class _RaySearcher:
+    mode = "ray"
+
+    def __init__(self, src: VectorSource, plan: dict, cfg, k: int):
+        import ray
+        self.ray, self.cfg, self.src, self.plan, self.k = ray, cfg, src, plan, int(k)
+        res = ray.cluster_resources()
+        cpus = float(res.get("CPU", 1.0))
+        nodes = [nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0]
+        S = _cfg(cfg, "num_shards")
+        if not S:
+            S = min(8, max(len(nodes), int(cpus)))
+        S = int(max(1, min(S, src.n)))
+        self.num_shards = S
+        threads = int(_cfg(cfg, "threads") or max(1, int(cpus // S)))
+        actor_cpus = float(_cfg(cfg, "actor_cpus", 0.5))
+        t0 = time.perf_counter()
+        # 1. train once, in the driver, on a sample; every shard gets a copy of the empty trained index
+        tmpl = make_index(plan)
+        self.train_s = train_index(tmpl, src, plan, int(_cfg(cfg, "seed", 0) or 0))
+        tref = ray.put(faiss.serialize_index(tmpl)) if tmpl.is_trained and plan["kind"] not in ("flat",) else None
+        del tmpl
+        # 2. shard actors, spread over the nodes, each adding its contiguous row range
+        bounds = np.linspace(0, src.n, S + 1).astype(np.int64)
+        Shard = _shard_actor_cls()
+        gpu_cfg = str(_cfg(cfg, "gpu", "auto"))
+        gp = gpu_plan(cfg, k=k, kind=plan["kind"])
+        gpus_per = 0.0
+        if gp["use_gpu"] and res.get("GPU", 0) > 0:  # pragma: no cover - GPU only
+            gpus_per = min(1.0, float(res["GPU"]) / S)
+        self.shards = [
+            Shard.options(num_cpus=actor_cpus, num_gpus=gpus_per, scheduling_strategy="SPREAD",
+                          max_concurrency=1).remote([tref], plan, int(bounds[s]), int(bounds[s + 1]), threads, gpu_cfg)
+            for s in range(S)]
+        add_batch = int(_cfg(cfg, "add_batch", 65_536))
+        spec = src.spec()
+        ta = time.perf_counter()
+        if spec is not None:  # workers read the pool files themselves
+            ray.get([sh.add_from_spec.remote(spec, add_batch) for sh in self.shards])
+        else:  # in-memory pool: stream batches to the shards, at most two in flight per shard
+            inflight: list = []
+            gens = [src.batches(add_batch, int(bounds[s]), int(bounds[s + 1])) for s in range(S)]
+            live = list(range(S))
+            while live:
+                for s in list(live):
+                    try:
+                        _, x = next(gens[s])
+                    except StopIteration:
+                        live.remove(s)
+                        continue
+                    inflight.append(self.shards[s].add.remote(ray.put(x)))
+                    del x
+                while len(inflight) > 2 * S:
+                    _, inflight = ray.wait(inflight, num_returns=len(inflight) - 2 * S)
+            ray.get(inflight)
+        self.add_s = time.perf_counter() - ta
+        self.finish = ray.get([sh.finish.remote(k) for sh in self.shards])
+        self.build_s = time.perf_counter() - t0
+        self.nodes = sorted({f["node"] for f in self.finish})
+        self._params = dict(plan["params"])
+        self._params.update(self.finish[0]["params"])
+        self.gpu = self.finish[0]["gpu"]
+
+    def params(self) -> dict:
+        return dict(self._params)
+
+    def set_params(self, **kw) -> dict:
+        used = self.ray.get([sh.set_params.remote(kw, self.k) for sh in self.shards])[0]
+        self._params.update(kw)
+        self._params.update(used)
+        return used
+
+    def _kk(self, k):
+        rf = int(self.plan["params"].get("refine_factor") or 1) if self.plan["lossy"] else 1
+        return max(1, min(k * rf, self.src.n)) if rf > 1 else k
+
+    def search(self, q: np.ndarray, k: int):
+        """Direct fan-out (used for the recall sample)."""
+        ray = self.ray
+        kk = self._kk(k)
+        qb = int(_cfg(self.cfg, "query_batch", 4096))
+        outD, outI = [], []
+        for s in range(0, len(q), qb):
+            qref = ray.put(np.ascontiguousarray(q[s:s + qb]))
+            parts = ray.get([sh.search.remote(qref, kk) for sh in self.shards])
+            D, I = merge_topk(parts, kk)
+            outD.append(D)
+            outI.append(I)
+        D, I = np.concatenate(outD), np.concatenate(outI)
+        if self.plan["lossy"]:
+            D = rescore_exact(self.src, q, I)
+        return canonical_topk(D, I, k)
+
+    def search_all(self, q: np.ndarray, k: int):
+        """The full query set as a Ray Data stage over query blocks (explicit block count, fractional CPUs)."""
+        ray = self.ray
+        import ray.data
+        nq = len(q)
+        qb = int(_cfg(self.cfg, "query_batch", 4096))
+        if nq <= qb:
+            return self.search(q, k)
+        kk = self._kk(k)
+        qref = ray.put(np.ascontiguousarray(q))
+        blocks = [ray.put(np.arange(s, min(nq, s + qb), dtype=np.int64)) for s in range(0, nq, qb)]
+        ds = ray.data.from_numpy_refs(blocks)  # one block per query batch
+        spec = self.src.spec() if self.plan["lossy"] else None
+        clients = max(1, int(_cfg(self.cfg, "search_clients", 2)))
+        ds = ds.map_batches(
+            _SearchStage, batch_size=None, zero_copy_batch=True,
+            fn_constructor_kwargs={"shards": self.shards, "queries": [qref], "k": k, "kk": kk, "source_spec": spec},
+            compute=ray.data.ActorPoolStrategy(size=clients),
+            num_cpus=float(_cfg(self.cfg, "client_cpus", 0.25)))
+        D = np.full((nq, kk if self.plan["lossy"] and spec is None else k), -np.inf, np.float32)
+        I = np.full(D.shape, -1, np.int64)
+        ctx = ray.data.DataContext.get_current()
+        old = ctx.enable_progress_bars
+        ctx.enable_progress_bars = False
+        try:
+            seen = 0
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                r = b["row"]
+                D[r] = b["scores"]
+                I[r] = b["ids"]
+                seen += len(r)
+        finally:
+            ctx.enable_progress_bars = old
+        if seen != nq:
+            raise RuntimeError(f"search stage returned {seen} of {nq} query rows")
+        del qref
+        if self.plan["lossy"] and spec is None:  # in-memory pool: rescore in the driver
+            D = rescore_exact(self.src, _f32(q), I)
+            D, I = canonical_topk(D, I, k)
+        return D, I
+
+    def index_info(self) -> dict:
+        nb = [f["bytes"] for f in self.finish]
+        return {"kind": self.plan["kind"], "factory": self.plan["factory"], "params": self.params(),
+                "ntotal": int(sum(f["ntotal"] for f in self.finish)), "dim": self.plan["dim"],
+                "bytes": int(sum(nb)) if min(nb) >= 0 else int(self.plan["est_bytes"]),
+                "est_bytes": int(self.plan["est_bytes"]), "gpu": bool(self.gpu["use_gpu"]),
+                "gpu_reason": self.gpu["reason"], "lossy": bool(self.plan["lossy"]),
+                "reason": self.plan.get("reason", ""), "train_s": round(self.train_s, 3),
+                "add_s": round(self.add_s, 3), "nodes": len(self.nodes)}
+
+    def close(self):
+        for sh in getattr(self, "shards", []):
+            try:
+                self.ray.kill(sh)
+            except Exception:
+                pass
+        self.shards = []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# retrieve
+# --------------------------------------------------------------------------------------------------------------
+
+def _tune_step(params: dict, plan: dict, n: int) -> Optional[dict]:
+    """The next, more exact setting, or None when there is none."""
+    if "nprobe" in params and params.get("nlist"):
+        cur, nlist = int(params["nprobe"]), int(params["nlist"])
+        return {"nprobe": min(nlist, cur * 2)} if cur < nlist else None
+    if "ef_search" in params:
+        cur = int(params["ef_search"])
+        cap = min(MAX_EF_SEARCH, max(n, 1))
+        return {"ef_search": min(cap, cur * 2)} if cur < cap else None
+    return None
+
+
+def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
+    """Top-k pool rows for every query by inner product.
+
+    pool: float32 (n, d) L2-normalised ndarray / np.memmap, a list of ``.npy`` shard paths, or a ``VectorSource``.
+    Returns (scores float32 (nq, k) descending, ids int64 (nq, k) row numbers, -1/-inf padding, info dict) where
+    info holds the index (kind, factory, params, bytes, gpu), the measured recall and timings."""
+    cfg = cfg if cfg is not None else IndexConfig()
+    check_config(cfg)
+    t_all = time.perf_counter()
+    src = as_source(pool)
+    q = _f32(queries)
+    k = int(k)
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if q.ndim != 2 or q.shape[1] != src.dim:
+        raise ValueError(f"queries must be (nq, {src.dim}), got {q.shape}")
+    nq = len(q)
+    if src.n == 0 or nq == 0:
+        return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64),
+                {"kind": "empty", "ntotal": src.n, "k": k, "recall_at_k": None})
+    gp0 = gpu_plan(cfg, k=k, kind="ivf_flat")
+    plan = choose_index(src.n, src.dim, cfg, gpu_available=gp0["use_gpu"])
+    Searcher = _RaySearcher if _use_ray(cfg, src.n, nq) else _LocalSearcher
+    searcher = Searcher(src, plan, cfg, k)
+    try:
+        # recall on a sample, against exact search; tune before the full search
+        t0 = time.perf_counter()
+        m = int(min(nq, max(0, int(_cfg(cfg, "recall_sample", 500)))))
+        floor = _cfg(cfg, "recall_floor")
+        trials = []
+        recall = None
+        if m > 0:
+            rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
+            qs = q[rows]
+            _, exact_I = exact_search(src, qs, k)
+            while True:
+                _, ann_I = searcher.search(qs, k)
+                recall = recall_at_k(ann_I, exact_I, k)
+                p = searcher.params()
+                trials.append({**{a: p[a] for a in ("nprobe", "ef_search") if a in p}, "recall": round(recall, 5)})
+                if floor is None or recall >= float(floor):
+                    break
+                step = _tune_step(p, plan, src.n) if _cfg(cfg, "auto_tune", True) else None
+                if step is None:
+                    info = searcher.index_info()
+                    info.update(recall_sample=m, recall_trials=trials)
+                    why = ("index.auto_tune is off" if not _cfg(cfg, "auto_tune", True) else
+                           "search parameters already at their maximum"
+                           if ("nprobe" in p or "ef_search" in p) else "the index has no search parameter to raise")
+                    raise RecallFloorError(recall, float(floor), k, info, why)
+                searcher.set_params(**step)
+        recall_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        D, I = searcher.search_all(q, k)
+        search_s = time.perf_counter() - t1
+        info = searcher.index_info()
+        info.update({
+            "k": k, "nq": nq, "mode": searcher.mode, "num_shards": searcher.num_shards,
+            "recall_at_k": None if recall is None else round(float(recall), 5), "recall_k": k,
+            "recall_sample": m, "recall_floor": floor, "recall_trials": trials,
+            "tuned": len(trials) > 1,
+            "build_s": round(searcher.build_s, 3), "recall_s": round(recall_s, 3), "search_s": round(search_s, 3),
+            "qps": round(nq / search_s, 1) if search_s > 0 else None,
+            "total_s": round(time.perf_counter() - t_all, 3),
+        })
+        return D, I, info
+    finally:
+        searcher.close()

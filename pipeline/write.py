@@ -1,0 +1,83 @@
+"""Write shards atomically: an epoch is built in a hidden folder and renamed into place once its manifest is written.
+
+Files carry no timestamps and rows are written in a fixed order, so the same config and seed give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TRAIN_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("dataset", pa.string()), ("qry", pa.string()), ("qry_image_path", pa.string()),
+    ("pos_text", pa.string()), ("pos_image_path", pa.string()), ("group", pa.string()),
+    ("qry_item_id", pa.string()), ("pos_item_id", pa.string()), ("pos_score", pa.float32()),
+    ("neg_text", pa.list_(pa.string())), ("neg_image_path", pa.list_(pa.string())),
+    ("neg_item_ids", pa.list_(pa.string())), ("neg_scores", pa.list_(pa.float32())),
+    ("neg_ranks", pa.list_(pa.int32())), ("neg_rel_scores", pa.list_(pa.float32())),
+    ("num_negatives", pa.int32()), ("shortfall", pa.int32()),
+])
+CANDIDATE_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("cand_item_ids", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
+    ("cand_ranks", pa.list_(pa.int32())), ("cand_verdicts", pa.list_(pa.string())),
+])
+
+
+def epoch_dir(out: Path, epoch: int) -> Path:
+    return Path(out) / f"epoch={epoch:04d}"
+
+
+def write_table(table: pa.Table, path: Path, compression: str) -> dict:
+    """Write one Parquet file; returns its manifest entry (path relative to its folder, rows, sha256)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression=None if compression == "none" else compression,
+                   row_group_size=8192, write_statistics=True)
+    return {"path": path.name, "rows": table.num_rows, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON through a temporary file and a rename, so a reader sees the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class EpochFolder:
+    """Builds `OUT/epoch=NNNN` under `OUT/.epoch=NNNN.partial` and swaps it in on `commit()`."""
+
+    def __init__(self, out: Path, epoch: int):
+        self.final = epoch_dir(out, epoch)
+        self.tmp = Path(out) / f".{self.final.name}.partial"
+        if self.tmp.exists():  # left by an interrupted run: its content is not trusted
+            shutil.rmtree(self.tmp)
+        (self.tmp / "_candidates").mkdir(parents=True)
+
+    def commit(self) -> Path:
+        old = self.final.with_name(f".{self.final.name}.old")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old.exists():
+            shutil.rmtree(old)
+        return self.final

@@ -1,0 +1,26 @@
+"""Shared fixtures: one Ray session for the whole test run, offline Hugging Face, a shared embedding cache."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One embedding cache for tests that do not test the cache itself, so each text is embedded once per run."""
+    return str(tmp_path_factory.mktemp("embedding-cache"))
