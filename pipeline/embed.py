@@ -146,8 +146,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str) -> tuple[np
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],
             fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
                                        max_pixels=cfg.input.max_image_pixels,
-                                       native_images=cfg.teacher.image_mode == "native", threads=shape["threads"]),
-            max_restarts=3, max_task_retries=3)
+                                       native_images=cfg.teacher.image_mode == "native", threads=shape["threads"]))
         pending, pending_rows = [], 0
         with Progress(f"embed {label}", total=missing.num_rows, unit="items", enabled=cfg.run.progress) as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -130,8 +130,11 @@ class ImageProbe:
     def check(self, rel: str) -> tuple[Optional[str], Optional[str], str]:
         """(digest, reject reason, detail) for one path."""
         location, reason = self.url(rel)
+        if reason == "bad_uri_scheme":
+            return None, reason, (f"{rel!r} uses a URI scheme that is not allowed (allowed: "
+                                  f"{', '.join(self.allowed_schemes) or 'none'}); give a path under the image root")
         if reason:
-            return None, reason, f"{rel!r} is outside the image root {self.root} or uses a scheme that is not allowed"
+            return None, reason, f"{rel!r} leads outside the image root {self.root}; give a path under the root"
         try:
             data = open_bytes(location)
         except FileNotFoundError:

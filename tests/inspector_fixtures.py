@@ -83,14 +83,13 @@ def _write_epoch(out: Path, epoch: int, corpus: list, image_root: str) -> None:
             query, pos = (text_item, img_item) if t2i else (img_item, text_item)
             pool = [c[0 if not t2i else 1] for j, c in enumerate(corpus) if j != i]
             pick = rng.choice(len(pool), TOP_K - 1, replace=False)
-            pos_score = float(rng.uniform(0.55, 0.8))
-            scores = np.sort(rng.uniform(0.2, pos_score + 0.05, TOP_K))[::-1].astype(np.float32)
-            cand_items = [pos] + [pool[p] for p in pick]
-            order = rng.permutation(TOP_K)  # where the positive lands among the retrieved ranks
-            cand_items = [cand_items[k] for k in np.argsort(order)]
+            pos_score = float(np.float32(rng.uniform(0.55, 0.8)))
+            others = rng.uniform(0.2, pos_score + 0.05, TOP_K - 1).astype(np.float32)
+            ranked = sorted([(pos, pos_score)] + [(pool[p], float(s)) for p, s in zip(pick, others)],
+                            key=lambda c: -c[1])
             verdicts, negs = [], []
             want = 0 if i == 5 else (1 if i == 6 else NEGATIVES)  # rows 5 and 6 fall short
-            for rank, (it, s) in enumerate(zip(cand_items, scores)):
+            for rank, (it, s) in enumerate(ranked):
                 if it is pos:
                     v = "same_as_positive"
                 elif s > 0.95 * pos_score:
@@ -99,7 +98,7 @@ def _write_epoch(out: Path, epoch: int, corpus: list, image_root: str) -> None:
                     v = "rank_window"
                 elif len(negs) < want:
                     v = "negative"
-                    negs.append((it, float(s), rank))
+                    negs.append((it, s, rank))
                 else:
                     v = "unsampled" if rank % 2 else DROP_REASONS[(i + rank) % len(DROP_REASONS)]
                 verdicts.append(v)
@@ -117,8 +116,8 @@ def _write_epoch(out: Path, epoch: int, corpus: list, image_root: str) -> None:
                 "neg_ranks": [n[2] for n in negs], "neg_rel_scores": [n[1] / pos_score for n in negs],
                 "num_negatives": len(negs), "shortfall": NEGATIVES - len(negs),
             })
-            cands.append({"query_id": qid, "cand_item_ids": [c["item_id"] for c in cand_items],
-                          "cand_scores": scores.tolist(), "cand_ranks": list(range(TOP_K)),
+            cands.append({"query_id": qid, "cand_item_ids": [c["item_id"] for c, _ in ranked],
+                          "cand_scores": [s for _, s in ranked], "cand_ranks": list(range(TOP_K)),
                           "cand_verdicts": verdicts})
     tmp = out / f".epoch={epoch:04d}.tmp"
     (tmp / "_candidates").mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ tr.v-unsampled td { background:#fbfbfb; }
 .verdict { font-family: ui-monospace, monospace; font-size:12px; }
 .grid { display:grid; grid-template-columns: repeat(auto-fill, minmax(570px, 1fr)); gap:12px; }
 .figure { background:var(--card); border:1px solid var(--line); border-radius:6px; padding:6px; overflow-x:auto; }
-svg.chart { max-width:100%; height:auto; font:11px system-ui, sans-serif; }
+svg.chart { width:100%; height:auto; font:11px system-ui, sans-serif; }
 svg.chart .ct { font-size:13px; font-weight:600; fill:#1d232a; }
 svg.chart .cl, svg.chart .tk { fill:#4a5560; }
 svg.chart .ax { stroke:#8b96a1; } svg.chart .gr { stroke:#e6e9ec; }

@@ -12,7 +12,7 @@ from html import escape
 import numpy as np
 
 W, H = 560, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 30, 42
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 44, 42
 PALETTE = ["#2f6fb0", "#d0603a", "#3b9a5a", "#8a5cb8", "#b8902c", "#4aa3a8", "#b84a7a", "#6b6b6b"]
 
 
@@ -43,15 +43,16 @@ def _frame(title: str, body: list[str], legend: list[tuple[str, str]] = ()) -> s
              f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
              f"<title>{escape(title)}</title>",
              f'<text x="{LEFT}" y="18" class="ct">{escape(title)}</text>']
-    x = W - RIGHT
-    for label, color in reversed(list(legend)):
-        x -= 14 + 7 * len(label)
-        parts.append(f'<rect x="{x}" y="9" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{x + 14}" y="18" class="cl">{escape(label)}</text>')
+    x = LEFT
+    for label, color in legend:
+        parts.append(f'<rect x="{x}" y="25" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{x + 14}" y="34" class="cl">{escape(label)}</text>')
+        x += 24 + 7 * len(label)
     return "".join(parts + body + ["</svg>"])
 
 
-def _axes(xlo, xhi, ylo, yhi, xlabel: str, ylabel: str, xfmt=_num) -> tuple[list[str], callable, callable]:
+def _axes(xlo, xhi, ylo, yhi, xlabel: str, ylabel: str, xticks: list[float] | None = None
+          ) -> tuple[list[str], callable, callable]:
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
 
     def sx(v):
@@ -62,10 +63,10 @@ def _axes(xlo, xhi, ylo, yhi, xlabel: str, ylabel: str, xfmt=_num) -> tuple[list
 
     out = [f'<line x1="{LEFT}" y1="{TOP + ph}" x2="{LEFT + pw}" y2="{TOP + ph}" class="ax"/>',
            f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + ph}" class="ax"/>']
-    for t in ticks(xlo, xhi):
+    for t in ticks(xlo, xhi) if xticks is None else xticks:
         out.append(f'<line x1="{sx(t):.1f}" y1="{TOP + ph}" x2="{sx(t):.1f}" y2="{TOP + ph + 4}" class="ax"/>'
                    f'<text x="{sx(t):.1f}" y="{TOP + ph + 16}" class="tk" text-anchor="middle">'
-                   f"{escape(xfmt(t))}</text>")
+                   f"{escape(_num(t))}</text>")
     for t in ticks(ylo, yhi, 4):
         out.append(f'<line x1="{LEFT}" y1="{sy(t):.1f}" x2="{LEFT + pw}" y2="{sy(t):.1f}" class="gr"/>'
                    f'<text x="{LEFT - 6}" y="{sy(t) + 4:.1f}" class="tk" text-anchor="end">{escape(_num(t))}</text>')
@@ -132,8 +133,9 @@ def lines(title: str, xs: list[int], series: list[tuple[str, list[float | None]]
         return empty(title)
     ylo, yhi = min(0.0, min(vals)), max(vals)
     pad = (yhi - ylo) * 0.08 or 1.0
-    body, sx, sy = _axes(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1, ylo, yhi + pad, xlabel, ylabel,
-                         xfmt=lambda t: str(int(t)) if float(t).is_integer() else "")
+    step = max(1, math.ceil((max(xs) - min(xs)) / 10))
+    body, sx, sy = _axes(min(xs), max(max(xs), min(xs) + 1), ylo, yhi + pad, xlabel, ylabel,
+                         list(range(min(xs), max(max(xs), min(xs) + 1) + 1, step)))
     legend = []
     for k, (label, ys) in enumerate(series):
         color = PALETTE[k % len(PALETTE)]

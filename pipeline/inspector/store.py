@@ -279,18 +279,21 @@ class Epoch:
         return None
 
     def candidates(self, row: int, query_id: str) -> dict | None:
-        """The `_candidates` row of a query: same shard number and, normally, same local row."""
+        """The `_candidates` row of a query: the same row of the same-numbered shard when they align, else looked
+        up by id (a shard's candidates also list the queries that `on_shortfall: reject` left out of it)."""
         if not 0 <= row < self.total:
             return None
         i, local = self.locate(row)
         shard = self.candidate_shards[i]
-        if not shard.path.exists():
-            return None
-        got = shard.read(local, local + 1, None).to_pylist()
-        if not got or got[0]["query_id"] != query_id:
-            local = shard.find("query_id", query_id)
-            got = [] if local is None else shard.read(local, local + 1, None).to_pylist()
-        return got[0] if got else None
+        if shard.path.exists() and local < shard.meta.num_rows:
+            got = shard.read(local, local + 1, None).to_pylist()
+            if got and got[0]["query_id"] == query_id:
+                return got[0]
+        for shard in [shard] + self.candidate_shards[:i] + self.candidate_shards[i + 1:]:
+            local = shard.find("query_id", query_id) if shard.path.exists() else None
+            if local is not None:
+                return shard.read(local, local + 1, None).to_pylist()[0]
+        return None
 
     def datasets(self) -> list[str]:
         """Distinct datasets: from row-group statistics where a group holds one dataset, decoded otherwise."""

@@ -1,0 +1,103 @@
+"""Filters and sampling as plain functions over numpy arrays."""
+import numpy as np
+
+from pipeline.config import FilterConfig, SampleConfig
+from pipeline.filters import KEPT, PAD, REASONS, CandidateBlock, FilterContext, count_drops, filter_candidates
+from pipeline.sample import query_keys, sample_negatives
+
+
+def reason(name):
+    return REASONS.index(name) + 1
+
+
+def block(cand, scores, pos_sims=None, pos_score=0.8, qry=100, pos=101, group=-1):
+    cand = np.array([cand])
+    scores = np.array([scores], np.float32)
+    sims = np.zeros_like(scores) if pos_sims is None else np.array([pos_sims], np.float32)
+    return CandidateBlock(cand, scores, sims, np.array([pos_score], np.float32), np.array([qry]), np.array([pos]),
+                          np.array([group]), np.array([0]))
+
+
+def ctx(k=6, groups=(), n_groups=1, modality=None, blocked=()):
+    mod = np.zeros(200, np.int8) if modality is None else modality
+    return FilterContext(np.array(sorted(groups), np.int64), n_groups, mod, np.array(sorted(blocked), np.int64),
+                         200, k)
+
+
+def test_each_filter_drops_what_it_names():
+    b = block([101, 100, 7, 8, 9, -1], [0.9, 0.85, 0.5, 0.3, 0.79, -np.inf], pos_sims=[1, 0, 0.99, 0, 0, 0])
+    v = filter_candidates(b, FilterConfig(near_duplicate=0.98, margin_rel=0.05), ctx())
+    assert v[0].tolist() == [reason("same_as_positive"), reason("same_as_query"), reason("near_duplicate"), KEPT,
+                             reason("margin_rel"), PAD]
+    assert count_drops(v) == {**dict.fromkeys(REASONS, 0), "same_as_positive": 1, "same_as_query": 1,
+                              "near_duplicate": 1, "margin_rel": 1}
+
+
+def test_margins_windows_bounds_groups_modality_blocklist():
+    scores = [0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    cand = [10, 11, 12, 13, 14, 15]
+    f = FilterConfig(margin_rel=None, near_duplicate=None, margin_abs=0.15)
+    assert filter_candidates(block(cand, scores), f, ctx())[0].tolist()[:2] == [reason("margin_abs"), KEPT]
+    f = FilterConfig(margin_rel=None, near_duplicate=None, min_rank=1, max_rank=4)
+    assert filter_candidates(block(cand, scores), f, ctx())[0].tolist() == [reason("rank_window"), 0, 0, 0,
+                                                                           reason("rank_window"), reason("rank_window")]
+    f = FilterConfig(margin_rel=None, near_duplicate=None, min_score=0.35, max_score=0.65)
+    assert filter_candidates(block(cand, scores), f, ctx())[0].tolist() == [reason("score_bounds"), 0, 0, 0,
+                                                                           reason("score_bounds"), reason("score_bounds")]
+    # candidate 12 shares group 3 with the query (codes are item * n_groups + group)
+    f = FilterConfig(margin_rel=None, near_duplicate=None)
+    v = filter_candidates(block(cand, scores, group=3), f, ctx(groups=[12 * 5 + 3, 13 * 5 + 1], n_groups=5))
+    assert v[0].tolist() == [0, 0, reason("same_group"), 0, 0, 0]
+    modality = np.zeros(200, np.int8)
+    modality[[11, 101]] = 1
+    v = filter_candidates(block(cand, scores), FilterConfig(margin_rel=None, near_duplicate=None, modality=True),
+                          ctx(modality=modality))
+    assert v[0].tolist() == [reason("modality"), 0] + [reason("modality")] * 4
+    v = filter_candidates(block(cand, scores), f, ctx(blocked=[0 * 200 + 14]))
+    assert v[0].tolist() == [0, 0, 0, 0, reason("blocklist"), 0]
+
+
+def test_first_reason_wins():
+    b = block([101, 5], [0.95, 0.1], pos_sims=[1.0, 0])
+    v = filter_candidates(b, FilterConfig(near_duplicate=0.5, margin_rel=0.05), ctx(k=2))
+    assert v[0].tolist() == [reason("same_as_positive"), KEPT]
+
+
+def test_top_takes_the_hardest_survivors_in_rank_order():
+    verdict = np.array([[1, 0, 0, 4, 0, 0]], np.int8)
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=3), 0)
+    assert chosen.tolist() == [[1, 2, 4]]
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=5), 0)
+    assert chosen.tolist() == [[1, 2, 4, 5, -1]]
+
+
+def test_random_sampling_depends_on_seed_epoch_and_query_only():
+    rng = np.random.default_rng(0)
+    verdict = np.zeros((50, 30), np.int8)
+    scores = np.sort(rng.random((50, 30)))[:, ::-1]
+    ids = [f"q{i}" for i in range(50)]
+    cfg = SampleConfig(n_negatives=4, strategy="uniform", seed=7)
+    a = sample_negatives(verdict, scores, query_keys(ids), cfg, epoch=1)
+    # the same queries in another order and split into other blocks give the same rows
+    perm = rng.permutation(50)
+    parts = [sample_negatives(verdict[perm[i:i + 7]], scores[perm[i:i + 7]], query_keys([ids[j] for j in perm[i:i + 7]]),
+                              cfg, epoch=1) for i in range(0, 50, 7)]
+    b = np.empty_like(a)
+    b[perm] = np.concatenate(parts)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, sample_negatives(verdict, scores, query_keys(ids), cfg, epoch=2))
+    assert not np.array_equal(a, sample_negatives(verdict, scores, query_keys(ids), SampleConfig(
+        n_negatives=4, strategy="uniform", seed=8), epoch=1))
+    assert all(len(set(row)) == 4 for row in a.tolist())  # without replacement
+
+
+def test_weighted_prefers_high_scores_and_uniform_does_not():
+    verdict = np.zeros((4000, 10), np.int8)
+    scores = np.tile(np.linspace(0.9, 0.0, 10), (4000, 1))
+    keys = query_keys([str(i) for i in range(4000)])
+    w = sample_negatives(verdict, scores, keys, SampleConfig(n_negatives=1, strategy="weighted", temperature=0.1), 0)
+    u = sample_negatives(verdict, scores, keys, SampleConfig(n_negatives=1, strategy="uniform"), 0)
+    w_hist, u_hist = np.bincount(w.ravel(), minlength=10) / 4000, np.bincount(u.ravel(), minlength=10) / 4000
+    expected = np.exp(scores[0] / 0.1) / np.exp(scores[0] / 0.1).sum()
+    assert np.abs(w_hist - expected).max() < 0.03
+    assert np.abs(u_hist - 0.1).max() < 0.03

@@ -1,0 +1,125 @@
+"""Bad input: every row becomes a query or a reject with its file, row, field and reason."""
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from corpus import copy_images, demo_items, write_jsonl
+from pipeline.config import InputConfig
+from pipeline.read import InputError, item_id, load_corpus
+
+
+@pytest.fixture
+def tree(tmp_path):
+    items = demo_items(4)
+    root = copy_images(tmp_path / "root", items)
+    good = open(root / items[0]["image_path"], "rb").read()
+    (root / "images" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "images" / "notimage.png").write_bytes(b"this is text, not a PNG")
+    Image.new("RGB", (300, 300), "white").save(root / "images" / "big.png")
+    os.symlink("/etc/hostname", root / "images" / "escape.png")
+    return root, items
+
+
+def rows_with_every_problem(items):
+    ok = [{"id": f"ok{i}", "qry": it["caption"], "pos_image_path": it["image_path"]} for i, it in enumerate(items)]
+    bad = [
+        {"id": "empty", "qry": "   ", "qry_image_path": "", "pos_text": "x"},
+        {"id": "missing", "qry": "a", "pos_image_path": "images/nope.png"},
+        {"id": "truncated", "qry": "a", "pos_image_path": "images/truncated.png"},
+        {"id": "notimage", "qry": "a", "pos_image_path": "images/notimage.png"},
+        {"id": "big", "qry": "a", "pos_image_path": "images/big.png"},
+        {"id": "dotdot", "qry": "a", "pos_image_path": "../secret.png"},
+        {"id": "absolute", "qry": "a", "pos_image_path": "/etc/passwd"},
+        {"id": "symlink", "qry": "a", "pos_image_path": "images/escape.png"},
+        {"id": "scheme", "qry": "a", "pos_image_path": "http://example.com/x.png"},
+        {"id": "ok0", "qry": "different content", "pos_text": "other"},
+        {"id": "ok1", "qry": items[1]["caption"], "pos_image_path": items[1]["image_path"]},
+        {"id": "badtype", "qry": 42, "pos_text": "x"},
+    ]
+    return ok + bad
+
+
+EXPECTED = {"empty": ("qry", "empty_text"), "missing": ("pos_image_path", "missing_image"),
+            "truncated": ("pos_image_path", "corrupt_image"), "notimage": ("pos_image_path", "corrupt_image"),
+            "big": ("pos_image_path", "image_too_large"), "dotdot": ("pos_image_path", "path_escapes_root"),
+            "absolute": ("pos_image_path", "path_escapes_root"), "symlink": ("pos_image_path", "path_escapes_root"),
+            "scheme": ("pos_image_path", "bad_uri_scheme"), "badtype": ("qry", "bad_type")}
+
+
+def test_every_bad_row_is_rejected_with_its_reason_and_the_good_rows_are_kept(tree):
+    root, items = tree
+    pairs = write_jsonl(root / "pairs.jsonl", rows_with_every_problem(items))
+    corpus = load_corpus(InputConfig(pairs=[str(pairs)], image_root=str(root), max_image_pixels=250 * 250,
+                                     max_reject_fraction=0.9), caption_mode=False)
+    assert corpus.queries.column("query_id").to_pylist() == ["ok0", "ok1", "ok2", "ok3"]
+    by_id = {r["query_id"]: r for r in corpus.rejects}
+    for qid, (field, reason) in EXPECTED.items():
+        assert (by_id[qid]["field"], by_id[qid]["reason"]) == (field, reason), qid
+        assert by_id[qid]["source"] == str(pairs) and isinstance(by_id[qid]["row"], int)
+    # the same id with other content is a conflict; the same id with the same content is a repeated row
+    dup = [r for r in corpus.rejects if r["query_id"] in ("ok0", "ok1")]
+    assert sorted(r["reason"] for r in dup) == ["duplicate_id", "duplicate_row"]
+    assert "row 0" in next(r for r in dup if r["reason"] == "duplicate_id")["detail"]
+    assert corpus.rows_in == corpus.queries.num_rows + len(corpus.rejects)
+    big = by_id["big"]["detail"]
+    assert "300x300" in big and "max_image_pixels" in big
+
+
+def test_wrongly_typed_jsonl_rows_and_broken_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"qry": "a", "pos_text": "b"}\n{"qry": 5, "pos_text": "b"}\nnot json\n[1, 2]\n'
+                    '{"qry": "c", "pos_text": "d"}\n')
+    corpus = load_corpus(InputConfig(pairs=[str(path)], max_reject_fraction=0.9), caption_mode=False)
+    assert corpus.queries.num_rows == 2
+    assert sorted(r["reason"] for r in corpus.rejects) == ["bad_json", "bad_json", "bad_type"]
+    assert any("line 3 is not valid JSON" in r["detail"] for r in corpus.rejects)
+    assert corpus.rows_in == 5
+
+
+def test_parquet_column_of_the_wrong_type_is_rejected_row_by_row(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"qry": ["a", "b"], "pos_text": pa.array([1, 2], pa.int64())}), path)
+    with pytest.raises(InputError, match=r"2 of 2 input rows are unusable.*bad_type.*field pos_text: expected a string"):
+        load_corpus(InputConfig(pairs=[str(path)]), caption_mode=False)
+
+
+def test_file_level_problems_are_clear_errors(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(InputError, match=r"p.jsonl: a pairs file needs a query column .* found columns: answer, question"):
+        load_corpus(InputConfig(pairs=[str(path)]), caption_mode=False)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"qry": "a", "pos_text": "b"}])
+    with pytest.raises(InputError, match="input.group_key is 'label' but the file has no such column"):
+        load_corpus(InputConfig(pairs=[str(path)], group_key="label"), caption_mode=False)
+    with pytest.raises(InputError, match="unsupported file type '.csv'"):
+        load_corpus(InputConfig(pairs=[str(tmp_path / "x.csv")]), caption_mode=False)
+
+
+def test_identity_is_content_not_spelling(tmp_path):
+    rows = [{"id": "a", "qry": "a dog", "pos_text": "A  red\tball "}, {"id": "b", "qry": "a cat", "pos_text": "A red ball"}]
+    corpus = load_corpus(InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))]), caption_mode=False)
+    pos = corpus.queries.column("pos_item_id").to_pylist()
+    assert pos[0] == pos[1] == item_id("A red ball", "")
+    assert corpus.items.num_rows == 3  # two queries, one shared positive
+    assert item_id("a red ball", "") != item_id("A red ball", "")  # case is content
+
+
+def test_caption_mode_needs_a_caption_for_every_image(tree):
+    root, items = tree
+    captions = root / "captions.jsonl"
+    write_jsonl(captions, [{"image_path": it["image_path"], "caption": it["caption"]} for it in items[:3]])
+    rows = [{"id": f"q{i}", "qry": "find it", "pos_image_path": it["image_path"]} for i, it in enumerate(items)]
+    corpus = load_corpus(InputConfig(pairs=[str(write_jsonl(root / "p.jsonl", rows))], image_root=str(root),
+                                     captions=str(captions)), caption_mode=True)
+    assert [r["reason"] for r in corpus.rejects] == ["no_caption"]
+    embed_texts = dict(zip(corpus.items.column("image_path").to_pylist(), corpus.items.column("embed_text").to_pylist()))
+    assert embed_texts[items[0]["image_path"]] == items[0]["caption"]
+
+
+def test_mostly_broken_input_stops_with_a_clear_message(tmp_path):
+    rows = [{"qry": "", "pos_text": "x"}] * 3 + [{"qry": "a", "pos_text": "b"}]
+    with pytest.raises(InputError, match=r"3 of 4 input rows are unusable .*empty_text.*Fix the input"):
+        load_corpus(InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))]), caption_mode=False)
