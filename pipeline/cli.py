@@ -16,8 +16,9 @@ def cmd_mine(args) -> int:
         cfg = load_config(args.config, args.set)
         if args.no_progress:
             cfg.run.progress = False
-        result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite)
-    except (ConfigError, InputError, RunMismatch) as exc:
+        result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite, resume=args.resume,
+                      checkpoint=args.teacher_checkpoint, mix_teacher=args.mix_teacher)
+    except (ConfigError, InputError, RunMismatch, ValueError) as exc:
         print(f"hardneg: error: {exc}", file=sys.stderr)
         return 2
     if result.skipped:
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set sample.n_negatives=8 (repeatable)")
     p.add_argument("--epoch", type=int, default=0, help="epoch to write; reuses the kept retrieval (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing epoch or a run of another config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run already in OUT (refuses to start a new one); finished work is kept")
+    p.add_argument("--teacher-checkpoint", metavar="PATH",
+                   help="re-embed and re-mine with these weights (e.g. the student after an epoch)")
+    p.add_argument("--mix-teacher", type=float, default=0.0, metavar="W",
+                   help="with --teacher-checkpoint: blend W of the configured teacher's scores into the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_mine)
     return parser

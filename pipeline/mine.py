@@ -5,6 +5,7 @@ A run folder belongs to one retrieval config; asking it for another config is re
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -76,12 +77,21 @@ def ensure_ray(cfg: Config) -> None:
     ctx.print_on_execution_start = False
 
 
-def retrieval_key(cfg: Config) -> dict:
-    """Everything that changes retrieval results; filters and sampling are left out on purpose (epochs vary them)."""
+def run_identity(cfg: Config) -> dict:
+    """What a run folder is bound to: the input and how it is retrieved. The teacher's weights are left out (each
+    epoch may re-mine with a new checkpoint), and so are filters and sampling (each epoch may change them)."""
     digests = {p: _file_digest(p) for p in [*cfg.input.pairs, cfg.input.candidates, cfg.input.captions] if p}
-    return {"version": RUN_VERSION, "input": vars(cfg.input), "inputs_sha": digests,
-            "teacher": {role: teacher_fingerprint(cfg.teacher, role) for role in ("query", "candidate")},
-            "index": vars(cfg.index), "top_k": cfg.retrieve.top_k}
+    teacher = {k: v for k, v in vars(cfg.teacher).items() if k not in ("model", "device", "batch_size")}
+    return _jsonable({"version": RUN_VERSION, "input": vars(cfg.input), "inputs_sha": digests, "teacher": teacher,
+                      "index": vars(cfg.index), "top_k": cfg.retrieve.top_k})
+
+
+def retrieval_id(cfg: Config, base: Config | None, mix: float) -> str:
+    """Names one retrieval inside a run: the teacher's fingerprints (and the mixed-in teacher's, if any)."""
+    parts = [teacher_fingerprint(cfg.teacher, role) for role in ("query", "candidate")]
+    if base is not None and mix:
+        parts += [teacher_fingerprint(base.teacher, role) for role in ("query", "candidate")] + [repr(mix)]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
 
 
 def _file_digest(path: str) -> str:
@@ -94,47 +104,76 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False) -> MineResult:
-    """Mine one epoch into OUT/epoch=NNNN, retrieving first unless OUT/_run already holds this config's retrieval."""
+def with_checkpoint(cfg: Config, checkpoint: str | Path) -> Config:
+    """The same config with the teacher's weights taken from `checkpoint` (a folder `from_pretrained` reads)."""
+    out = copy.deepcopy(cfg)
+    out.teacher.model = str(checkpoint)
+    return out
+
+
+def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, resume: bool = False,
+         checkpoint: str | Path | None = None, mix_teacher: float = 0.0) -> MineResult:
+    """Mine one epoch into OUT/epoch=NNNN.
+
+    Retrieval runs once per teacher and is kept under OUT/_run/<retrieval id>/, so another epoch with the same
+    teacher only re-filters and re-samples. `checkpoint` re-embeds and re-mines with new weights (a student);
+    `mix_teacher` in [0, 1] blends the configured teacher's scores into the checkpoint's.
+    """
     out = Path(out)
     started = time.time()
-    key = retrieval_key(cfg)
+    base = cfg
+    if checkpoint is not None:
+        cfg = with_checkpoint(cfg, checkpoint)
+    if not 0.0 <= mix_teacher <= 1.0 or (mix_teacher and checkpoint is None):
+        raise ValueError("mix_teacher must be in [0, 1] and needs a checkpoint to mix with")
+    identity = run_identity(cfg)
     run_dir = out / "_run"
     saved = _read_json(run_dir / "run.json")
-    if saved is not None and saved.get("key") != _jsonable(key):
+    if saved is not None and saved.get("identity") != identity:
         if not overwrite:
             raise RunMismatch(f"{out} holds a run of a different input, teacher or index config; use a new output "
                               "folder or --overwrite to replace it")
         shutil.rmtree(out)
         saved = None
+    if resume and saved is None:
+        raise RunMismatch(f"{out} holds no run to resume; drop --resume to start one")
+    rid = retrieval_id(cfg, base, mix_teacher)
     final = epoch_dir(out, epoch)
-    if saved is not None and final.exists() and not overwrite:
+    config = _jsonable({**cfg.to_dict(), "mix_teacher": mix_teacher})
+    if final.exists() and not overwrite:
         manifest = _read_json(final / "_manifest.json") or {}
-        if manifest.get("config") == _jsonable(cfg.to_dict()):
+        if manifest.get("config") == config:
             return MineResult(out, final, _read_json(final / "_stats.json") or {}, True, skipped=True)
-        raise RunMismatch(f"{final} was written with a different filter or sampling config; use --overwrite "
-                          "to replace it or another --epoch")
-    reused = saved is not None
-    state = load_run(run_dir) if reused else build_run(cfg, run_dir, key)
-    stats = write_epoch(state, cfg, out, epoch)
-    stats["timings"] = {"total_s": round(time.time() - started, 3), "reused_retrieval": reused}
-    write_json(final / "_stats.json", stats)
+        raise RunMismatch(f"{final} was written with a different filter, sampling or teacher config; use "
+                          "--overwrite to replace it or another --epoch")
+    state_dir = run_dir / rid
+    reused = (state_dir / "state.json").exists()
+    if reused:
+        state = load_run(state_dir)
+    else:
+        if saved is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "run.json", {"identity": identity})
+        state = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
+    extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
+             "reused_retrieval": reused}
+    stats = write_epoch(state, cfg, out, epoch, config, extra, started)
     return MineResult(out, final, stats, reused)
 
 
-def build_run(cfg: Config, run_dir: Path, key: dict) -> RunState:
+def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> RunState:
     ensure_ray(cfg)
     t0 = time.time()
     corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
     t_read = time.time()
-    state, info = _retrieve_all(corpus, cfg)
+    state, info = _retrieve_all(corpus, cfg, base, mix)
     info["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     state.info = info
-    save_run(state, run_dir, key)
+    save_run(state, state_dir)
     return state
 
 
-def _retrieve_all(corpus: Corpus, cfg: Config) -> tuple[RunState, dict]:
+def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) -> tuple[RunState, dict]:
     q, items = corpus.queries, corpus.items
     nq, k = q.num_rows, cfg.retrieve.top_k
     cand_rows = np.unique(np.concatenate([*corpus.pools.values(), np.zeros(0, np.int64)]))
@@ -169,15 +208,44 @@ def _retrieve_all(corpus: Corpus, cfg: Config) -> tuple[RunState, dict]:
         vecs = cand_vecs[cand_at[np.maximum(block, 0)]]
         sims = np.einsum("ikd,id->ik", vecs, pos_vecs[start:start + SIM_CHUNK])
         pos_sims[start:start + SIM_CHUNK] = np.where(block >= 0, sims, -np.inf)
+    embed_stats = {"candidates": cand_stats, "queries": qry_stats}
+    if mix:
+        scores, pos_score, pos_sims, cand = _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims,
+                                                    cand_rows, qry_rows, embed_stats)
     queries = q.append_column("pos_score", pa.array(pos_score, pa.float32()))
     info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
-            "embed": {"candidates": cand_stats, "queries": qry_stats}, "retrieval": per_dataset}
+            "embed": embed_stats, "retrieval": per_dataset}
     state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects)
     return state, info
 
 
-def save_run(state: RunState, run_dir: Path, key: dict) -> None:
-    """Keep retrieval results for later epochs; run.json goes last, so a half-saved run is never reused."""
+def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, cand_rows, qry_rows, embed_stats):
+    """Blend the base teacher's scores into the checkpoint's for the retrieved candidates, then re-rank."""
+    b_cand, stats_c = embed_items(items.take(cand_rows), "candidate", base, "candidates (mixed-in teacher)")
+    b_qry, stats_q = embed_items(items.take(qry_rows), "query", base, "queries (mixed-in teacher)")
+    embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
+    cand_at = np.full(items.num_rows, -1, np.int64)
+    cand_at[cand_rows] = np.arange(len(cand_rows))
+    qry_at = np.full(items.num_rows, -1, np.int64)
+    qry_at[qry_rows] = np.arange(len(qry_rows))
+    q_vecs = b_qry[qry_at[q.column("qry_idx").to_numpy()]]
+    pos_vecs = b_cand[cand_at[q.column("pos_idx").to_numpy()]]
+    pos_score = (1 - mix) * pos_score + mix * np.einsum("ij,ij->i", q_vecs, pos_vecs)
+    for start in range(0, len(cand), SIM_CHUNK):
+        rows = slice(start, start + SIM_CHUNK)
+        vecs = b_cand[cand_at[np.maximum(cand[rows], 0)]]
+        valid = cand[rows] >= 0
+        scores[rows] = np.where(valid, (1 - mix) * scores[rows] + mix * np.einsum("ikd,id->ik", vecs, q_vecs[rows]),
+                                -np.inf)
+        pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
+                                  + mix * np.einsum("ikd,id->ik", vecs, pos_vecs[rows]), -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
+    return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)
+
+
+def save_run(state: RunState, run_dir: Path) -> None:
+    """Keep retrieval results for later epochs; state.json goes last, so a half-saved state is never reused."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -191,11 +259,11 @@ def save_run(state: RunState, run_dir: Path, key: dict) -> None:
     }), run_dir / "candidates.parquet")
     np.save(run_dir / "item_groups.npy", state.item_groups)
     write_jsonl(run_dir / "rejects.jsonl", state.rejects)
-    write_json(run_dir / "run.json", {"key": _jsonable(key), "n_groups": state.n_groups, "info": state.info})
+    write_json(run_dir / "state.json", {"n_groups": state.n_groups, "info": state.info})
 
 
 def load_run(run_dir: Path) -> RunState:
-    meta = _read_json(run_dir / "run.json")
+    meta = _read_json(run_dir / "state.json")
     cands = pq.read_table(run_dir / "candidates.parquet")
 
     def matrix(name, dtype):
@@ -235,8 +303,9 @@ def load_blocklist(paths: list[Path], queries: pa.Table, items: pa.Table) -> np.
     return np.unique(qpos[ok].astype(np.int64) * items.num_rows + ipos[ok].astype(np.int64))
 
 
-def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int) -> dict:
-    """Filter, sample and write one epoch from the kept retrieval results."""
+def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dict, extra: dict,
+                started: float) -> dict:
+    """Filter, sample and write one epoch from the kept retrieval results; the manifest goes in last."""
     q, items = state.queries, state.items
     nq = q.num_rows
     modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
@@ -279,10 +348,12 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int) -> dict:
     summary = stats.finish(rejects)
     summary["retrieval"] = state.info.get("retrieval", {})
     summary["embed"] = state.info.get("embed", {})
+    summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
+    summary.update(extra)
     write_json(folder.tmp / "_stats.json", summary)
     write_json(folder.tmp / "_manifest.json", {
-        "epoch": epoch, "config": _jsonable(cfg.to_dict()), "teacher": state.info.get("embed", {}),
-        "retrieval": state.info.get("retrieval", {}), "counts": {
+        "epoch": epoch, "config": config, "teacher": state.info.get("embed", {}), **extra,
+        "image_root": cfg.input.image_root, "retrieval": state.info.get("retrieval", {}), "counts": {
             k: summary[k] for k in ("queries_in", "queries_written", "queries_rejected")},
         "files": files, "candidate_files": cand_files, "filters": list(REASONS)})
     folder.commit()

@@ -118,7 +118,7 @@ def test_another_epoch_resamples_from_kept_candidates_reproducibly(mined):
     assert (again.epoch_dir / "part-00000.parquet").read_bytes() == first
     assert mine(cfg, out, epoch=1).skipped
     other = config_from_dict({**raw, "sample": {"n_negatives": 2}})
-    with pytest.raises(RunMismatch, match="different filter or sampling config"):
+    with pytest.raises(RunMismatch, match="different filter, sampling or teacher config"):
         mine(other, out, epoch=1)
     changed = config_from_dict({**raw, "teacher": {**raw["teacher"], "query_prompt": "query: "}})
     with pytest.raises(RunMismatch, match="different input, teacher or index config"):

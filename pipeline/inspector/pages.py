@@ -140,7 +140,7 @@ def _list_row(view: View, r: dict) -> str:
     return (f'<tr data-row="{r["_row"]}"><td class="num"><a href="{qlink}">{r["_row"]}</a></td>'
             f'<td><div class="cell">{image(view, r.get("qry_image_path"))}<div>'
             f'<a class="qlink mono" href="{qlink}">{esc(r.get("query_id"))}</a><br>'
-            f'<span class="badge">{esc(r.get("dataset"))}</span><div class="clip">{esc(r.get("qry"))}</div>'
+            f'<span class="badge ds">{esc(r.get("dataset"))}</span><div class="clip">{esc(r.get("qry"))}</div>'
             f"</div></div></td>"
             f'<td><div class="cell">{image(view, r.get("pos_image_path"))}<div class="clip">{esc(r.get("pos_text"))}'
             f"</div></div></td>"

@@ -1,0 +1,182 @@
+"""End to end: mine a tiny real run (the bundled demo images and captions, the offline MiniLM teacher in caption
+mode), serve it, and drive it in headless Chromium: the list with images, a query's negatives with scores, a
+filter, marking a false negative (and the next epoch honouring it), and a `<script>` caption shown as text."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.inspector import report
+from pipeline.inspector.app import make_server
+from pipeline.mine import mine
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+EVIL = "bulgaria <script>alert(1)</script> <img src=x>"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def tiny_config(tmp: Path, cache: str, n: int = 24):
+    caps = pq.read_table(DEMO / "captions.parquet").slice(0, n).to_pylist()
+    rows = []
+    for i, c in enumerate(caps):
+        text = EVIL if i == 1 else c["caption"]
+        group = c["category"].split("/")[0]
+        rows.append({"id": f"t2i-{i:03d}", "dataset": "t2i", "qry": text, "qry_image_path": "", "pos_text": "",
+                     "pos_image_path": c["image_path"], "group": group})
+        rows.append({"id": f"i2t-{i:03d}", "dataset": "i2t", "qry": "", "qry_image_path": c["image_path"],
+                     "pos_text": text, "pos_image_path": "", "group": group})
+    pairs = tmp / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return config_from_dict({
+        "input": {"pairs": [str(pairs)], "image_root": str(DEMO), "captions": str(DEMO / "captions.parquet"),
+                  "group_key": "group"},
+        "teacher": {"image_mode": "caption", "batch_size": 32},
+        "embed": {"cache_dir": cache},
+        "retrieve": {"top_k": 12},
+        "sample": {"n_negatives": 3},
+        "output": {"rows_per_shard": 16},
+        "run": {"progress": False},
+    })
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, ray_session, shared_cache):
+    tmp = tmp_path_factory.mktemp("insp-e2e")
+    cfg = tiny_config(tmp, shared_cache)
+    out = tmp / "out"
+    mine(cfg, out)
+    return cfg, out
+
+
+@pytest.fixture(scope="module")
+def server(mined):
+    srv = make_server(mined[1], port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_mined_run_is_served_and_reported(server, mined, tmp_path):
+    import urllib.request
+
+    ep = server.inspector.run.epoch()
+    assert ep.total == 48 and len(ep.shards) == 3
+    for path in ["", "?dataset=i2t", "?band=hard", "query?row=0", "query?id=t2i-001", "stats"]:
+        with urllib.request.urlopen(server.url + path) as resp:
+            assert resp.status == 200
+    html = report.write(mined[1], tmp_path / "r.html", sample=4).read_text()
+    assert "data:image/" in html and "Teacher scores" in html
+
+
+# ------------------------------------------------------------------------------------------------ in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"browser tests need Debian's Chromium at {CHROMIUM}: run tests/browser_setup.sh")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package: "
+                                                                 "run tests/browser_setup.sh")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1300, "height": 900})
+    pg = ctx.new_page()
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    yield pg
+    ctx.close()
+
+
+def loaded_images(pg) -> list[int]:
+    pg.wait_for_load_state("networkidle")
+    return pg.evaluate("Array.from(document.images).filter(i => i.complete).map(i => i.naturalWidth)")
+
+
+def test_list_renders_with_images(server, page):
+    page.goto(server.url)
+    assert page.locator("tr[data-row]").count() == 48
+    assert "rows 1–48 of 48" in page.inner_text("#summary")
+    first = page.locator("tr[data-row]").first.locator("img")
+    assert first.count() >= 1
+    widths = loaded_images(page)
+    assert len(widths) >= 10 and all(w > 0 for w in widths)  # every image that loaded is a real picture
+
+
+def test_query_page_shows_negatives_with_scores(server, page, mined):
+    ep = server.inspector.run.epoch()
+    row = next(r for r in ep.read(0, ep.total) if r["num_negatives"] == 3)
+    page.goto(server.url)
+    page.click(f'tr[data-row="{row["_row"]}"] a.qlink')
+    page.wait_for_url("**/query?*")
+    assert page.inner_text("#qid") == row["query_id"]
+    cards = page.locator(".card.neg")
+    assert cards.count() == 3
+    for k, score in enumerate(row["neg_scores"]):
+        text = cards.nth(k).inner_text()
+        assert f"{score:.4f}" in text and f"{row['pos_score'] - score:.4f}" in text
+    assert page.locator("table.cands tbody tr").count() == 12
+    assert all(w > 0 for w in loaded_images(page))
+
+
+def test_filter_narrows_the_list(server, page):
+    page.goto(server.url)
+    before = page.locator("tr[data-row]").count()
+    page.select_option("select[name=dataset]", "i2t")
+    page.click("form.filters button")
+    page.wait_for_url("**dataset=i2t**")
+    rows = page.locator("tr[data-row]")
+    assert 0 < rows.count() < before
+    assert set(page.locator("tr[data-row] .badge.ds").all_inner_texts()) == {"i2t"}
+    page.fill("input[name=q]", "I2T-00")
+    page.press("input[name=q]", "Enter")
+    page.wait_for_url("**q=I2T-00**")
+    assert page.locator("tr[data-row]").count() == 10
+
+
+def test_script_caption_renders_as_text(server, page):
+    for url in [server.url + "?q=script", server.url + "query?id=t2i-001", server.url + "query?id=i2t-001"]:
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        assert EVIL in page.inner_text("main")
+        assert page.evaluate("document.querySelectorAll('script').length") == 1
+        assert page.evaluate("Array.from(document.images).every(i => !i.src.endsWith('/x'))")
+    assert page.dialogs == []
+
+
+def test_marking_a_false_negative_lands_in_the_blocklist_and_the_next_epoch_honours_it(server, page, mined):
+    cfg, out = mined
+    ep = server.inspector.run.epoch(0)
+    row = next(r for r in ep.read(0, ep.total) if r["num_negatives"] == 3)
+    item = row["neg_item_ids"][0]
+    page.goto(f"{server.url}query?epoch=0&row={row['_row']}")
+    card = page.locator(f'.card.neg[data-item="{item}"]')
+    card.locator("input[name=note]").fill("same object, other angle")
+    card.locator("button").click()
+    page.wait_for_url("**marked=**")
+    assert "Added" in page.inner_text("#flash")
+    assert "in blocklist" in page.locator(f'.card.neg[data-item="{item}"]').inner_text()
+    lines = [json.loads(x) for x in (out / "blocklist.jsonl").read_text().splitlines()]
+    assert [(e["query_id"], e["item_id"], e["note"]) for e in lines] == [
+        (row["query_id"], item, "same object, other angle")]
+
+    mine(cfg, out, epoch=1)  # re-filters the kept candidates; reads OUT/blocklist.jsonl
+    ep1 = server.inspector.run.epoch(1)
+    r1 = ep1.row(ep1.find(row["query_id"]))
+    assert item not in r1["neg_item_ids"]
+    page.goto(f"{server.url}query?epoch=1&row={r1['_row']}&reason=blocklist")
+    blocked = page.locator("table.cands tbody tr")
+    assert blocked.count() == 1 and blocked.get_attribute("data-item") == item
