@@ -204,9 +204,21 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: dict = field(default_factory=dict)
+    """Per-epoch values of filters.* / sample.* keys, e.g. {"filters.min_rank": [0, 2, 4]}; the last one stays."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_epoch(self, epoch: int) -> "Config":
+        """This config with the schedule's values for `epoch` applied (validated like any other value)."""
+        if not self.schedule:
+            return self
+        data = self.to_dict()
+        for key, values in self.schedule.items():
+            section, name = key.split(".", 1)
+            data[section][name] = values[min(epoch, len(values) - 1)]
+        return config_from_dict(data)
 
 
 _RANGES = {
@@ -270,12 +282,33 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
 
 
+def _check_schedule(schedule: Any) -> dict:
+    if not isinstance(schedule, dict):
+        raise ConfigError("schedule: expected a mapping of KEY: [value for epoch 0, epoch 1, ...]")
+    for key, values in schedule.items():
+        if not str(key).startswith(("filters.", "sample.")):
+            raise ConfigError(f"schedule.{key}: only filters.* and sample.* keys can change with the epoch "
+                              "(the others change retrieval)")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"schedule.{key}: expected a non-empty list of per-epoch values, got {values!r}")
+        section, _, name = str(key).partition(".")
+        for i, value in enumerate(values):  # each value must be valid where it lands
+            try:
+                _build(Config, {section: {name: value}}, "")
+            except ConfigError as exc:
+                raise ConfigError(f"schedule.{key}[{i}]: {exc}") from None
+    return schedule
+
+
 def _build(cls: type, data: dict, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
+        if cls is Config and key == "schedule":
+            kwargs[key] = _check_schedule(value)
+            continue
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

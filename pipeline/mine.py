@@ -121,6 +121,7 @@ def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, 
     """
     out = Path(out)
     started = time.time()
+    cfg = cfg.for_epoch(epoch)
     base = cfg
     if checkpoint is not None:
         cfg = with_checkpoint(cfg, checkpoint)
