@@ -37,6 +37,10 @@ class InputConfig:
     """Images larger than this are rejected before decoding (decompression-bomb guard)."""
     max_reject_fraction: float = 0.5
     """Stop the run when more than this fraction of input rows is unusable (the input is mostly broken)."""
+    max_rejects: Optional[int] = None
+    """Also stop the run when more than this many input rows are unusable (absolute count; null: no limit)."""
+    max_image_bytes: int = 128 * 2**20
+    """Image files larger than this are rejected before they are read (bounds the reader's memory per image)."""
 
 
 @dataclass
@@ -191,6 +195,12 @@ class RunConfig:
     ray_address: Optional[str] = None
     """Ray cluster to join (default: `RAY_ADDRESS`, else a local Ray)."""
     progress: bool = True
+    max_task_retries: int = 3
+    """Times an embedding batch is retried when its actor or node dies (Ray system failures: the actor restarts,
+    on another node if its node is gone); -1: unlimited. Errors raised by the model code are not retried."""
+    max_errored_blocks: int = 0
+    """Embedding blocks that may fail (after retries) without stopping the run; their items are rejected with
+    reason `embed_failed`. 0: any failure stops the run."""
 
 
 @dataclass
@@ -238,6 +248,10 @@ _RANGES = {
     "output.rows_per_shard": (1, None),
     "input.max_image_pixels": (1, None),
     "input.max_reject_fraction": (0, 1),
+    "input.max_rejects": (0, None),
+    "input.max_image_bytes": (1, None),
+    "run.max_task_retries": (-1, None),
+    "run.max_errored_blocks": (0, None),
 }
 
 
@@ -392,3 +406,46 @@ def _resolve(base: Path, value: str) -> str:
     if "://" in value or Path(value).is_absolute():
         return value
     return str((base / value).resolve())
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from this file's dataclasses and their docstrings (a test keeps it current)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    lines = ["# Configuration reference", "",
+             "A run is configured by one YAML file (`hardneg mine --config FILE`); any key can be overridden with",
+             "`--set section.key=VALUE` (VALUE is read as YAML). Unknown keys and values outside the allowed ones stop",
+             "the run before any work, naming the key. Relative paths are relative to the config file.",
+             "Generated from `pipeline/config.py` by `python -c 'from pipeline.config import reference_markdown as r;"
+             " print(r(), end=\"\")' > docs/configuration.md`.", ""]
+    for section in dataclasses.fields(Config):
+        if section.name == "schedule":
+            continue
+        node = classes[typing.get_type_hints(Config)[section.name].__name__]
+        lines += [f"## `{section.name}`", ""]
+        doc = ast.get_docstring(node)
+        if doc:
+            lines += [doc, ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        body = node.body
+        for i, stmt in enumerate(body):
+            if not isinstance(stmt, ast.AnnAssign):
+                continue
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            text = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
+            default = ast.unparse(stmt.value) if stmt.value is not None else ""
+            if default.startswith("field("):
+                default = "[]"
+            text = " ".join(text.split()).replace("|", "\\|")
+            lines.append(f"| `{stmt.target.id}` | `{ast.unparse(stmt.annotation)}` | `{default}` | {text} |")
+        lines.append("")
+    lines += ["## `schedule`", "",
+              "Per-epoch values of `filters.*` and `sample.*` keys: `{KEY: [epoch 0, epoch 1, ...]}`; epochs past the",
+              "end of a list keep its last value. Example: `schedule: {filters.min_rank: [0, 2, 4]}` moves the",
+              "sampling window down the ranking as training goes on (harder negatives later is the other way round).",
+              ""]
+    return "\n".join(lines)

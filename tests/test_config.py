@@ -70,3 +70,12 @@ def test_bundled_configs_load():
     for name in ("configs/demo.yaml", "configs/demo-clip.yaml"):
         cfg = load_config(name)
         assert cfg.input.pairs and cfg.retrieve.top_k >= cfg.sample.n_negatives
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from pipeline.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate docs/configuration.md (command in its header)"
