@@ -1,0 +1,117 @@
+"""Kill the run (the driver, or a Ray actor) at several points, run it again, compare with an undisturbed run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from corpus import base_config, text_pairs, write_jsonl
+
+
+def start(config, out, ray_address, *extra):
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "mine", "--config", str(config), "--out", str(out),
+                             "--no-progress", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def embed_workers():
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("EmbedActor" in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_for(condition, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("milestone not reached")
+
+
+def digests(out):
+    manifest = json.loads((out / "epoch=0000" / "_manifest.json").read_text())
+    return [f["sha256"] for f in manifest["files"]]
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    pairs = write_jsonl(tmp / "pairs.jsonl", text_pairs(300))
+    address = ray_session.get_runtime_context().gcs_address
+
+    def config(name, cache):
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(base_config(pairs, str(tmp / cache), output={"rows_per_shard": 2},
+                                                   embed={"num_actors": 1, "cpus_per_actor": 0.5},
+                                                   teacher={"batch_size": 8})))
+        return path
+
+    reference = tmp / "reference"
+    finish(start(config("ref", "cache-ref"), reference, address))
+    return tmp, config, address, reference
+
+
+def check_same(out, reference):
+    assert digests(out) == digests(reference)
+    rows = pd.read_parquet(out / "epoch=0000")
+    assert rows.query_id.is_unique and len(rows) == 300
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no partial folder left behind
+
+
+def test_driver_killed_while_embedding(setup):
+    tmp, config, address, reference = setup
+    cfg, out = config("a", "cache-a"), tmp / "a"
+    proc = start(cfg, out, address)
+    wait_for(lambda: embed_workers())
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "epoch=0000").exists()
+    finish(start(cfg, out, address))
+    check_same(out, reference)
+
+
+def test_driver_killed_while_writing_the_epoch(setup):
+    tmp, config, address, reference = setup
+    cfg, out = config("b", "cache-ref"), tmp / "b"  # warm cache: straight to retrieval and writing
+    proc = start(cfg, out, address)
+    partial = out / ".epoch=0000.partial"
+    wait_for(lambda: partial.exists() and len(list(partial.glob("part-*.parquet"))) >= 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "epoch=0000").exists()  # a reader never sees the half-written epoch
+    state = list((out / "_run").glob("*/state.json"))
+    assert state, "retrieval had finished and is kept"
+    before = state[0].stat().st_mtime_ns
+    finish(start(cfg, out, address, "--resume"))
+    assert state[0].stat().st_mtime_ns == before  # retrieval was not repeated
+    check_same(out, reference)
+
+
+def test_embedding_actor_killed_mid_run(setup):
+    tmp, config, address, reference = setup
+    cfg, out = config("c", "cache-c"), tmp / "c"
+    proc = start(cfg, out, address)
+    wait_for(lambda: embed_workers())
+    time.sleep(2)
+    for worker in embed_workers():
+        worker.kill()
+    finish(proc)
+    check_same(out, reference)
