@@ -26,10 +26,14 @@ def finish(proc, timeout=300):
 
 
 def embed_workers():
+    """Embedding actors of this test's Ray cluster only (children of its raylet), never another process's."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(raylet).children(recursive=True):
         try:
-            if any("EmbedActor" in part for part in (p.info["cmdline"] or [])):
+            if any("EmbedActor" in part for part in p.cmdline()):
                 found.append(p)
         except psutil.Error:
             pass
