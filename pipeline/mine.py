@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config
-from .embed import embed_items
+from .embed import embed_by_dataset, embed_or_reject
 from .filters import REASONS, CandidateBlock, FilterContext, count_drops, filter_candidates
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
@@ -69,7 +69,8 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    # No address: a fresh local Ray, never whichever cluster happens to run on this machine (RAY_ADDRESS=auto joins it)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True)
     ctx = ray.data.DataContext.get_current()
@@ -166,6 +167,8 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     ensure_ray(cfg)
     t0 = time.time()
     corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
+    if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
+        corpus = embed_or_reject(corpus, cfg)
     t_read = time.time()
     state, info = _retrieve_all(corpus, cfg, base, mix)
     info["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
@@ -174,24 +177,26 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     return state
 
 
+def _query_rows(q: pa.Table) -> dict:
+    """{dataset: item rows of its queries}: a query item is embedded with its own dataset's instruction."""
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx = q.column("qry_idx").to_numpy().astype(np.int64)
+    return {str(ds): qry_idx[datasets == ds] for ds in np.unique(datasets)}
+
+
 def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) -> tuple[RunState, dict]:
     q, items = corpus.queries, corpus.items
     nq, k = q.num_rows, cfg.retrieve.top_k
-    cand_rows = np.unique(np.concatenate([*corpus.pools.values(), np.zeros(0, np.int64)]))
-    qry_rows = np.unique(q.column("qry_idx").to_numpy()).astype(np.int64)
-    cand_vecs, cand_stats = embed_items(items.take(cand_rows), "candidate", cfg, "candidates")
-    qry_vecs, qry_stats = embed_items(items.take(qry_rows), "query", cfg, "queries")
-    cand_at = np.full(items.num_rows, -1, np.int64)
-    cand_at[cand_rows] = np.arange(len(cand_rows))
-    qry_at = np.full(items.num_rows, -1, np.int64)
-    qry_at[qry_rows] = np.arange(len(qry_rows))
+    # Vectors per (role, dataset): with teacher.instructions an item's vector depends on its dataset's prompt.
+    cand_v, cand_stats = embed_by_dataset(items, corpus.pools, "candidate", cfg, "candidates")
+    qry_v, qry_stats = embed_by_dataset(items, _query_rows(q), "query", cfg, "queries")
 
     cand = np.full((nq, k), -1, np.int64)
     scores = np.full((nq, k), -np.inf, np.float32)
+    pos_score = np.zeros(nq, np.float32)
+    pos_sims = np.full((nq, k), -np.inf, np.float32)
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    q_vecs = qry_vecs[qry_at[q.column("qry_idx").to_numpy()]]
-    pos_vecs = cand_vecs[cand_at[q.column("pos_idx").to_numpy()]]
-    pos_score = np.einsum("ij,ij->i", q_vecs, pos_vecs).astype(np.float32)
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
     per_dataset = {}
     for ds in sorted(corpus.pools):
         rows = np.flatnonzero(datasets == ds)
@@ -199,20 +204,21 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
             continue
         pool = corpus.pools[ds]
         kk = min(k, len(pool))
-        s, ids, index_info = retrieve(cand_vecs[cand_at[pool]], q_vecs[rows], kk, cfg.index)
+        q_vecs, pos_vecs = qry_v.get(ds, qry_idx[rows]), cand_v.get(ds, pos_idx[rows])
+        pos_score[rows] = np.einsum("ij,ij->i", q_vecs, pos_vecs)
+        s, ids, index_info = retrieve(cand_v.get(ds, pool), q_vecs, kk, cfg.index)
         cand[rows, :kk] = np.where(ids >= 0, pool[np.maximum(ids, 0)], -1)
         scores[rows, :kk] = s
         per_dataset[ds] = {"queries": int(len(rows)), "pool": int(len(pool)), "k": kk, "index": index_info}
-    pos_sims = np.full((nq, k), -np.inf, np.float32)
-    for start in range(0, nq, SIM_CHUNK):
-        block = cand[start:start + SIM_CHUNK]
-        vecs = cand_vecs[cand_at[np.maximum(block, 0)]]
-        sims = np.einsum("ikd,id->ik", vecs, pos_vecs[start:start + SIM_CHUNK])
-        pos_sims[start:start + SIM_CHUNK] = np.where(block >= 0, sims, -np.inf)
+        for start in range(0, len(rows), SIM_CHUNK):
+            chunk = rows[start:start + SIM_CHUNK]
+            block = cand[chunk]
+            sims = np.einsum("ikd,id->ik", cand_v.get(ds, np.maximum(block, 0)), pos_vecs[start:start + SIM_CHUNK])
+            pos_sims[chunk] = np.where(block >= 0, sims, -np.inf)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
     if mix:
         scores, pos_score, pos_sims, cand = _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims,
-                                                    cand_rows, qry_rows, embed_stats)
+                                                    corpus.pools, embed_stats)
     queries = q.append_column("pos_score", pa.array(pos_score, pa.float32()))
     info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
             "embed": embed_stats, "retrieval": per_dataset}
@@ -220,26 +226,26 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
     return state, info
 
 
-def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, cand_rows, qry_rows, embed_stats):
+def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, pools, embed_stats):
     """Blend the base teacher's scores into the checkpoint's for the retrieved candidates, then re-rank."""
-    b_cand, stats_c = embed_items(items.take(cand_rows), "candidate", base, "candidates (mixed-in teacher)")
-    b_qry, stats_q = embed_items(items.take(qry_rows), "query", base, "queries (mixed-in teacher)")
+    b_cand, stats_c = embed_by_dataset(items, pools, "candidate", base, "candidates (mixed-in teacher)")
+    b_qry, stats_q = embed_by_dataset(items, _query_rows(q), "query", base, "queries (mixed-in teacher)")
     embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
-    cand_at = np.full(items.num_rows, -1, np.int64)
-    cand_at[cand_rows] = np.arange(len(cand_rows))
-    qry_at = np.full(items.num_rows, -1, np.int64)
-    qry_at[qry_rows] = np.arange(len(qry_rows))
-    q_vecs = b_qry[qry_at[q.column("qry_idx").to_numpy()]]
-    pos_vecs = b_cand[cand_at[q.column("pos_idx").to_numpy()]]
-    pos_score = (1 - mix) * pos_score + mix * np.einsum("ij,ij->i", q_vecs, pos_vecs)
-    for start in range(0, len(cand), SIM_CHUNK):
-        rows = slice(start, start + SIM_CHUNK)
-        vecs = b_cand[cand_at[np.maximum(cand[rows], 0)]]
-        valid = cand[rows] >= 0
-        scores[rows] = np.where(valid, (1 - mix) * scores[rows] + mix * np.einsum("ikd,id->ik", vecs, q_vecs[rows]),
-                                -np.inf)
-        pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
-                                  + mix * np.einsum("ikd,id->ik", vecs, pos_vecs[rows]), -np.inf)
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
+    pos_score = pos_score.astype(np.float64)
+    for ds in np.unique(datasets):
+        ds_rows = np.flatnonzero(datasets == ds)
+        for start in range(0, len(ds_rows), SIM_CHUNK):
+            rows = ds_rows[start:start + SIM_CHUNK]
+            q_vecs, pos_vecs = b_qry.get(ds, qry_idx[rows]), b_cand.get(ds, pos_idx[rows])
+            pos_score[rows] = (1 - mix) * pos_score[rows] + mix * np.einsum("ij,ij->i", q_vecs, pos_vecs)
+            vecs = b_cand.get(ds, np.maximum(cand[rows], 0))
+            valid = cand[rows] >= 0
+            scores[rows] = np.where(valid, (1 - mix) * scores[rows]
+                                    + mix * np.einsum("ikd,id->ik", vecs, q_vecs), -np.inf)
+            pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
+                                      + mix * np.einsum("ikd,id->ik", vecs, pos_vecs), -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
     return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)
@@ -320,13 +326,18 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     files, cand_files = [], []
     item_ids, texts, images = (items.column(c).combine_chunks() for c in ("item_id", "text", "image_path"))
     step = cfg.output.rows_per_shard
+    judge_drop, judge_info = None, None
+    if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
+        from .judge import judge_drops
+
+        survivors = np.concatenate([filter_candidates(_candidate_block(state, np.arange(s, min(s + step, nq))),
+                                                      cfg.filters, ctx) for s in range(0, nq, step)])
+        judge_drop, judge_info = judge_drops(state, survivors, cfg, out / "_run")
     with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
         for shard, start in enumerate(range(0, nq, step)):
             rows = np.arange(start, min(start + step, nq))
-            block = CandidateBlock(state.cand[rows], state.scores[rows], state.pos_sims[rows],
-                                   q.column("pos_score").to_numpy()[rows], q.column("qry_idx").to_numpy()[rows],
-                                   q.column("pos_idx").to_numpy()[rows], q.column("group_code").to_numpy()[rows],
-                                   rows)
+            block = _candidate_block(state, rows)
+            block.judge_drop = judge_drop[rows] if judge_drop is not None else None
             verdict = filter_candidates(block, cfg.filters, ctx)
             chosen = sample_negatives(verdict, block.scores, keys[rows], cfg.sample, epoch)
             found = (chosen >= 0).sum(axis=1)
@@ -349,6 +360,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     summary = stats.finish(rejects)
     summary["retrieval"] = state.info.get("retrieval", {})
     summary["embed"] = state.info.get("embed", {})
+    if judge_info is not None:
+        summary["judge"] = judge_info
     summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
     summary.update(extra)
     write_json(folder.tmp / "_stats.json", summary)
@@ -359,6 +372,13 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
         "files": files, "candidate_files": cand_files, "filters": list(REASONS)})
     folder.commit()
     return summary
+
+
+def _candidate_block(state: RunState, rows: np.ndarray) -> CandidateBlock:
+    q = state.queries
+    return CandidateBlock(state.cand[rows], state.scores[rows], state.pos_sims[rows],
+                          q.column("pos_score").to_numpy()[rows], q.column("qry_idx").to_numpy()[rows],
+                          q.column("pos_idx").to_numpy()[rows], q.column("group_code").to_numpy()[rows], rows)
 
 
 def _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images):
