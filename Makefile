@@ -9,12 +9,17 @@ $(VENV)/.installed: pyproject.toml docker/install.sh
 	PYTHON=$(PY) bash docker/install.sh cpu
 	touch $@
 
+# Debian's Chromium for the inspector's browser tests (Playwright drives it; no browser download).
+$(VENV)/.browser: tests/browser_setup.sh $(VENV)/.installed
+	PYTHON=$(PY) bash tests/browser_setup.sh
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/hardneg mine --config configs/demo.yaml --out out/demo
 
-test: install
+test: install $(VENV)/.browser
 	$(PY) -m pytest -q
 
 .PHONY: install demo test

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import ConfigError, load_config
+
+
+# Modules that add their own subcommands with `register(subparsers)`.
+SUBCOMMANDS = ("pipeline.inspector.cli",)
 
 
 def cmd_mine(args) -> int:
@@ -49,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --teacher-checkpoint: blend W of the configured teacher's scores into the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_mine)
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -115,12 +115,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(404, "no such page")
             route(self._args(url.query))
         except HttpError as e:
-            self._html(pages.error_page(None, e.status, str(e)), e.status)
+            self.close_connection = True  # a refused POST may leave its body unread on the connection
+            self._html(pages.error_page(e.status, str(e)), e.status)
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception:  # noqa: BLE001 - one bad row must not take the server down; the trace goes to stderr
             traceback.print_exc(file=sys.stderr)
-            self._html(pages.error_page(None, 500, "internal error (see the inspector's terminal)"), 500)
+            self._html(pages.error_page(500, "internal error (see the inspector's terminal)"), 500)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._dispatch({"/": self.list_page, "/query": self.query_page, "/stats": self.stats_page,

@@ -45,7 +45,7 @@ img.mini { display:inline-block; max-width:44px; max-height:44px; margin:0 2px 2
          color:#33404d; margin-right:4px; white-space:nowrap; }
 .badge.warn { background:#fbe3d9; color:var(--bad); }
 .pager { margin:12px 0; display:flex; gap:14px; align-items:center; }
-.pair { display:grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap:12px; }
+.pair { display:grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap:12px; align-items:start; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:6px; padding:10px; }
 .card h3 { margin:0 0 6px; font-size:13px; color:var(--muted); }
 .negs { display:grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap:10px; }
@@ -53,8 +53,8 @@ img.mini { display:inline-block; max-width:44px; max-height:44px; margin:0 2px 2
 .metrics dt { color:var(--muted); } .metrics dd { margin:0; font-variant-numeric: tabular-nums; }
 dl.meta { display:grid; grid-template-columns:max-content 1fr; gap:2px 12px; margin:0 0 10px; }
 dl.meta dt { color:var(--muted); } dl.meta dd { margin:0; }
-form.block { display:flex; gap:4px; margin-top:6px; }
-form.block input[type=text] { flex:1; min-width:0; font:inherit; font-size:12px; padding:3px; }
+form.block { display:flex; flex-wrap:wrap; gap:4px; margin-top:6px; }
+form.block input[type=text] { flex:1 1 140px; min-width:0; font:inherit; font-size:12px; padding:3px; }
 form.block button { font:inherit; font-size:12px; }
 .blocked { color:var(--bad); font-size:12px; margin-top:6px; }
 .flash { background:#e2f3e8; border:1px solid #b9dec5; padding:6px 10px; border-radius:6px; margin:8px 0; }

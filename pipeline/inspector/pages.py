@@ -37,7 +37,7 @@ def href(path: str, **params) -> str:
 def num(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}"
+    return f"{round(v, digits) + 0.0:.{digits}f}" if isinstance(v, float) else f"{v:,}"  # never "-0.0000"
 
 
 @dataclass
@@ -350,9 +350,7 @@ def stats_page(view: View, st: EpochStats, history: list[EpochStats]) -> str:
     return layout(view, "Statistics · hardneg inspector", body, "stats")
 
 
-def error_page(view: View | None, status: int, message: str) -> str:
-    body = f"<h1>{status}</h1><p>{esc(message)}</p><p><a href=\"/\">back to the list</a></p>"
-    if view is None:
-        return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{status}</title></head>'
-                f"<body>{body}</body></html>")
-    return layout(view, f"{status} · hardneg inspector", body)
+def error_page(status: int, message: str) -> str:
+    """A bare page: errors are rendered without touching the run, which may be what failed."""
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{status}</title></head><body>'
+            f'<h1>{status}</h1><p>{esc(message)}</p><p><a href="/">back to the list</a></p></body></html>')

@@ -44,12 +44,6 @@ class Histogram:
     def mean(self) -> float | None:
         return self.total / self.n if self.n else None
 
-    def quantile(self, q: float) -> float | None:
-        if not self.n:
-            return None
-        i = int(np.searchsorted(np.cumsum(self.counts), q * self.n))
-        return self.lo + (i + 0.5) * (self.hi - self.lo) / FINE_BINS
-
     def coarse(self, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
         """(edges, counts) over the occupied range only, regrouped to about `bins` bars."""
         nz = np.flatnonzero(self.counts)
@@ -142,15 +136,18 @@ def _add_batch(out: EpochStats, batch) -> None:
 
 
 class StatsCache:
-    """Statistics per epoch, computed once per process (an epoch folder never changes once renamed into place)."""
+    """Statistics per epoch, computed once per writing of that epoch (an epoch folder is only ever replaced whole)."""
 
     def __init__(self, run: Run):
         self.run = run
         self._done: dict[int, EpochStats] = {}
+        self._stamps: dict[int, tuple] = {}
         self._lock = threading.Lock()
 
     def get(self, number: int) -> EpochStats:
+        epoch = self.run.epoch(number)
         with self._lock:
-            if number not in self._done:
-                self._done[number] = compute(self.run.epoch(number))
+            if self._stamps.get(number) != epoch.stamp:
+                self._done[number] = compute(epoch)
+                self._stamps[number] = epoch.stamp
             return self._done[number]

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 EPOCH_DIR = re.compile(r"^epoch=(\d+)$")
@@ -34,6 +33,7 @@ BANDS = {
     "none": ("no negatives", None, None),
 }
 
+ITEM_COLUMNS = ["item_id", "text", "image_path", "modality"]
 LIST_COLUMNS = [
     "query_id", "dataset", "qry", "qry_image_path", "pos_text", "pos_image_path", "pos_score",
     "neg_text", "neg_image_path", "neg_scores", "num_negatives", "shortfall",
@@ -57,6 +57,12 @@ def hardest(rel: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
         parents = pc.list_parent_indices(rel).to_numpy()
         np.fmax.at(out, parents, values)
     return out
+
+
+def manifest_stamp(epoch_dir: Path) -> tuple[int, int]:
+    """Identifies one writing of an epoch: the folder is swapped in whole, so a new manifest means new shards."""
+    st = (epoch_dir / "_manifest.json").stat()
+    return st.st_ino, st.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,7 @@ class Epoch:
     def __init__(self, out: Path, number: int):
         self.number = number
         self.dir = out / f"epoch={number:04d}"
+        self.stamp = manifest_stamp(self.dir)
         self.manifest = read_json(self.dir / "_manifest.json", {})
         self.stats = read_json(self.dir / "_stats.json", {})
         files = self.manifest.get("files", [])
@@ -319,6 +326,7 @@ class Run:
         if not self.out.is_dir():
             raise FileNotFoundError(f"no output folder at {self.out}")
         self._epochs: dict[int, Epoch] = {}
+        self._items: Shard | None = None
         self._lock = threading.Lock()
 
     @property
@@ -339,21 +347,35 @@ class Run:
         if number not in numbers:
             raise KeyError(number)
         with self._lock:
-            if number not in self._epochs:
-                self._epochs[number] = Epoch(self.out, number)
-            return self._epochs[number]
+            cached = self._epochs.get(number)
+            if cached is None or cached.stamp != manifest_stamp(cached.dir):  # re-mined with --overwrite
+                self._epochs[number] = cached = Epoch(self.out, number)
+            return cached
 
     @property
     def blocklist_path(self) -> Path:
         return self.out / "blocklist.jsonl"
 
     def items(self, ids: list[str]) -> dict[str, dict]:
-        """text / image_path / modality of the given item ids from `_run/items.parquet`, pushed down as a filter."""
+        """text / image_path / modality of the given item ids from `_run/items.parquet`: row groups whose id range
+        holds none of them are skipped, the scan stops once all are found."""
         path = self.out / "_run" / "items.parquet"
         if not ids or not path.is_file():
             return {}
-        table = pads.dataset(path).to_table(
-            columns=["item_id", "text", "image_path", "modality"],
-            filter=pc.field("item_id").isin(pa.array(sorted(set(ids)), pa.string())),
-        )
-        return {r["item_id"]: r for r in table.to_pylist()}
+        if self._items is None or self._items.path != path:
+            self._items = Shard(path)
+        shard, want = self._items, pa.array(sorted(set(ids)), pa.string())
+        lo, hi = want[0].as_py(), want[-1].as_py()
+        found: dict[str, dict] = {}
+        pf = shard.open()
+        for g in range(shard.meta.num_row_groups):
+            st = shard.stats(g).get("item_id")
+            if st and (st[1] < lo or st[0] > hi):
+                continue
+            for batch in pf.iter_batches(batch_size=SCAN_BATCH, row_groups=[g], columns=ITEM_COLUMNS,
+                                         use_threads=False):
+                hit = pc.is_in(batch["item_id"], value_set=want)
+                found.update((r["item_id"], r) for r in batch.filter(hit).to_pylist())
+                if len(found) == len(want):
+                    return found
+        return found
