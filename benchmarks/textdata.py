@@ -1,7 +1,8 @@
 """Real (query, positive) text pairs available offline: the docstrings of installed Python packages.
 
-Each function, method or class with a docstring gives one pair: the query is the docstring's first line (its
-summary), the positive is the rest of the docstring (the description, arguments, examples). Pairs are read with
+Each module, function, method or class with a docstring gives one pair: the query is the docstring's summary (its first
+paragraph, or its first line when it has no blank line; at most 300 characters), the positive is the rest of the docstring (the description, arguments,
+examples; cut at 2000 characters, beyond what MiniLM reads). Pairs are read with
 `ast` (nothing is imported), in a fixed order (package list order, then file path, then source order), deduplicated
 by normalised content on both sides (hardneg's identity: NFKC + collapsed whitespace), and a query is never equal
 to any positive. The same packages at the same versions give the same pairs, byte for byte; `describe()` records
@@ -31,11 +32,16 @@ from typing import Iterator, Optional
 PACKAGES = ("torch", "transformers", "sympy", "scipy", "sklearn", "pandas", "numpy", "matplotlib", "ray",
             "datasets", "pyarrow", "networkx", "sentence_transformers", "huggingface_hub", "PIL", "fsspec",
             "pydantic", "jinja2", "pygments", "rich", "tqdm", "yaml", "click", "typer", "requests", "urllib3",
-            "fontTools", "mpmath", "attr", "jsonschema", "pytest", "_pytest", "setuptools", "pip")
+            "fontTools", "mpmath", "attr", "jsonschema", "_pytest", "setuptools", "pip", "playwright", "narwhals",
+            "faiss", "google", "anyio", "packaging", "mpl_toolkits", "pyparsing", "joblib", "psutil", "dateutil",
+            "markdown_it", "dill", "filelock", "tokenizers", "safetensors", "msgpack", "STDLIB")
+STDLIB = "STDLIB"  # the Python standard library of the running interpreter (its own folder, not site-packages)
+STDLIB_SKIP = ("site-packages/", "dist-packages/", "test/", "tests/", "idlelib/", "lib2to3/", "turtledemo/", "ensurepip/")
 DIST_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml", "attr": "attrs", "_pytest": "pytest"}
 
 MIN_QUERY_CHARS = 12
 MIN_POSITIVE_CHARS = 40
+MAX_QUERY_CHARS = 300
 MAX_POSITIVE_CHARS = 2000  # MiniLM reads 256 tokens (about 1000-1500 characters); the rest never reaches the model
 
 
@@ -51,7 +57,11 @@ def site_packages() -> Path:
 
 
 def _docstrings(tree: ast.AST) -> Iterator[tuple[str, str]]:
-    """(qualified name inside the module, docstring) of every documented function / class, in source order."""
+    """(qualified name inside the module, docstring) of the module and of every documented function / class, in
+    source order."""
+    doc = ast.get_docstring(tree, clean=True)
+    if doc:
+        yield "", doc
     def walk(node, prefix):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -64,12 +74,14 @@ def _docstrings(tree: ast.AST) -> Iterator[tuple[str, str]]:
 
 
 def _split(doc: str) -> Optional[tuple[str, str]]:
-    lines = inspect.cleandoc(doc).strip().splitlines()
-    if len(lines) < 2:
-        return None
-    query = lines[0].strip()
-    body = "\n".join(lines[1:]).strip()
-    if len(query) < MIN_QUERY_CHARS or len(body) < MIN_POSITIVE_CHARS:
+    """(summary, body): the first paragraph (its lines joined; the first line when there is no blank line) and the
+    rest of the docstring."""
+    text = inspect.cleandoc(doc).strip()
+    head, sep, body = text.partition("\n\n")
+    if not sep:  # no blank line: the first line is the summary
+        head, _, body = text.partition("\n")
+    query, body = " ".join(head.split()), body.strip()
+    if len(query) < MIN_QUERY_CHARS or len(query) > MAX_QUERY_CHARS or len(body) < MIN_POSITIVE_CHARS:
         return None
     if len(body) > MAX_POSITIVE_CHARS:
         body = body[:MAX_POSITIVE_CHARS].rsplit(" ", 1)[0]
@@ -77,11 +89,16 @@ def _split(doc: str) -> Optional[tuple[str, str]]:
 
 
 def iter_raw_pairs(root: Optional[Path] = None, packages: tuple[str, ...] = PACKAGES) -> Iterator[dict]:
-    root = root or site_packages()
+    site = root or site_packages()
     for package in packages:
-        base = root / package
-        files = sorted(base.rglob("*.py")) if base.is_dir() else ([base.with_suffix(".py")]
-                                                                 if base.with_suffix(".py").exists() else [])
+        if package == STDLIB:
+            root = Path(inspect.__file__).resolve().parent
+            files = [p for p in sorted(root.rglob("*.py"))
+                     if not p.relative_to(root).as_posix().startswith(STDLIB_SKIP)]
+        else:
+            root, base = site, site / package
+            files = sorted(base.rglob("*.py")) if base.is_dir() else ([base.with_suffix(".py")]
+                                                                     if base.with_suffix(".py").exists() else [])
         for path in files:
             rel = path.relative_to(root).as_posix()
             if "/tests/" in rel or "/test/" in rel or "/_vendor/" in rel:
@@ -94,7 +111,7 @@ def iter_raw_pairs(root: Optional[Path] = None, packages: tuple[str, ...] = PACK
             for name, doc in _docstrings(tree):
                 split = _split(doc)
                 if split:
-                    yield {"source": f"{module}.{name}", "qry": split[0], "pos_text": split[1]}
+                    yield {"source": f"{module}.{name}".rstrip("."), "qry": split[0], "pos_text": split[1]}
 
 
 def docstring_pairs(n: int, root: Optional[Path] = None, packages: tuple[str, ...] = PACKAGES,
@@ -128,6 +145,9 @@ def digest(pairs: list[dict]) -> str:
 def describe(pairs: list[dict], packages: tuple[str, ...] = PACKAGES) -> dict:
     versions = {}
     for package in packages:
+        if package == STDLIB:
+            versions[package] = sys.version.split()[0]
+            continue
         try:
             versions[package] = importlib.metadata.version(DIST_NAMES.get(package, package))
         except importlib.metadata.PackageNotFoundError:
@@ -136,6 +156,28 @@ def describe(pairs: list[dict], packages: tuple[str, ...] = PACKAGES) -> dict:
     return {"pairs": len(pairs), "sha256_16": digest(pairs), "python": sys.version.split()[0],
             "packages": versions, "mean_positive_chars": round(sum(chars) / max(len(chars), 1), 1),
             "mean_query_chars": round(sum(len(r["qry"]) for r in pairs) / max(len(pairs), 1), 1)}
+
+
+def cached_pairs(n: int, cache_dir: str | Path) -> list[dict]:
+    """`docstring_pairs(n)`, kept in `cache_dir` (the walk takes minutes). The file is keyed by the package
+    versions and n; a smaller n is the prefix of a larger one, so any cached larger set serves it too."""
+    import pyarrow.parquet as pq
+
+    key = hashlib.sha256(json.dumps(describe([])["packages"], sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir)
+    for path in sorted(cache_dir.glob(f"docstrings-{key}-*.parquet")):
+        size = int(path.stem.rsplit("-", 1)[1])
+        if size >= n:
+            rows = pq.read_table(path).slice(0, n).to_pylist()
+            return rows
+    pairs = docstring_pairs(n)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    import pyarrow as pa
+
+    tmp = cache_dir / f".docstrings-{key}-{n}.tmp"
+    pq.write_table(pa.Table.from_pylist(pairs), tmp)
+    tmp.replace(cache_dir / f"docstrings-{key}-{n}.parquet")
+    return pairs
 
 
 def write_pairs(pairs: list[dict], path: str | Path) -> Path:

@@ -88,7 +88,7 @@ class TeacherConfig:
     """Images with fewer pixels are upscaled (aspect ratio kept) before the processor sees them."""
     max_pixels: Optional[int] = None
     """Images with more pixels are downscaled (aspect ratio kept) in the CPU decode stage (bounds the image tokens
-    of a VLM and the bytes sent to the actors)."""
+    of a VLM and the bytes sent to the actors). Default: 1280*28*28 for hf-vlm, 1024*1024 for hf-clip."""
     pooling: Literal["last", "mean"] = "last"
     """hf-vlm: the hidden state of the last real token, or the mean over real tokens."""
     prompt_format: Literal["plain", "chat"] = "plain"

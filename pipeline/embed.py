@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from .config import Config
 from .progress import Progress
 from .teachers import teacher_fingerprint
+from .teachers.base import max_pixels_of
 
 CACHE_PART_ROWS = 65_536
 
@@ -77,35 +78,95 @@ def _length_order(items: pa.Table) -> np.ndarray:
     return np.lexsort((np.arange(items.num_rows), lengths)).tolist()  # items are sorted by id already
 
 
-class EmbedActor:
-    """Holds one teacher; called with one planned batch at a time."""
+IMAGES_TYPE = pa.list_(pa.struct([("width", pa.int32()), ("height", pa.int32()), ("data", pa.large_binary())]))
+DECODE_CPUS = 0.5
 
-    def __init__(self, teacher_cfg, role: str, image_root: str, max_pixels: int, native_images: bool, threads: int):
-        import torch
+
+def decode_images(batch: pa.Table, columns: dict, image_root: str, max_image_pixels: int,
+                  max_bytes: int | None = None, allowed_schemes: tuple = (), min_pixels: int | None = None,
+                  max_pixels: int | None = None) -> pa.Table:
+    """The CPU stage before the model actors: each `path column -> image column` of planned batches becomes
+    decoded RGB pixels (width, height, bytes), resized into [min_pixels, max_pixels], so the actors only run the
+    model. A plain function over one Arrow table (Ray Data runs it as a task stage)."""
+    from .read import open_image
+    from .teachers.base import bound_pixels
+
+    for source, target in columns.items():
+        decoded = []
+        for paths in batch.column(source).to_pylist():
+            images = []
+            for path in paths:
+                if not path:
+                    images.append(None)
+                    continue
+                im = open_image(image_root, path, max_image_pixels, max_bytes, allowed_schemes)
+                im = bound_pixels(im.convert("RGB"), min_pixels, max_pixels)
+                images.append({"width": im.width, "height": im.height, "data": im.tobytes()})
+            decoded.append(images)
+        batch = batch.append_column(target, pa.array(decoded, IMAGES_TYPE))
+    return batch
+
+
+def to_pil(images: list) -> list:
+    """PIL images from `decode_images` output (None stays None)."""
+    from PIL import Image
+
+    return [Image.frombytes("RGB", (im["width"], im["height"]), im["data"]) if im else None for im in images]
+
+
+def decode_stage(ds, cfg: Config, columns: dict, min_pixels=None, max_pixels=None):
+    return ds.map_batches(decode_images, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                          fn_kwargs=dict(columns=columns, image_root=cfg.input.image_root,
+                                         max_image_pixels=cfg.input.max_image_pixels,
+                                         max_bytes=cfg.input.max_image_bytes,
+                                         allowed_schemes=tuple(cfg.input.allowed_schemes),
+                                         min_pixels=min_pixels, max_pixels=max_pixels))
+
+
+class EmbedActor:
+    """Holds one teacher; called with one planned batch at a time (its role and dataset travel with the batch)."""
+
+    def __init__(self, teacher_cfg, role: str | None = None, image_root: str = ".", max_pixels: int = 64_000_000,
+                 native_images: bool = True, threads: int = 0, max_bytes: int | None = None,
+                 allowed_schemes: tuple = ()):
+        import sys
 
         from .teachers import load_teacher
 
-        if threads:
-            torch.set_num_threads(threads)
         self.teacher = load_teacher(teacher_cfg)
+        if threads and "torch" in sys.modules:  # a teacher without torch (a custom one) does not pay its import
+            sys.modules["torch"].set_num_threads(threads)
         self.role = role
         self.image_root = image_root
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.allowed_schemes = allowed_schemes
         self.native_images = native_images
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _images(self, row: dict) -> list:
+        if not self.native_images:
+            return [None] * len(row["image_paths"])
+        if row.get("images") is not None:  # decoded by the CPU stage
+            return to_pil(row["images"])
         from .read import open_image
 
-        ids, vectors = [], []
+        return [open_image(self.image_root, p, self.max_pixels, self.max_bytes, self.allowed_schemes) if p else None
+                for p in row["image_paths"]]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .teachers.base import call_embed
+
+        ids, vectors, fps = [], [], []
         for row in batch.to_pylist():
-            images = [open_image(self.image_root, p, self.max_pixels) if (p and self.native_images) else None
-                      for p in row["image_paths"]]
-            vectors.append(self.teacher.embed(row["texts"], images, self.role))
+            role = row.get("role") or self.role
+            vectors.append(call_embed(self.teacher, row["texts"], self._images(row), role, row.get("dataset")))
             ids.extend(row["item_ids"])
+            fps.extend([row.get("fingerprint") or ""] * len(row["item_ids"]))
         matrix = np.concatenate(vectors).astype(np.float32)
         flat = pa.array(matrix.reshape(-1), pa.float32())
         return pa.table({"item_id": pa.array(ids, pa.string()),
-                         "vector": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])})
+                         "vector": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1]),
+                         "fingerprint": pa.array(fps, pa.string())})
 
 
 def pool_shape(cfg: Config) -> dict:
@@ -125,42 +186,311 @@ def pool_shape(cfg: Config) -> dict:
     return {"actors": actors, "num_cpus": per_actor, "num_gpus": 0.0, "threads": threads}
 
 
-def embed_items(items: pa.Table, role: str, cfg: Config, label: str) -> tuple[np.ndarray, dict]:
-    """Vectors for `items` (rows aligned) as `role`; returns (vectors, stats)."""
+def _device_memory() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def resolve_batch_size(teacher_cfg, shape: dict) -> int:
+    """`teacher.batch_size`, or for `auto` the teacher class's choice for the memory an actor has: a GPU's total
+    memory (asked of one GPU worker), else the cluster's Ray memory divided among the actors."""
+    if teacher_cfg.batch_size != "auto":
+        return int(teacher_cfg.batch_size)
     import ray
 
-    cache = EmbeddingCache(cfg.embed.cache_dir, teacher_fingerprint(cfg.teacher, role))
-    found, cached = cache.lookup(items.column("item_id"))
-    missing = items.filter(pa.array(~found))
-    stats = {"items": items.num_rows, "cached": int(found.sum()), "embedded": missing.num_rows,
-             "fingerprint": cache.fingerprint}
-    if missing.num_rows:
-        plan = plan_batches(missing, cfg.teacher.batch_size)
+    from .teachers.base import teacher_class
+
+    on_gpu = shape["num_gpus"] > 0
+    if on_gpu:
+        try:
+            memory = ray.get(ray.remote(num_gpus=1, num_cpus=0)(_device_memory).remote(), timeout=300)
+        except Exception:  # no GPU worker answered: assume a 16 GB card
+            memory = 16 * 2**30
+    else:
+        memory = ray.cluster_resources().get("memory", 8 * 2**30) / max(shape["actors"], 1)
+    return teacher_class(teacher_cfg).auto_batch_size(teacher_cfg, memory, on_gpu)
+
+
+def _groups(role: str, cfg: Config, n: int, datasets, roles=None) -> tuple[dict, dict]:
+    """(fingerprint -> (dataset whose instruction it is, rows, role), dataset -> fingerprint): rows of datasets
+    (and roles) with equal prompts share one fingerprint, so one vector per item. `roles` (one per row) overrides
+    `role`; rows of one role come in the order of their first row."""
+    if datasets is None and roles is None:
+        return {teacher_fingerprint(cfg.teacher, role): (None, np.arange(n), role)}, {}
+    per_role = roles is not None
+    roles = np.asarray(roles if per_role else [role] * n, dtype=object)
+    groups: dict[str, tuple] = {}
+    by_dataset: dict = {}  # dataset -> fingerprint; with `roles`: role -> {dataset -> fingerprint}
+    for r in dict.fromkeys(roles.tolist()):
+        of_role = roles == r
+        if datasets is None:
+            names, where = [None], [np.flatnonzero(of_role)]
+        else:
+            ds_arr = np.asarray(datasets, dtype=object)
+            names = sorted({str(d) for d in ds_arr[of_role]})
+            where = [np.flatnonzero(of_role & (ds_arr == ds)) for ds in names]
+        for ds, rows in zip(names, where):
+            fp = teacher_fingerprint(cfg.teacher, r, ds)
+            (by_dataset.setdefault(r, {}) if per_role else by_dataset)[ds] = fp
+            rep, have, rep_role = groups.get(fp, (ds, np.zeros(0, np.int64), r))
+            groups[fp] = (rep, np.concatenate([have, rows]), rep_role)
+    return groups, by_dataset
+
+
+def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
+                allow_failed: bool = False, datasets=None, roles=None) -> tuple[np.ndarray, dict]:
+    """Vectors for `items` (rows aligned) as `role`; returns (vectors, stats).
+
+    `roles` (one role per row, or None) embeds several roles in the same pass (one actor pool, one model load);
+    rows of roles whose prompts are equal share one vector per item, and `stats["by_role"]` counts each role as if
+    the roles had been embedded one after the other, in the order they first appear.
+
+    `datasets` (one name per row, or None) picks each row's instruction (`teacher.instructions`): a row is then an
+    (item, dataset) pair, rows may repeat an item, and datasets whose prompts are equal share one vector per item
+    (the cache is keyed by the fingerprint of the prompt). All of them go through one Ray Data pass: a CPU stage
+    decodes images, the actor pool runs the model.
+
+    Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
+    tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
+    only its in-flight blocks run again; what was already returned reaches the cache. A block whose model code
+    raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such blocks
+    get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
+    """
+    import ray
+
+    groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles if roles is None else list(roles))
+    caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp) for fp in groups}
+    stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups))}
+    if len(groups) > 1 and roles is None:
+        stats["fingerprints"] = by_dataset  # every dataset's; datasets with equal prompts share one
+    role_of = np.asarray(roles, dtype=object) if roles is not None else None
+    missing_parts, counted = [], {"embedded": [], "found": [], "cross": []}
+    for fp, (rep, rows, rep_role) in groups.items():
+        sub = items.take(pa.array(rows, pa.int64()))
+        found, _ = caches[fp].lookup(sub.column("item_id"))
+        stats["cached"] += int(found.sum())
+        kept = np.flatnonzero(~found)
+        if len(kept) and (datasets is not None or roles is not None):  # an item under two names of one prompt: once
+            _, first, inverse = np.unique(sub.column("item_id").take(pa.array(kept)).to_numpy(zero_copy_only=False),
+                                          return_index=True, return_inverse=True)
+            if role_of is not None:  # rows whose item an earlier role embeds: cached, had the roles run in turn
+                own = role_of[rows[kept]]
+                counted["cross"].append(rows[kept][own[first][inverse] != own])
+            kept = kept[np.sort(first)]
+        counted["found"].append(rows[found])
+        counted["embedded"].append(rows[kept])
+        stats["embedded"] += len(kept)
+        row_roles = role_of[rows[kept]] if role_of is not None else np.full(len(kept), rep_role, dtype=object)
+        for r in dict.fromkeys(row_roles.tolist()):  # one part per role, in order: a role's batches run together
+            missing_parts.append((fp, rep, sub.take(pa.array(kept[row_roles == r], pa.int64())), r))
+    if missing_parts:
         shape = pool_shape(cfg)
+        batch_size = resolve_batch_size(cfg.teacher, shape)
+        plans = []
+        for fp, rep, missing, rep_role in missing_parts:
+            plan = plan_batches(missing, batch_size)
+            plan = plan.append_column("role", pa.array([rep_role] * plan.num_rows, pa.string()))
+            plan = plan.append_column("dataset", pa.array([rep] * plan.num_rows, pa.string()))
+            plans.append(plan.append_column("fingerprint", pa.array([fp] * plan.num_rows, pa.string())))
+        plan = pa.concat_tables(plans)
         actors = min(shape["actors"], plan.num_rows)
         blocks = cfg.embed.num_blocks or min(plan.num_rows, max(8, 4 * actors))
         step = -(-plan.num_rows // blocks)
-        ds = ray.data.from_arrow([plan.slice(i, step) for i in range(0, plan.num_rows, step)])
+        native = cfg.teacher.image_mode == "native"
+        # A block never spans two parts, so a part's vectors reach the cache as soon as its last block is back.
+        slices, start = [], 0
+        for part in plans:
+            slices += [plan.slice(start + i, min(step, part.num_rows - i)) for i in range(0, part.num_rows, step)]
+            start += part.num_rows
+        ds = ray.data.from_arrow(slices)
+        if native and any(p for paths in plan.column("image_paths").to_pylist() for p in paths):
+            ds = decode_stage(ds, cfg, {"image_paths": "images"}, cfg.teacher.min_pixels, max_pixels_of(cfg.teacher))
         ds = ds.map_batches(
             EmbedActor, batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],
             fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
-                                       max_pixels=cfg.input.max_image_pixels,
-                                       native_images=cfg.teacher.image_mode == "native", threads=shape["threads"]))
-        pending, pending_rows = [], 0
-        with Progress(f"embed {label}", total=missing.num_rows, unit="items", enabled=cfg.run.progress) as bar:
+                                       max_pixels=cfg.input.max_image_pixels, native_images=native,
+                                       threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,
+                                       allowed_schemes=tuple(cfg.input.allowed_schemes)))
+        ds.context.max_errored_blocks = cfg.run.max_errored_blocks
+        pending: dict[str, list] = {fp: [] for fp in groups}
+        total = sum(m.num_rows for _, _, m, _ in missing_parts)
+        # rows of a fingerprint received when each of its parts is complete: the cache is written then too
+        marks: dict[str, list] = {}
+        for fp, _, m, _ in missing_parts:
+            marks.setdefault(fp, []).append((marks[fp][-1] if marks.get(fp) else 0) + m.num_rows)
+        received = dict.fromkeys(groups, 0)
+        with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                pending.append(out)
-                pending_rows += out.num_rows
+                for fp in pc.unique(out.column("fingerprint")).to_pylist():
+                    part = out.filter(pc.equal(out.column("fingerprint"), fp)).select(["item_id", "vector"])
+                    pending[fp].append(part)
+                    before, received[fp] = received[fp], received[fp] + part.num_rows
+                    completes = any(before < m <= received[fp] for m in marks.get(fp, ()))
+                    if completes or sum(t.num_rows for t in pending[fp]) >= CACHE_PART_ROWS:
+                        caches[fp].write(pa.concat_tables(pending[fp]))
+                        pending[fp] = []
                 bar.update(out.num_rows)
-                if pending_rows >= CACHE_PART_ROWS:
-                    cache.write(pa.concat_tables(pending))
-                    pending, pending_rows = [], 0
-        if pending:
-            cache.write(pa.concat_tables(pending))
+        for fp, parts in pending.items():
+            if parts:
+                caches[fp].write(pa.concat_tables(parts))
         stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
-                     blocks=blocks)
-        found, cached = cache.lookup(items.column("item_id"))
-        if not found.all():
-            raise RuntimeError(f"embedding cache {cache.dir} is missing {int((~found).sum())} vectors after embedding")
-    return cached, stats
+                     blocks=blocks, batch_size=batch_size)
+    if roles is not None:
+        stats["by_role"] = _role_stats(groups, by_dataset, role_of, counted, stats)
+    vectors, found_all = None, np.zeros(items.num_rows, bool)
+    for fp, (_, rows, _) in groups.items():
+        found, cached = caches[fp].lookup(items.column("item_id").take(pa.array(rows, pa.int64())))
+        if cached is None:
+            continue
+        if vectors is None:
+            vectors = np.zeros((items.num_rows, cached.shape[1]), np.float32)
+        vectors[rows[found]] = cached
+        found_all[rows[found]] = True
+    if not found_all.all():
+        if not allow_failed:
+            raise RuntimeError(f"embedding cache {cfg.embed.cache_dir} is missing {int((~found_all).sum())} vectors "
+                               "after embedding (blocks that failed within run.max_errored_blocks?)")
+        if vectors is None:
+            vectors = np.zeros((items.num_rows, 1), np.float32)
+        stats["failed_item_ids"] = sorted(set(items.column("item_id").filter(pa.array(~found_all)).to_pylist()))
+    if vectors is None:
+        vectors = np.zeros((0, 1), np.float32)
+    return vectors, stats
+
+
+POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size")
+
+
+def _role_stats(groups: dict, by_role: dict, roles: np.ndarray, counted: dict, stats: dict) -> dict:
+    """Per role, the stats that embedding the roles one after the other would have given: an item shared with
+    an earlier role of the same prompt counts as cached for the later one."""
+    masks = {}
+    for key, parts in counted.items():
+        masks[key] = np.zeros(len(roles), bool)
+        for rows in parts:
+            masks[key][rows] = True
+    out = {}
+    for r in dict.fromkeys(roles.tolist()):
+        of_role = roles == r
+        fps = by_role.get(r, {})
+        n_embedded = int((masks["embedded"] & of_role).sum())
+        n_cached = int(((masks["found"] | masks["cross"]) & of_role).sum())
+        out[r] = {"items": int(of_role.sum()), "cached": n_cached, "embedded": n_embedded,
+                  "fingerprint": next(iter(fps.values()), next(iter(groups)))}
+        if len(set(fps.values())) > 1:
+            out[r]["fingerprints"] = fps  # every dataset's; datasets with equal prompts share one
+        if n_embedded:
+            out[r].update({k: stats[k] for k in POOL_STATS if k in stats})
+    return out
+
+
+class DatasetVectors:
+    """Vectors of item rows as one role, per dataset: `get(dataset, rows)`. Without per-dataset instructions every
+    dataset reads the same array."""
+
+    def __init__(self, vectors: np.ndarray, at: dict, n_items: int):
+        self.vectors = vectors
+        self.at = at  # dataset (or None for all) -> (n_items,) position in `vectors`, -1 where not embedded
+        self.n_items = n_items
+
+    def get(self, dataset, rows) -> np.ndarray:
+        at = self.at[dataset] if dataset in self.at else self.at[None]
+        return self.vectors[at[np.asarray(rows, np.int64)]]
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+
+def embed_by_dataset(items: pa.Table, rows_by_dataset: dict, role: str, cfg: Config, label: str,
+                     allow_failed: bool = False) -> tuple[DatasetVectors, dict]:
+    """Vectors of `items` rows as `role` for each dataset's rows (`{dataset: item rows}`); one embedding pass.
+    Without `teacher.instructions` each item is embedded once whatever its datasets (today's cache key)."""
+    n = items.num_rows
+    if not cfg.teacher.instructions:
+        rows = np.unique(np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64)
+                                                                 for r in rows_by_dataset.values()]]))
+        vectors, stats = embed_items(items.take(pa.array(rows, pa.int64())), role, cfg, label, allow_failed)
+        at = np.full(n, -1, np.int64)
+        at[rows] = np.arange(len(rows))
+        return DatasetVectors(vectors, {None: at}, n), stats
+    order = sorted(rows_by_dataset, key=str)
+    all_rows = [np.unique(np.asarray(rows_by_dataset[ds], np.int64)) for ds in order]
+    flat = np.concatenate([np.zeros(0, np.int64), *all_rows])
+    names = [str(ds) for ds, rows in zip(order, all_rows) for _ in range(len(rows))]
+    vectors, stats = embed_items(items.take(pa.array(flat, pa.int64())), role, cfg, label, allow_failed,
+                                 datasets=names)
+    at, start = {}, 0
+    for ds, rows in zip(order, all_rows):
+        table = np.full(n, -1, np.int64)
+        table[rows] = start + np.arange(len(rows))
+        at[ds] = table
+        start += len(rows)
+    at.setdefault(None, at[order[0]] if order else np.full(n, -1, np.int64))
+    return DatasetVectors(vectors, at, n), stats
+
+
+def embed_roles_by_dataset(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Config,
+                           allow_failed: bool = False) -> list[tuple[DatasetVectors, dict]]:
+    """`embed_by_dataset` for several `(role, {dataset: item rows}, label)` requests in one embedding pass: one
+    actor pool and one model load for all of them (queries and candidates of a run), and an item that two roles
+    with equal prompts need is embedded once. Returns one (vectors, stats) per request, as `embed_by_dataset`
+    would (stats counted as if the requests ran in order)."""
+    n = items.num_rows
+    parts = []  # per request: (dataset order, unique rows per dataset)
+    for role, rows_by_dataset, _ in requests:
+        if not cfg.teacher.instructions:
+            rows = np.unique(np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64)
+                                                                     for r in rows_by_dataset.values()]]))
+            parts.append(([None], [rows]))
+        else:
+            order = sorted(rows_by_dataset, key=str)
+            parts.append((order, [np.unique(np.asarray(rows_by_dataset[ds], np.int64)) for ds in order]))
+    flat = np.concatenate([np.zeros(0, np.int64), *[r for _, all_rows in parts for r in all_rows]])
+    roles = [role for (role, _, _), (_, all_rows) in zip(requests, parts) for r in all_rows for _ in range(len(r))]
+    names = ([str(ds) for order, all_rows in parts for ds, r in zip(order, all_rows) for _ in range(len(r))]
+             if cfg.teacher.instructions else None)
+    label = " + ".join(lbl for _, _, lbl in requests)
+    if not len(flat):  # nothing to embed: each request on its own gives its empty result and stats
+        return [embed_by_dataset(items, rows, role, cfg, lbl, allow_failed) for role, rows, lbl in requests]
+    vectors, stats = embed_items(items.take(pa.array(flat, pa.int64())), requests[0][0], cfg, label, allow_failed,
+                                 datasets=names, roles=roles)
+    out, start = [], 0
+    for (role, _, _), (order, all_rows) in zip(requests, parts):
+        at = {}
+        for ds, rows in zip(order, all_rows):
+            table = np.full(n, -1, np.int64)
+            table[rows] = start + np.arange(len(rows))
+            at[ds] = table
+            start += len(rows)
+        at.setdefault(None, at[order[0]] if order else np.full(n, -1, np.int64))
+        role_stats = dict(stats["by_role"].get(role, {"items": 0, "cached": 0, "embedded": 0,
+                                                      "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
+        if "failed_item_ids" in stats:
+            mine = set(items.column("item_id").take(pa.array(np.concatenate([np.zeros(0, np.int64), *all_rows]),
+                                                             pa.int64())).to_pylist())
+            role_stats["failed_item_ids"] = [i for i in stats["failed_item_ids"] if i in mine]
+        out.append((DatasetVectors(vectors, at, n), role_stats))
+    return out
+
+
+def embed_or_reject(corpus, cfg: Config):
+    """Embed every item once with `run.max_errored_blocks` in force and reject what could not be embedded.
+
+    Used when the user allows errored blocks: queries whose query or positive item failed become rejects with
+    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache.
+    """
+    from .read import drop_items
+
+    failed: set[str] = set()
+    q = corpus.queries
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_rows = {ds: q.column("qry_idx").to_numpy()[datasets == ds] for ds in np.unique(datasets)}
+    for rows, role, label in ((corpus.pools, "candidate", "candidates"), (qry_rows, "query", "queries")):
+        _, stats = embed_by_dataset(corpus.items, rows, role, cfg, label, allow_failed=True)
+        failed.update(stats.get("failed_item_ids", []))
+    return drop_items(corpus, failed, "embed_failed",
+                      "the embedding block holding this item failed (within run.max_errored_blocks); see the "
+                      "Ray logs for the model error")

@@ -6,13 +6,14 @@ number of dropped candidates and each reason can be read on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from .config import FilterConfig
 
 REASONS = ("same_as_query", "same_as_positive", "same_group", "rank_window", "score_bounds", "margin_abs",
-           "margin_rel", "near_duplicate", "modality", "blocklist")
+           "margin_rel", "near_duplicate", "modality", "blocklist", "judge")
 KEPT = 0
 PAD = -1  # no candidate at this rank (the pool is smaller than top_k)
 
@@ -29,6 +30,7 @@ class CandidateBlock:
     pos_idx: np.ndarray     # (nq,) item row of the positive
     group_code: np.ndarray  # (nq,) group of the query, -1 without one
     query_row: np.ndarray   # (nq,) global query row, for the blocklist
+    judge_drop: Optional[np.ndarray] = None  # (nq, k) bool: the judge (pipeline/judge.py) says it matches the query
 
 
 @dataclass
@@ -76,6 +78,8 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
         drop("modality", ctx.item_modality[safe] != ctx.item_modality[block.pos_idx][:, None])
     if len(ctx.blocked):
         drop("blocklist", _isin_sorted(block.query_row[:, None] * ctx.n_items + safe, ctx.blocked))
+    if block.judge_drop is not None:  # last: the judge only sees what every other filter kept
+        drop("judge", block.judge_drop)
     return verdict
 
 

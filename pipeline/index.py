@@ -116,7 +116,9 @@ class ArraySource(VectorSource):
 
     def spec(self):
         fn = getattr(self.arr, "filename", None)
-        if isinstance(self.arr, np.memmap) and fn and self.arr.base is not None and self.arr.flags.c_contiguous:
+        # only a memmap as opened (its base is the mmap itself): a view's .offset would not describe its rows
+        if isinstance(self.arr, np.memmap) and fn and isinstance(self.arr.base, mmap.mmap) \
+                and self.arr.flags.c_contiguous:
             return ("memmap", str(fn), int(self.arr.offset), tuple(self.arr.shape), str(self.arr.dtype))
         return None
 
@@ -211,15 +213,15 @@ def _pow2_near(x: float) -> int:
 
 
 def derive_nlist(n: int) -> int:
-    """Power of two near 4*sqrt(n), with at least ~39 training points per list, in [16, 262144]."""
-    nl = _pow2_near(4.0 * math.sqrt(max(n, 1)))
+    """Power of two near 2*sqrt(n), with at least ~39 training points per list, in [16, 262144]."""
+    nl = _pow2_near(2.0 * math.sqrt(max(n, 1)))
     while nl > 16 and nl * 39 > n:
         nl //= 2
     return int(min(max(nl, 16), 262_144))
 
 
 def derive_nprobe(nlist: int) -> int:
-    return int(min(nlist, max(16, nlist // 32)))
+    return int(min(nlist, max(16, nlist // 64)))
 
 
 def derive_ef_search(k: int) -> int:
@@ -292,7 +294,7 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
             p["refine_factor"] = int(_cfg(cfg, "refine_factor") or 4)
         else:
             raise ValueError(kind)
-        p["train_size"] = int(min(n, _cfg(cfg, "train_size") or 50 * nlist))
+        p["train_size"] = int(min(n, _cfg(cfg, "train_size") or max(40 * nlist, 65_536)))
     return {"kind": kind, "factory": factory, "params": p, "n": int(n), "dim": int(d),
             "est_bytes": estimate_bytes(kind, n, d, p), "lossy": kind in ("ivf_sq8", "ivf_pq")}
 
@@ -335,7 +337,7 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
     if n < exact_below and flat["est_bytes"] <= budget:
         flat["reason"] = f"n={n} < index.exact_below={exact_below}"
         return flat
-    hnsw_below = int(_cfg(cfg, "hnsw_below", 500_000) or 0)
+    hnsw_below = int(_cfg(cfg, "hnsw_below", 0) or 0)
     if n < hnsw_below and not gpu_available:
         plan = _plan_for("hnsw", n, dim, cfg, gpu_available)
         if plan["est_bytes"] <= budget:
@@ -369,7 +371,7 @@ def _plan_pq(n, dim, cfg, budget, gpu_available, force=False) -> dict:
         plan = _plan_for("ivf_pq", n, dim, cfg, gpu_available)
         plan["reason"] = "index.pq_m given"
         return plan
-    cands = [m for m in PQ_M_CHOICES if m <= dim // 2 and dim % m == 0 and (not gpu_available or m in GPU_PQ_M)]
+    cands = [m for m in PQ_M_CHOICES if m <= dim // 4 and dim % m == 0 and (not gpu_available or m in GPU_PQ_M)]
     if not cands:
         cands = [m for m in range(min(dim, 64), 0, -1) if dim % m == 0][:1]
     last = None
@@ -464,6 +466,11 @@ def make_index(plan: dict) -> "faiss.Index":
     p = plan["params"]
     if plan["kind"] == "hnsw":
         idx.hnsw.efConstruction = int(p.get("ef_construction", 64))
+    if isinstance(idx, faiss.IndexPreTransform):
+        for j in range(idx.chain.size()):
+            vt = faiss.downcast_VectorTransform(idx.chain.at(j))
+            if isinstance(vt, faiss.OPQMatrix):
+                vt.niter = 20  # default 50: most of the gain comes early, and OPQ training is the slowest step
     try:
         ivf = faiss.extract_index_ivf(idx)
         ivf.cp.niter = 10            # k-means iterations; 10 is enough for coarse lists
@@ -529,10 +536,27 @@ def add_source(idx, source: VectorSource, lo: int, hi: int, batch_rows: int) -> 
 
 
 def index_bytes(index) -> int:
-    """Serialized size of a CPU index (a close proxy for its resident size)."""
+    """Bytes the index holds (codes, ids, quantizer, graph links), computed from its structure -- no copy is made,
+    so this is cheap for a 5M-vector shard. Unknown types fall back to the serialized size."""
+    idx = faiss.downcast_index(index)
+    extra = 0
+    if isinstance(idx, faiss.IndexPreTransform):
+        for j in range(idx.chain.size()):
+            vt = idx.chain.at(j)
+            extra += int(vt.d_in) * int(vt.d_out) * 4
+        idx = faiss.downcast_index(idx.index)
+    if isinstance(idx, faiss.IndexIVF):
+        nl = idx.nlist
+        return extra + index_bytes(idx.quantizer) + int(idx.ntotal) * (int(idx.code_size) + 8) + nl * 32
+    if isinstance(idx, faiss.IndexHNSW):
+        h = idx.hnsw
+        return (extra + index_bytes(idx.storage) + int(h.neighbors.size()) * 4 + int(h.levels.size()) * 4
+                + int(h.offsets.size()) * 8)
+    if isinstance(idx, faiss.IndexFlatCodes):
+        return extra + int(idx.ntotal) * int(idx.code_size)
     try:
-        return int(faiss.serialize_index(index).nbytes)
-    except Exception:
+        return extra + int(faiss.serialize_index(index).nbytes)
+    except Exception:  # pragma: no cover
         return -1
 
 
@@ -558,7 +582,7 @@ def build_index(vectors, cfg, k_hint: int = 50, plan: Optional[dict] = None) -> 
     times["add"] = add_source(idx, src, 0, src.n, int(_cfg(cfg, "add_batch", 65_536)))
     used = set_search_params(idx, plan, k_hint)
     gp = gpu_plan(cfg, k=k_hint, kind=plan["kind"], nprobe=used.get("nprobe"))
-    nbytes = index_bytes(idx) if src.n <= 2_000_000 else plan["est_bytes"]
+    nbytes = index_bytes(idx)
     built = BuiltIndex(idx, _info(plan, idx, used, gp, times, nbytes), source=src if plan["lossy"] else None,
                        plan=plan)
     if gp["use_gpu"]:
@@ -680,14 +704,24 @@ def exact_search(source, queries: np.ndarray, k: int, batch_rows: int = 262_144,
     return D, I
 
 
-def recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray, k: Optional[int] = None) -> float:
-    """Mean over queries of |ANN top-k ∩ exact top-k| / |exact top-k| (exact lists shorter than k when the pool
-    is smaller than k)."""
+def recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray, k: Optional[int] = None,
+                ann_scores: Optional[np.ndarray] = None, exact_scores: Optional[np.ndarray] = None,
+                tol: float = 1e-5) -> float:
+    """Mean over queries of |ANN top-k ∩ exact top-k| / |exact top-k| (exact lists are shorter than k when the pool
+    is smaller than k). With scores, ties count: an ANN id outside the exact list whose exact score is within
+    ``tol`` of the k-th exact score is a hit too (duplicate vectors make the exact top-k ambiguous)."""
     k = k or exact_ids.shape[1]
     a, e = ann_ids[:, :k], exact_ids[:, :k]
     hits, tot = 0, 0
-    for ra, re_ in zip(a, e):
-        re_ = re_[re_ >= 0]
+    for r, (ra, re_) in enumerate(zip(a, e)):
+        valid = re_ >= 0
+        re_ = re_[valid]
         tot += len(re_)
-        hits += len(np.intersect1d(ra[ra >= 0], re_, assume_unique=False))
+        got = ra >= 0
+        inter = np.isin(ra[got], re_)
+        h = int(inter.sum())
+        if ann_scores is not None and exact_scores is not None and len(re_):
+            kth = float(exact_scores[r, :k][valid][-1])
+            h += int((ann_scores[r, :k][got][~inter] >= kth - tol).sum())
+        hits += min(h, len(re_))
     return float(hits / tot) if tot else 1.0

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config
-from .embed import embed_by_dataset, embed_or_reject
+from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, count_drops, filter_candidates
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
@@ -188,8 +188,9 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
     q, items = corpus.queries, corpus.items
     nq, k = q.num_rows, cfg.retrieve.top_k
     # Vectors per (role, dataset): with teacher.instructions an item's vector depends on its dataset's prompt.
-    cand_v, cand_stats = embed_by_dataset(items, corpus.pools, "candidate", cfg, "candidates")
-    qry_v, qry_stats = embed_by_dataset(items, _query_rows(q), "query", cfg, "queries")
+    # One embedding pass (one actor pool, one model load) for candidates and queries.
+    (cand_v, cand_stats), (qry_v, qry_stats) = embed_roles_by_dataset(
+        items, [("candidate", corpus.pools, "candidates"), ("query", _query_rows(q), "queries")], cfg)
 
     cand = np.full((nq, k), -1, np.int64)
     scores = np.full((nq, k), -np.inf, np.float32)
@@ -228,8 +229,9 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
 
 def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, pools, embed_stats):
     """Blend the base teacher's scores into the checkpoint's for the retrieved candidates, then re-rank."""
-    b_cand, stats_c = embed_by_dataset(items, pools, "candidate", base, "candidates (mixed-in teacher)")
-    b_qry, stats_q = embed_by_dataset(items, _query_rows(q), "query", base, "queries (mixed-in teacher)")
+    (b_cand, stats_c), (b_qry, stats_q) = embed_roles_by_dataset(
+        items, [("candidate", pools, "candidates (mixed-in teacher)"),
+                ("query", _query_rows(q), "queries (mixed-in teacher)")], base)
     embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
     qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()

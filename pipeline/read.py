@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
+import stat
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,14 +105,18 @@ def _reject(source, row, query_id, field_name, reason, detail, kind="query") -> 
 class ImageProbe:
     """Checks every referenced image once: inside the root, readable, within the pixel bound, decodable."""
 
-    def __init__(self, root: str, max_pixels: int, allowed_schemes: tuple[str, ...] = ()):
+    def __init__(self, root: str, max_pixels: int, allowed_schemes: tuple[str, ...] = (),
+                 max_bytes: Optional[int] = None):
         self.root = root.rstrip("/")
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.allowed_schemes = allowed_schemes
         self.results: dict[str, tuple[Optional[str], Optional[str], str]] = {}
 
     def url(self, rel: str) -> tuple[Optional[str], Optional[str]]:
         """The location of `rel` under the root, or (None, reason) when it is not allowed."""
+        if any(ord(c) < 32 for c in rel) or ("://" in self.root and "::" in rel):
+            return None, "bad_path"  # NUL / control characters; fsspec URL chaining under a URI root
         if "://" in rel:
             scheme = rel.split("://", 1)[0]
             if scheme not in self.allowed_schemes:
@@ -129,17 +135,24 @@ class ImageProbe:
 
     def check(self, rel: str) -> tuple[Optional[str], Optional[str], str]:
         """(digest, reject reason, detail) for one path."""
-        location, reason = self.url(rel)
+        try:
+            location, reason = self.url(rel)
+        except (OSError, ValueError) as exc:  # e.g. a name too long to resolve
+            return None, "bad_path", f"{rel!r} is not a usable path ({exc})"
         if reason == "bad_uri_scheme":
             return None, reason, (f"{rel!r} uses a URI scheme that is not allowed (allowed: "
                                   f"{', '.join(self.allowed_schemes) or 'none'}); give a path under the image root")
+        if reason == "bad_path":
+            return None, reason, f"{rel!r} is not a usable path (control characters or '::'); fix the path"
         if reason:
             return None, reason, f"{rel!r} leads outside the image root {self.root}; give a path under the root"
         try:
-            data = open_bytes(location)
+            data = open_bytes(location, self.max_bytes)
         except FileNotFoundError:
             return None, "missing_image", f"{location} does not exist; fix the path or add the file"
-        except OSError as exc:
+        except ImageTooLarge as exc:
+            return None, "image_too_large", f"{location}: {exc}"
+        except (OSError, ValueError) as exc:
             return None, "missing_image", f"{location} cannot be read: {exc}"
         try:
             check_image_bytes(data, self.max_pixels)
@@ -160,36 +173,61 @@ class ImageTooLarge(ValueError):
     pass
 
 
-def open_bytes(location: str) -> bytes:
+# Raster formats only: PIL's EPS reader runs Ghostscript on the file, which would execute untrusted PostScript.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "TGA", "ICO")
+
+
+def open_bytes(location: str, max_bytes: Optional[int] = None) -> bytes:
+    """The file's bytes; a file above `max_bytes` (or not a regular file) is refused before it is read."""
+    too_big = lambda n: ImageTooLarge(f"{n} bytes is above input.max_image_bytes={max_bytes}")  # noqa: E731
     if "://" in location:
         import fsspec
 
         with fsspec.open(location, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1) if max_bytes else f.read()
+        if max_bytes and len(data) > max_bytes:
+            raise too_big(f"more than {max_bytes}")
+        return data
+    st = os.stat(location)  # before open(): opening a FIFO blocks, a device never ends
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{location} is not a regular file")
+    if max_bytes and st.st_size > max_bytes:
+        raise too_big(st.st_size)
     with open(location, "rb") as f:
-        return f.read()
+        data = f.read(max_bytes + 1) if max_bytes else f.read()
+    if max_bytes and len(data) > max_bytes:  # grew since the stat
+        raise too_big(f"more than {max_bytes}")
+    return data
 
 
 def check_image_bytes(data: bytes, max_pixels: int):
-    """Decode an image after checking its header's size, so a decompression bomb is refused before it expands."""
+    """Decode an image after checking its header's size, so a decompression bomb is refused before it expands.
+
+    Our bound is checked on the header, before any pixel is decoded, whatever PIL's own `MAX_IMAGE_PIXELS` is
+    (many training scripts set it to None); PIL's bomb error, when it fires first, is reported the same way."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{exc} (above input.max_image_pixels={max_pixels} too)") from None
+    with im:
         width, height = im.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"{width}x{height} pixels is above input.max_image_pixels={max_pixels}")
         im.verify()
-    im = Image.open(io.BytesIO(data))
+    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     im.load()
     return im
 
 
-def open_image(root: str, rel: str, max_pixels: int):
-    """Decoded PIL image of an already probed path (used by the embedding actors)."""
-    location, reason = ImageProbe(root, max_pixels).url(rel)
+def open_image(root: str, rel: str, max_pixels: int, max_bytes: Optional[int] = None,
+               allowed_schemes: tuple[str, ...] = ()):
+    """Decoded PIL image of an already probed path (used by the image decode stage and the embedding actors)."""
+    location, reason = ImageProbe(root, max_pixels, tuple(allowed_schemes)).url(rel)
     if reason:
         raise ValueError(f"{rel}: {reason}")
-    return check_image_bytes(open_bytes(location), max_pixels)
+    return check_image_bytes(open_bytes(location, max_bytes), max_pixels)
 
 
 def _text_field(row: dict, name: str) -> tuple[str, Optional[str]]:
@@ -213,18 +251,26 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     rows_in = len(raw) + len(rejects)
 
     captions = _load_captions(cfg.captions) if caption_mode else {}
-    probe = ImageProbe(cfg.image_root, cfg.max_image_pixels)
+    probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
+                       max_bytes=cfg.max_image_bytes)
     probe.run({r.get(c) for _, _, r in raw for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
 
     items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
     queries, seen_ids = [], {}
     group_pairs: set[tuple[str, str]] = set()
+    file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
+    shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
     for path, n, row in raw:
         qid = row.get("id")
-        dataset = row.get("dataset") or cfg.dataset or Path(path).stem
-        qid = str(qid) if qid is not None else f"{dataset}:{n}"
-        sides, problem = [], None
+        dataset = row.get("dataset") or file_dataset[path]
+        if qid is not None:
+            qid = str(qid)
+        else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
+            qid = f"{dataset}:{Path(path).stem}:{n}" if file_dataset[path] in shared else f"{dataset}:{n}"
+        sides, problem = [], _key_type_problem(path, n, qid, row)
         for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
+            if problem:
+                break
             side = _side(row, text_col, image_col, probe, captions, caption_mode)
             if isinstance(side, dict):
                 problem = _reject(path, n, qid, side["field"], side["reason"], side["detail"])
@@ -268,6 +314,26 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
 
     _check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
     return _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects)
+
+
+def _file_dataset(template: Optional[str], path: str) -> str:
+    """`input.dataset` for the rows of `path`: literal, or with `{parent}` / `{stem}` filled in; default the stem."""
+    p = Path(path)
+    if not template:
+        return p.stem
+    if "{" in template:
+        return template.format(parent=p.parent.name, stem=p.stem)
+    return template
+
+
+def _key_type_problem(path, n, qid, row) -> Optional[dict]:
+    """A reject when `id` or `dataset` is not a string or an integer (a list, a mapping, a float...)."""
+    for key in ("id", "dataset"):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            return _reject(path, n, qid, key, "bad_type", f"{key} must be a string or an integer, got "
+                           f"{type(value).__name__} {value!r}; convert the column")
+    return None
 
 
 def _check_columns(path: str, rows: list[dict], cfg: InputConfig) -> None:
@@ -346,15 +412,19 @@ def _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, gro
 
 def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> None:
     n_rejected = len(rejects)
-    if rows_in and n_rejected / rows_in > cfg.max_reject_fraction:
+    over_fraction = rows_in and n_rejected / rows_in > cfg.max_reject_fraction
+    over_count = cfg.max_rejects is not None and n_rejected > cfg.max_rejects
+    if over_fraction or over_count:
         reasons: dict[str, int] = {}
         for r in rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         first = rejects[0]
+        limit = (f"input.max_reject_fraction={cfg.max_reject_fraction}" if over_fraction
+                 else f"input.max_rejects={cfg.max_rejects}")
         raise InputError(
-            f"{n_rejected} of {rows_in} input rows are unusable (above input.max_reject_fraction="
-            f"{cfg.max_reject_fraction}): {reasons}. First: {first['source']} row {first['row']} field "
-            f"{first['field']}: {first['detail']}. Fix the input (or the image root), or raise the threshold.")
+            f"{n_rejected} of {rows_in} input rows are unusable (above {limit}): {reasons}. First: "
+            f"{first['source']} row {first['row']} field {first['field']}: {first['detail']}. Fix the input "
+            "(or the image root), or raise the threshold.")
 
 
 def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects) -> Corpus:
@@ -382,3 +452,33 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
     qtable = qtable.append_column("group_code", pa.array(
         [gindex[q["group"]] if q["group"] is not None else -1 for q in queries], pa.int32()))
     return Corpus(qtable, item_table, pools, item_groups, max(len(groups), 1), rejects, rows_in, candidate_rejects)
+
+
+def drop_items(corpus: Corpus, failed: set[str], reason: str, detail: str) -> Corpus:
+    """The corpus without the items in `failed`: their queries become rejects, they leave the candidate pools.
+
+    Item rows are kept (row numbers stay stable); an item that is no query's query or positive and in no pool is
+    simply never used."""
+    if not failed:
+        return corpus
+    ids = corpus.items.column("item_id").to_pylist()
+    bad = np.array([iid in failed for iid in ids], dtype=bool)
+    q = corpus.queries
+    qry_bad = bad[q.column("qry_idx").to_numpy()]
+    pos_bad = bad[q.column("pos_idx").to_numpy()]
+    rejects = list(corpus.rejects)
+    qids = q.column("query_id").to_pylist()
+    images = {side: q.column(f"{side}_image_path").to_pylist() for side in ("qry", "pos")}
+    for r in np.flatnonzero(qry_bad | pos_bad):
+        side = "qry" if qry_bad[r] else "pos"
+        field_name = f"{side}_image_path" if images[side][r] else ("qry" if side == "qry" else "pos_text")
+        rejects.append(_reject("embedding", None, qids[r], field_name, reason, detail))
+    used = set(np.flatnonzero(qry_bad | pos_bad).tolist())
+    query_items = set(q.column("qry_idx").to_numpy()[sorted(used)].tolist()) | \
+        set(q.column("pos_idx").to_numpy()[sorted(used)].tolist())
+    pools = {ds: pool[~bad[pool]] for ds, pool in corpus.pools.items()}
+    dropped_candidates = sorted({int(i) for pool in corpus.pools.values() for i in pool[bad[pool]]} - query_items)
+    for i in dropped_candidates:
+        rejects.append(_reject("embedding", None, None, "text", reason, f"item {ids[i]}: {detail}", kind="candidate"))
+    return Corpus(q.filter(pa.array(~(qry_bad | pos_bad))), corpus.items, pools, corpus.item_groups,
+                  corpus.n_groups, rejects, corpus.rows_in, corpus.candidate_rows_rejected + len(dropped_candidates))

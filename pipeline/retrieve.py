@@ -25,7 +25,7 @@ import faiss
 
 from pipeline.index import (
     BuiltIndex, IndexConfig, check_config, VectorSource, as_source, build_index, canonical_topk, choose_index, derive_ef_search,
-    exact_search, gpu_plan, make_index, merge_topk, recall_at_k, rescore_exact, retune, search, set_search_params,
+    exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune, search, set_search_params,
     source_from_spec, add_source, train_index, to_gpu, _cfg, _f32,
 )
 
@@ -35,17 +35,24 @@ MAX_EF_SEARCH = 4096
 class RecallFloorError(RuntimeError):
     """The index's measured recall@k stayed below ``index.recall_floor``."""
 
-    def __init__(self, recall: float, floor: float, k: int, info: dict, why: str):
+    def __init__(self, recall: float, floor: float, k: int, info: dict, why: str, at_max: bool = False):
         self.recall, self.floor, self.k, self.info = recall, floor, k, info
         params = info.get("params", {})
-        knob = ("index.nprobe (now %s of nlist=%s)" % (params.get("nprobe"), params.get("nlist"))
-                if "nprobe" in params else
-                "index.ef_search (now %s)" % params.get("ef_search") if "ef_search" in params else "index.kind")
+        fixes = []
+        if "nprobe" in params and not at_max:
+            fixes.append(f"raise index.nprobe (now {params.get('nprobe')} of nlist={params.get('nlist')})")
+        if "ef_search" in params and not at_max:
+            fixes.append(f"raise index.ef_search (now {params.get('ef_search')})")
+        if not at_max and "index.auto_tune is off" in why:
+            fixes.append("set index.auto_tune: true")
+        if info.get("lossy"):
+            fixes.append(f"raise index.refine_factor (now {params.get('refine_factor')}) or index.pq_m / "
+                         "index.memory_budget_gb for a finer code")
+        fixes.append("choose a more exact index.kind (flat, ivf_flat)")
+        fixes.append("or lower index.recall_floor (null: measure and report only)")
         super().__init__(
             f"recall@{k} of the {info.get('factory')} index is {recall:.4f} on {info.get('recall_sample')} sampled "
-            f"queries, below index.recall_floor={floor} ({why}). Raise {knob}, choose a more exact index "
-            f"(index.kind=flat / ivf_flat, or a larger index.memory_budget_gb / index.pq_m), enable "
-            f"index.auto_tune, or lower index.recall_floor (null turns the check off).")
+            f"queries, below index.recall_floor={floor} ({why}). To fix: " + "; ".join(fixes) + ".")
 
 
 def _use_ray(cfg, n: int, nq: int) -> bool:
@@ -126,7 +133,7 @@ def _shard_actor_cls():
             used = set_search_params(self.index, self.plan, k_hint)
             gp = gpu_plan(type("C", (), {"gpu": self.gpu_cfg})(), k=k_hint, kind=self.plan["kind"],
                           nprobe=used.get("nprobe"))
-            nbytes = int(faiss.serialize_index(self.index).nbytes) if self.index.ntotal <= 2_000_000 else -1
+            nbytes = index_bytes(self.index)
             if gp["use_gpu"]:
                 self.cpu_index = self.index
                 self.index = to_gpu(self.index, gp["ngpu"], self.plan)
@@ -282,8 +289,11 @@ class _RaySearcher:
             return self.search(q, k)
         kk = self._kk(k)
         qref = ray.put(np.ascontiguousarray(q))
-        blocks = [ray.put(np.arange(s, min(nq, s + qb), dtype=np.int64)) for s in range(0, nq, qb)]
-        ds = ray.data.from_numpy_refs(blocks)  # one block per query batch
+        import pyarrow as pa
+        # one block per query batch, built in the driver: from_numpy_refs / range would start 1-CPU tasks that
+        # cannot be scheduled while the shard actors hold their CPUs
+        ds = ray.data.from_blocks([pa.table({"data": np.arange(s, min(nq, s + qb), dtype=np.int64)})
+                                   for s in range(0, nq, qb)])
         spec = self.src.spec() if self.plan["lossy"] else None
         clients = max(1, int(_cfg(self.cfg, "search_clients", 2)))
         ds = ds.map_batches(
@@ -382,10 +392,10 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
         if m > 0:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = q[rows]
-            _, exact_I = exact_search(src, qs, k)
+            exact_D, exact_I = exact_search(src, qs, k)
             while True:
-                _, ann_I = searcher.search(qs, k)
-                recall = recall_at_k(ann_I, exact_I, k)
+                ann_D, ann_I = searcher.search(qs, k)
+                recall = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
                 p = searcher.params()
                 trials.append({**{a: p[a] for a in ("nprobe", "ef_search") if a in p}, "recall": round(recall, 5)})
                 if floor is None or recall >= float(floor):
@@ -394,10 +404,15 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
                 if step is None:
                     info = searcher.index_info()
                     info.update(recall_sample=m, recall_trials=trials)
-                    why = ("index.auto_tune is off" if not _cfg(cfg, "auto_tune", True) else
-                           "search parameters already at their maximum"
-                           if ("nprobe" in p or "ef_search" in p) else "the index has no search parameter to raise")
-                    raise RecallFloorError(recall, float(floor), k, info, why)
+                    tunable = "nprobe" in p or "ef_search" in p
+                    if not _cfg(cfg, "auto_tune", True):
+                        why, at_max = "index.auto_tune is off", False
+                    elif tunable:
+                        why, at_max = ("search parameters already at their maximum: "
+                                       + ", ".join(f"{a}={p[a]}" for a in ("nprobe", "ef_search") if a in p)), True
+                    else:
+                        why, at_max = "the index has no search parameter to raise", True
+                    raise RecallFloorError(recall, float(floor), k, info, why, at_max)
                 searcher.set_params(**step)
         recall_s = time.perf_counter() - t0
         t1 = time.perf_counter()

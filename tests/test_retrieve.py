@@ -1,0 +1,117 @@
+"""pipeline/retrieve.py: recall measurement and floor, Ray shard actors + Ray Data search stage vs exact search."""
+import numpy as np
+import pytest
+
+import faiss
+from pipeline import index as ix
+from pipeline.config import IndexConfig
+from pipeline.retrieve import RecallFloorError, retrieve
+
+from test_index import brute, clustered
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """Small problems on a shared 2-core machine: OpenMP spinning costs more than it gains."""
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(old)
+
+
+def test_in_process_flat_is_exact_and_reports_recall():
+    x = clustered(2000, 16, seed=1)
+    q = clustered(300, 16, seed=2)
+    s, i, info = retrieve(x, q, 25, IndexConfig(distributed="never"))
+    es, ei = brute(x, q, 25)
+    assert np.array_equal(i, ei) and np.allclose(s, es, atol=1e-5)
+    assert (info["kind"], info["mode"], info["recall_at_k"], info["recall_sample"]) == ("flat", "in_process", 1.0, 300)
+    assert info["ntotal"] == 2000 and info["k"] == 25 and not info["tuned"]
+    import json
+    json.dumps(info)  # goes into _stats.json / _manifest.json as is
+
+
+def test_pool_smaller_than_k_pads_with_minus_one():
+    x = clustered(5, 8, seed=3)
+    s, i, info = retrieve(x, x[:2], 8, IndexConfig(distributed="never"))
+    assert (i[:, 5:] == -1).all() and np.isneginf(s[:, 5:]).all() and sorted(i[0, :5]) == [0, 1, 2, 3, 4]
+    assert info["recall_at_k"] == 1.0
+
+
+def test_recall_floor_raises_nprobe_until_met():
+    x = clustered(20_000, 32, centres=200, seed=4, spread=0.6)
+    q = clustered(400, 32, centres=200, seed=5, spread=0.6)
+    cfg = IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=0.97, recall_sample=200,
+                      distributed="never")
+    s, i, info = retrieve(x, q, 20, cfg)
+    trials = info["recall_trials"]
+    assert trials[0]["nprobe"] == 1 and trials[0]["recall"] < 0.97  # the setting given was not enough ...
+    assert [t["nprobe"] for t in trials] == [2 ** j for j in range(len(trials))]  # ... so it was doubled
+    assert info["tuned"] and info["params"]["nprobe"] == trials[-1]["nprobe"] and info["recall_at_k"] >= 0.97
+    _, ei = ix.exact_search(x, q, 20)
+    assert ix.recall_at_k(i, ei) >= 0.95  # the full result, all queries, has the tuned recall too
+
+
+def test_recall_floor_error_names_recall_floor_and_keys():
+    x = clustered(20_000, 32, centres=200, seed=4, spread=0.6)
+    q = clustered(200, 32, centres=200, seed=5, spread=0.6)
+    cfg = IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=0.99, auto_tune=False, distributed="never")
+    with pytest.raises(RecallFloorError) as e:
+        retrieve(x, q, 20, cfg)
+    err = e.value
+    assert err.recall < 0.99 and err.floor == 0.99
+    msg = str(err)
+    for part in (f"{err.recall:.4f}", "index.recall_floor=0.99", "raise index.nprobe (now 1 of nlist=256)",
+                 "index.auto_tune", "index.kind"):
+        assert part in msg, (part, msg)
+    # no floor: the same index runs and reports its (low) recall
+    _, _, info = retrieve(x, q, 20, IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=None,
+                                                 distributed="never"))
+    assert info["recall_at_k"] == pytest.approx(err.recall) and not info["tuned"]
+
+
+def test_recall_floor_error_when_tuning_is_exhausted():
+    # 4-bit PQ with a single candidate per query and no room to refine: nprobe=nlist cannot reach 0.999
+    x = clustered(3000, 16, centres=30, seed=6, spread=0.8)
+    cfg = IndexConfig(kind="IVF4,PQ4x4", nprobe=4, refine_factor=1, recall_floor=0.999, distributed="never")
+    with pytest.raises(RecallFloorError, match="already at their maximum: nprobe=4") as e:
+        retrieve(x, x[:100], 10, cfg)
+    assert "index.refine_factor" in str(e.value) and "raise index.nprobe" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------- Ray
+
+def test_ray_shards_and_data_stage_equal_exact_search(ray_session, tmp_path):
+    """Pool on disk as .npy shards read by the shard actors themselves; queries through the Ray Data stage."""
+    x = clustered(6000, 24, seed=7)
+    q = clustered(1500, 24, seed=8)
+    for j, (lo, hi) in enumerate([(0, 2500), (2500, 6000)]):
+        np.save(tmp_path / f"pool-{j}.npy", x[lo:hi])
+    cfg = IndexConfig(kind="flat", distributed="always", num_shards=3, query_batch=400, recall_sample=100)
+    s, i, info = retrieve(str(tmp_path), q, 30, cfg)
+    es, ei = brute(x, q, 30)
+    assert np.array_equal(i, ei) and np.allclose(s, es, atol=1e-5)
+    assert (info["mode"], info["num_shards"], info["ntotal"], info["recall_at_k"]) == ("ray", 3, 6000, 1.0)
+
+
+def test_ray_sharded_ivf_equals_in_process_ivf(ray_session):
+    """In-memory pool streamed to 2 shard actors; the sharded IVF (one trained quantizer) gives exactly what the
+    single in-process IVF index gives, so results do not depend on the number of shards."""
+    x = clustered(12_000, 32, seed=9)
+    q = clustered(900, 32, seed=10)
+    base = dict(kind="ivf_flat", nprobe=8, recall_sample=150, query_batch=256, add_batch=1000)
+    s1, i1, f1 = retrieve(x, q, 20, IndexConfig(distributed="never", **base))
+    s2, i2, f2 = retrieve(x, q, 20, IndexConfig(distributed="always", num_shards=2, **base))
+    assert f1["factory"] == f2["factory"] == "IVF256,Flat" and f2["mode"] == "ray"
+    assert np.array_equal(i1, i2) and np.array_equal(s1, s2)
+    assert f1["recall_at_k"] == f2["recall_at_k"] >= 0.95
+
+
+def test_ray_lossy_index_rescored_exactly(ray_session):
+    x = clustered(4000, 16, seed=11)
+    q = clustered(600, 16, seed=12)
+    cfg = IndexConfig(kind="IVF16,PQ16x4", nprobe=16, refine_factor=4, recall_floor=0.95, distributed="always",
+                      num_shards=2, query_batch=200, recall_sample=200)
+    s, i, info = retrieve(x, q, 10, cfg)
+    assert info["lossy"] and info["recall_at_k"] >= 0.95
+    assert np.allclose(s, np.einsum("qd,qkd->qk", q, x[i]), atol=1e-5)  # exact scores of what was returned
