@@ -3,8 +3,9 @@
     python benchmarks/scale.py --n 100000 1000000 5000000 --dim 128 --k 50 --queries 20000 --truth 1000
 
 Data: a clustered synthetic corpus, not isotropic noise -- a Gaussian mixture on the unit sphere with ``--centres``
-centres grouped under 64 "topics", Zipf-like cluster sizes, and within-cluster spread along a low-rank (16-d) subspace
-plus a little isotropic noise (real embeddings have a low intrinsic dimension). Pool vectors are written to disk as
+centres grouped under 64 "topics", Zipf-like cluster sizes, and within-cluster spread along a low-rank (32-d) subspace
+plus a little isotropic noise (real embeddings have a low intrinsic dimension). Mean cosine to the nearest pool vector
+is ~0.78 and to the 50th ~0.62, about what a sentence-embedding model gives on a text corpus. Pool vectors are written to disk as
 ``.npy`` shards first (not timed) and read back shard by shard, as a real pool on disk would be. Queries are fresh
 draws from the same mixture.
 
@@ -44,8 +45,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 class Mixture:
     """Clustered unit vectors: topics -> centres -> points spread along a per-cluster low-rank subspace."""
 
-    def __init__(self, dim: int, centres: int = 4096, topics: int = 64, rank: int = 16, n_bases: int = 64,
-                 iso: float = 0.01, seed: int = 1234):
+    def __init__(self, dim: int, centres: int = 4096, topics: int = 64, rank: int = 32, n_bases: int = 64,
+                 iso: float = 0.02, seed: int = 1234):
         rng = np.random.default_rng(seed)
         self.dim, self.rank = dim, rank
         T = _unit(rng.standard_normal((topics, dim)))
@@ -53,7 +54,7 @@ class Mixture:
         self.C = _unit(C).astype(np.float32)
         w = 1.0 / (np.arange(centres) + 20.0) ** 0.7
         self.w = (w / w.sum())[rng.permutation(centres)]
-        self.sigma = rng.uniform(0.25, 0.5, centres).astype(np.float32)  # within-cluster spread (norm)
+        self.sigma = rng.uniform(0.5, 0.9, centres).astype(np.float32)  # within-cluster spread (norm)
         self.B = np.stack([np.linalg.qr(rng.standard_normal((dim, rank)))[0] for _ in range(n_bases)]).astype(
             np.float32)  # (n_bases, dim, rank) orthonormal bases
         self.iso = iso

@@ -78,11 +78,16 @@ def ensure_ray(cfg: Config) -> None:
     ctx.print_on_execution_start = False
 
 
+# Teacher settings that change neither which vectors come out nor their meaning: a run folder is not bound to them.
+RUN_FREE_TEACHER_KEYS = ("model", "device", "batch_size", "dtype", "padding_side", "attn_implementation",
+                         "trust_remote_code")
+
+
 def run_identity(cfg: Config) -> dict:
     """What a run folder is bound to: the input and how it is retrieved. The teacher's weights are left out (each
     epoch may re-mine with a new checkpoint), and so are filters and sampling (each epoch may change them)."""
     digests = {p: _file_digest(p) for p in [*cfg.input.pairs, cfg.input.candidates, cfg.input.captions] if p}
-    teacher = {k: v for k, v in vars(cfg.teacher).items() if k not in ("model", "device", "batch_size")}
+    teacher = {k: v for k, v in vars(cfg.teacher).items() if k not in RUN_FREE_TEACHER_KEYS}
     return _jsonable({"version": RUN_VERSION, "input": vars(cfg.input), "inputs_sha": digests, "teacher": teacher,
                       "index": vars(cfg.index), "top_k": cfg.retrieve.top_k})
 

@@ -30,12 +30,13 @@ def _analytic_grad(s, target, valid, tau, alpha, beta):
         z = torch.tensor([s[i, j].item() / tau for j in cols], dtype=torch.float64)
         p = torch.softmax(z, 0)
         sp = s[i, target[i]].item()
+        extra = 0.0
         for p_j, j in zip(p.tolist(), cols):
-            if j == target[i]:
-                grad[i, j] = p_j - 1.0
-            else:
+            if j != target[i]:
                 h = math.exp(min(s[i, j].item() - sp, 0.0) / beta)
                 grad[i, j] = p_j * (1 + alpha * h)
+                extra += alpha * h * p_j
+        grad[i, target[i]] = p[cols.index(target[i])].item() - extra - 1.0  # P_bar_p = P_p - added mass
     return grad / (tau * b)
 
 
@@ -95,8 +96,10 @@ def test_gradient_on_a_negative_grows_only_with_its_hardness():
     h = hardness(s.detach(), target, BETA)[:, 1]
     assert h[0] == 1.0 and 0 < h[1] < 1
     torch.testing.assert_close(grads[1.0][:, 1] / grads[0.0][:, 1], 1 + h)
-    # the positive's pull is the info-NCE one
-    torch.testing.assert_close(grads[1.0][:, 0], grads[0.0][:, 0])
+    # the mass added to the negatives is taken from the positive: each row's gradient still sums to zero, so a
+    # shift of all of a query's similarities is not pushed on
+    torch.testing.assert_close(grads[1.0][:, 0] - grads[0.0][:, 0], -(grads[1.0][:, 1:] - grads[0.0][:, 1:]).sum(1))
+    torch.testing.assert_close(grads[1.0].sum(1), torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_hardness_is_relative_to_the_positive():

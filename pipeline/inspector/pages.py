@@ -18,10 +18,10 @@ from pipeline.inspector import plots
 from pipeline.inspector.assets import CSS
 from pipeline.inspector.stats import EpochStats
 from pipeline.inspector.store import BANDS, Filter, Page
+from pipeline.filters import REASONS
 
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-VERDICT_ORDER = ["negative", "unsampled", "same_as_query", "same_as_positive", "same_group", "rank_window",
-                 "score_bounds", "margin_abs", "margin_rel", "near_duplicate", "modality", "blocklist"]
+VERDICT_ORDER = ["negative", "unsampled", *REASONS]
 
 
 def esc(v) -> str:

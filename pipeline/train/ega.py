@@ -7,15 +7,20 @@ negative in the batch, gathered across DDP ranks), cosine similarities s_ij, the
     P_ij   = softmax_j(z_ij)                                info-NCE probabilities
     h_ij   = exp(min(s_ij - s_ip, 0) / beta), h_ip = 0      relative-similarity hardness (detached): 1 at or above
                                                             the positive, 1/e at beta below it, -> 0 far below
-    P̄_ij  = P_ij * (1 + alpha * h_ij)                      amplified probabilities (P̄_ip = P_ip)
+    P̄_ij  = P_ij * (1 + alpha * h_ij)          (j != p)    amplified probabilities of the negatives
+    P̄_ip  = P_ip - alpha * sum_j h_ij P_ij                 the added mass is taken from the positive (sum = 1)
     dL/ds_ij = (P̄_ij - I_ij) / tau                          per query; divided by B for `reduction="mean"`
 
 A negative's gradient is its info-NCE gradient times `1 + alpha * h`: a function of its probability and its
-hardness only, so of two negatives with the same probability the harder one gets the larger gradient, and the
-positive's pull `(P_ip - 1) / tau` is untouched. The backward pass needs no custom autograd function: the loss is
-`CE(z) + c - c.detach()` with `c = sum((P̄ - P).detach() * z)`, whose value is exactly CE(z) and whose gradient is
-`(P - I) + (P̄ - P) = P̄ - I`; it is plain autograd, so DDP, AMP and checkpointing see nothing unusual.
-`alpha = 0` returns `F.cross_entropy(S / tau, target)` itself: value and gradient are info-NCE bit for bit.
+hardness only, so of two negatives with the same probability the harder one gets the larger gradient. The extra
+gradient is `alpha * sum_j h_ij P_ij * d(s_ij - s_ip) / tau`: it widens the margin between the positive and each
+hard negative, and adding a constant to all of a query's similarities changes nothing (without the positive's share,
+every step would also push all similarities down, and a learned projection drifts and collapses doing so).
+
+The backward pass needs no custom autograd function: the loss is `CE(z) + c - c.detach()` with
+`c = sum((P̄ - P).detach() * z)`, whose value is exactly CE(z) and whose gradient is `(P - I) + (P̄ - P) = P̄ - I`;
+it is plain autograd, so DDP, AMP and checkpointing see nothing unusual. `alpha = 0` returns
+`F.cross_entropy(S / tau, target)` itself: value and gradient are info-NCE bit for bit.
 """
 from __future__ import annotations
 
@@ -83,8 +88,9 @@ class EGALoss(nn.Module):
     """EGA over in-batch positives and mined negatives (shared by the whole batch, optionally across DDP ranks).
 
     tau: temperature (0.02, the usual value in this family). alpha: amplification; a negative at or above its
-    positive gets `1 + alpha` times its info-NCE gradient (0 = plain info-NCE). beta: hardness scale in cosine
-    units (a negative `beta` below its positive has hardness 1/e). gather: all-gather candidates across DDP ranks.
+    positive gets `1 + alpha` times its info-NCE gradient, and the positive an equal extra pull (0 = info-NCE).
+    beta: hardness scale in cosine units (a negative `beta` below its positive has hardness 1/e).
+    gather: all-gather candidates across DDP ranks.
     """
 
     def __init__(self, tau: float = 0.02, alpha: float = 1.0, beta: float = 0.1, gather: bool = False,
