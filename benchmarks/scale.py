@@ -94,32 +94,40 @@ def write_pool(mix: Mixture, n: int, folder: Path, shard_rows: int = 250_000) ->
 # ------------------------------------------------------------------------------------------------------------------
 
 class PeakRSS(threading.Thread):
-    """Peak of the summed RSS of this process and all its descendants (Ray's raylet, GCS, workers), and of the
-    summed USS (private memory: shared pages such as the object store counted once, not per process)."""
+    """Peak of the summed RSS of this process and all its descendants (Ray's raylet, GCS, workers), sampled every
+    0.2 s; and, every 1 s, the peak of the summed PSS (proportional set size: pages shared between processes, such
+    as shared libraries and the object store, divided among them instead of counted once per process)."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, pss_every: int = 5):
         super().__init__(daemon=True)
         import psutil
-        self.psutil, self.interval = psutil, interval
-        self.peak_rss = self.peak_uss = 0
+        self.psutil, self.interval, self.pss_every = psutil, interval, pss_every
+        self.peak_rss = self.peak_pss = 0
         self.peak_procs = {}
+        self._n = 0
         self._halt = threading.Event()
 
     def sample(self):
         ps = self.psutil
         me = ps.Process()
         procs = [me] + me.children(recursive=True)
-        rss = uss = 0
+        rss = pss = 0
         per = {}
+        do_pss = self._n % self.pss_every == 0
+        self._n += 1
         for p in procs:
             try:
                 r = p.memory_info().rss
                 rss += r
                 per[f"{p.pid}:{p.name()[:40]}"] = r
-            except (ps.NoSuchProcess, ps.AccessDenied):
+                if do_pss:
+                    pss += p.memory_full_info().pss
+            except (ps.NoSuchProcess, ps.AccessDenied, AttributeError):
                 pass
         if rss > self.peak_rss:
             self.peak_rss, self.peak_procs = rss, per
+        if do_pss:
+            self.peak_pss = max(self.peak_pss, pss)
         return rss
 
     def run(self):
@@ -163,7 +171,7 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     D, I, info = retrieve(src, queries, args.k, cfg)
     wall = time.perf_counter() - t0
-    peak_during = mon.peak_rss
+    peak_during, peak_pss = mon.peak_rss, mon.peak_pss
     procs = dict(mon.peak_procs)
     ray.shutdown()
     # separate exact ground truth for a sample of the queries (after Ray is gone: not part of the peak)
@@ -185,9 +193,38 @@ def run_one(args) -> dict:
         "peak_rss_gb": round(peak_during / 2 ** 30, 3), "rss_before_ray_gb": round(base_rss / 2 ** 30, 3),
         "ray_idle_rss_gb": round(ray_idle_rss / 2 ** 30, 3),
         "peak_rss_over_index": round(peak_during / max(idx_bytes, 1), 2),
+        "peak_pss_gb": round(peak_pss / 2 ** 30, 3), "peak_pss_over_index": round(peak_pss / max(idx_bytes, 1), 2),
         "peak_top_processes": sorted(((v, k) for k, v in procs.items()), reverse=True)[:8],
         "data_gen_s": round(gen_s, 1), "cpus": args.cpus, "cfg": json.loads(args.cfg or "{}"),
     }
+
+
+def run_sweep(args) -> dict:
+    """Recall@k and throughput against nprobe for one N, in-process (no Ray): the headroom behind the default."""
+    import faiss
+    from pipeline.config import IndexConfig
+    from pipeline.index import NpyShards, build_index, exact_search, recall_at_k, retune, search
+
+    args.n = args.n[0] if isinstance(args.n, list) else args.n
+    mix = Mixture(args.dim, centres=args.centres)
+    src = NpyShards(write_pool(mix, args.n, Path(args.data) / f"n{args.n}_d{args.dim}"))
+    q = mix.draw(args.truth, seed=7)
+    faiss.omp_set_num_threads(args.cpus)
+    built = build_index(src, IndexConfig(**json.loads(args.cfg or "{}")), k_hint=args.k)
+    ED, EI = exact_search(src, q, args.k)
+    rows = []
+    nlist = built.info["params"].get("nlist", 1)
+    default = built.info["params"].get("nprobe")
+    for npb in [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist]:
+        retune(built, nprobe=npb)
+        t = time.perf_counter()
+        D, I = search(built, q, args.k)
+        dt = time.perf_counter() - t
+        rows.append({"nprobe": npb, "recall": round(recall_at_k(I, EI, args.k, D, ED), 4),
+                     "qps": round(len(q) / dt, 1), "default": npb == default})
+    return {"n": args.n, "dim": args.dim, "k": args.k, "factory": built.info["factory"], "nlist": nlist,
+            "default_nprobe": default, "build_s": built.info.get("add_s", 0) + built.info.get("train_s", 0),
+            "queries": len(q), "sweep": rows}
 
 
 def table(rows: list[dict]) -> str:
@@ -217,10 +254,22 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "hardneg-scale"),
                     help="where the .npy pool shards are written (kept for reruns)")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
+    ap.add_argument("--sweep", action="store_true",
+                    help="in-process recall@k and q/s against nprobe for each N (--truth queries)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return 0
+    if args.sweep:
+        out = Path(args.out).with_name("scale_sweep.json")
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        for n in args.n:
+            args_n = argparse.Namespace(**{**vars(args), "n": n})
+            r = run_sweep(args_n)
+            print(json.dumps(r), flush=True)
+            prev[f"n{n}_d{args.dim}_k{args.k}"] = r
+            out.write_text(json.dumps(prev, indent=1))
         return 0
     rows = []
     for n in args.n:

@@ -17,6 +17,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from benchmarks.textdata import describe, docstring_pairs, normalise  # noqa: E402
 from pipeline.train.reference import ReferenceConfig, format_table, run_reference  # noqa: E402
 
@@ -40,7 +42,7 @@ def mixed_pairs(n: int) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3000, help="docstring pairs (20%% held out)")
+    parser.add_argument("--pairs", type=int, default=5000, help="docstring pairs, at most (20%% held out)")
     parser.add_argument("--steps", type=int, default=ReferenceConfig.steps)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(ReferenceConfig.seeds))
     parser.add_argument("--work", default="/tmp/hardneg-train-reference", help="mined run and embedding cache")
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="mining config override KEY=VALUE (repeatable), e.g. --set filters.margin_rel=0.1")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the student's matrices are small: one thread is as fast, and kind to a shared machine
     pairs = mixed_pairs(args.pairs)
     rcfg = ReferenceConfig(steps=args.steps, seeds=tuple(args.seeds), mine_overrides=tuple(args.overrides))
     results = run_reference(pairs, args.work, rcfg, log=lambda m: print(m, file=sys.stderr, flush=True))

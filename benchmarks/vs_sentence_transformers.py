@@ -142,7 +142,7 @@ def child_st(a) -> dict:
     t_model = time.perf_counter()
     dataset = Dataset(pq.read_table(a.pairs, columns=["qry", "pos_text"]))  # in memory: no datasets cache
     mined = mine_hard_negatives(
-        dataset, model, anchor_column_name="qry", positive_column_name="pos_text", range_min=0,
+        dataset, model, anchor_column_name="qry", positive_column_name="pos_text", range_min=a.range_min,
         range_max=a.range_max, relative_margin=a.margin, num_negatives=a.k, sampling_strategy="top",
         output_format="labeled-list", output_scores=True, batch_size=a.batch_size, use_faiss=True, verbose=False,
         cache_folder=a.cache)
@@ -162,7 +162,7 @@ def hardneg_config(a) -> dict:
         "embed": {"cache_dir": str(a.cache)},
         "index": {"kind": "flat"},
         "retrieve": {"top_k": a.range_max + 1},
-        "filters": {"min_rank": 0, "max_rank": None, "margin_rel": a.margin, "margin_abs": None,
+        "filters": {"min_rank": getattr(a, "range_min", 0), "max_rank": None, "margin_rel": a.margin, "margin_abs": None,
                     "near_duplicate": None, "same_group": False},
         "sample": {"n_negatives": a.k, "strategy": "top"},
         "run": {"progress": False},
@@ -196,6 +196,7 @@ def child_main(argv) -> int:
         p.add_argument(name, required=True)
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--range-max", type=int, required=True)
+    p.add_argument("--range-min", type=int, default=0)
     p.add_argument("--margin", type=float, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     a = p.parse_args(argv)
@@ -354,7 +355,24 @@ def bench_size(n: int, a, work: Path) -> dict:
         hn.get(q, {}).get("negs") == hn2.get(q, {}).get("negs") for q in queries)
     agreement["st_second_run_identical"] = all(
         st.get(q, {}).get("negs") == st2.get(q, {}).get("negs") for q in queries)
-    return {"n": n, "data": describe(pairs), "settings": {"k": a.k, "range_min": 0, "range_max": a.range_max,
+    variants = {}
+    for range_min in a.range_min_variants:  # agreement only, from the warm caches of the first repetition
+        runs = {}
+        for tool, cache in (("st", work / f"st-cache-{n}-0"), ("hardneg", work / f"hn-cache-{n}-0")):
+            tag = f"{tool}-rmin{range_min}"
+            out = work / f"{tag}-{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            argv = [sys.executable, __file__, "--child", tool, *base, "--range-min", str(range_min), "--out", str(out),
+                    "--cache", str(cache), "--result", str(work / f"{tag}-{n}.json")]
+            runs[tool] = run_measured(argv, work / f"{tag}-{n}.json", work / f"{tag}-{n}.log")
+        vst = st_negatives(work / f"st-rmin{range_min}-{n}" / "st.parquet")
+        vhn, vcands = hardneg_negatives(work / f"hardneg-rmin{range_min}-{n}")
+        agree = compare(vst, vhn, vcands, queries, a.k, a.margin)
+        variants[f"range_min={range_min}"] = {k: v for k, v in agree.items() if k != "examples"}
+        variants[f"range_min={range_min}"]["examples"] = agree["examples"][:3]
+        print(f"  range_min={range_min}: agreement {agree['agreement']}", flush=True)
+    return {"n": n, "data": describe(pairs), "variants": variants,
+            "settings": {"k": a.k, "range_min": 0, "range_max": a.range_max,
                                                           "relative_margin": a.margin, "sampling": "top",
                                                           "index": "exact (IndexFlatIP)",
                                                           "batch_size": a.batch_size},
@@ -425,12 +443,14 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--range-min-variants", type=int, nargs="*", default=[],
+                   help="also compare the outputs (no timing) at these range_min values, from warm caches")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_warmup:
         print("warm-up (unmeasured): both tools on 300 pairs", flush=True)
-        warm = argparse.Namespace(**{**vars(a), "reps": 1})
+        warm = argparse.Namespace(**{**vars(a), "reps": 1, "range_min_variants": []})
         bench_size(300, warm, work / "warmup")
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -179,7 +179,8 @@ class IndexConfig:
     nlist: Optional[int] = None
     """IVF lists (default: a power of two near 2*sqrt(pool size))."""
     nprobe: Optional[int] = None
-    """IVF lists searched per query (default: nlist/64, at least 16); raised by `auto_tune` below the floor."""
+    """IVF lists searched per query (default: nlist/64, at least 16, at most 128); raised by `auto_tune` below the
+    floor."""
     ef_search: Optional[int] = None
     """HNSW search beam (default: max(128, 2*k)); raised by `auto_tune` below the floor."""
     hnsw_m: int = 32
@@ -218,8 +219,9 @@ class IndexConfig:
     """Ray CPUs reserved by each shard actor (fractional, so Ray Data stages keep CPUs to run on)."""
     client_cpus: float = 0.25
     """Ray CPUs reserved by each search-stage actor (Ray Data, fans query blocks out to the shards)."""
-    search_clients: int = 2
-    """Search-stage actors."""
+    search_clients: int = 1
+    """Search-stage (Ray Data) actors; each keeps one query block in flight on every shard. One keeps the shards
+    busy (merging a block takes ~1% of searching it) and saves a worker process (~0.3 GB)."""
     query_batch: int = 4096
     """Queries per Ray Data block / search call."""
     threads: Optional[int] = None

@@ -1,13 +1,16 @@
 """Embed items with the teacher: cache look-up on the driver, a Ray Data pool of model actors for the misses.
 
-Batches are planned on the driver (items sorted by text length, then id, cut into `batch_size`), and each planned
-batch travels as one row, so a vector never depends on how many actors or blocks ran: the same config gives the same
-bytes. Vectors land in the cache as they stream back, so an interrupted run keeps what it embedded.
+Batches are planned on the driver (items sorted by text length, in the model's tokens where its fast tokenizer is at
+hand, else in characters, then by id, and cut into `batch_size`), and each planned batch travels as one row, so a
+vector never depends on how many actors or blocks ran: the same config gives the same bytes. Vectors land in the
+cache as they stream back, so an interrupted run keeps what it embedded.
 """
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,10 @@ import pyarrow.parquet as pq
 from .config import Config
 from .progress import Progress
 from .teachers import teacher_fingerprint
-from .teachers.base import max_pixels_of
+from .teachers.base import max_pixels_of, resolve_model_path
 
 CACHE_PART_ROWS = 65_536
+CACHE_FLUSH_S = 30.0  # vectors wait at most this long on the driver before they are written to the cache
 
 
 class EmbeddingCache:
@@ -60,22 +64,47 @@ def _to_numpy(column) -> np.ndarray:
     return column.flatten().to_numpy().reshape(-1, dim)
 
 
-def plan_batches(items: pa.Table, batch_size: int) -> pa.Table:
-    """One row per model batch: lists of ids, texts and image paths, similar lengths together to save padding."""
-    order = _length_order(items)
-    rows = {"item_ids": [], "texts": [], "image_paths": []}
-    ids, texts, images = (items.column(c).to_pylist() for c in ("item_id", "embed_text", "image_path"))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        rows["item_ids"].append([ids[i] for i in chunk])
-        rows["texts"].append([texts[i] for i in chunk])
-        rows["image_paths"].append([images[i] for i in chunk])
-    return pa.table(rows)
+def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = None) -> pa.Table:
+    """One row per model batch: lists of ids, texts and image paths, similar lengths together to save padding.
+
+    `lengths` (one per item) orders the items, e.g. token counts from `token_lengths`; default: characters."""
+    order = pa.array(_length_order(items, lengths), pa.int64())
+    n = len(order)
+    offsets = pa.array(np.append(np.arange(0, n, batch_size), n).astype(np.int32))
+    return pa.table({name: pa.ListArray.from_arrays(offsets, items.column(col).take(order).combine_chunks())
+                     for name, col in (("item_ids", "item_id"), ("texts", "embed_text"),
+                                       ("image_paths", "image_path"))})
 
 
-def _length_order(items: pa.Table) -> np.ndarray:
-    lengths = pc.utf8_length(items.column("embed_text")).to_numpy(zero_copy_only=False)
-    return np.lexsort((np.arange(items.num_rows), lengths)).tolist()  # items are sorted by id already
+def _length_order(items: pa.Table, lengths: np.ndarray | None = None) -> np.ndarray:
+    if lengths is None:
+        lengths = pc.utf8_length(items.column("embed_text")).to_numpy(zero_copy_only=False)
+    return np.lexsort((np.arange(items.num_rows), lengths))  # items are sorted by id already
+
+
+@lru_cache(maxsize=8)
+def _fast_tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray | None:
+    """Token counts of `texts` from the model's own fast tokenizer (`tokenizer.json` in its folder), or None when
+    there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding than
+    batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py)."""
+    try:
+        path = Path(resolve_model_path(model)) / "tokenizer.json"
+        if not path.is_file():
+            return None
+        tokenizer = _fast_tokenizer(str(path))
+        encoded = tokenizer.encode_batch([t or "" for t in texts.to_pylist()], add_special_tokens=False)
+    except Exception:  # no tokenizers package, an unreadable file: characters will do
+        return None
+    return np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
 
 
 IMAGES_TYPE = pa.list_(pa.struct([("width", pa.int32()), ("height", pa.int32()), ("data", pa.large_binary())]))
@@ -289,7 +318,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         batch_size = resolve_batch_size(cfg.teacher, shape)
         plans = []
         for fp, rep, missing, rep_role in missing_parts:
-            plan = plan_batches(missing, batch_size)
+            plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model))
             plan = plan.append_column("role", pa.array([rep_role] * plan.num_rows, pa.string()))
             plan = plan.append_column("dataset", pa.array([rep] * plan.num_rows, pa.string()))
             plans.append(plan.append_column("fingerprint", pa.array([fp] * plan.num_rows, pa.string())))
@@ -321,6 +350,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         for fp, _, m, _ in missing_parts:
             marks.setdefault(fp, []).append((marks[fp][-1] if marks.get(fp) else 0) + m.num_rows)
         received = dict.fromkeys(groups, 0)
+        flushed = time.monotonic()
         with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for fp in pc.unique(out.column("fingerprint")).to_pylist():
@@ -331,6 +361,12 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
                     if completes or sum(t.num_rows for t in pending[fp]) >= CACHE_PART_ROWS:
                         caches[fp].write(pa.concat_tables(pending[fp]))
                         pending[fp] = []
+                if time.monotonic() - flushed > CACHE_FLUSH_S:  # an interrupted run loses little more than in flight
+                    for fp in pending:
+                        if pending[fp]:
+                            caches[fp].write(pa.concat_tables(pending[fp]))
+                            pending[fp] = []
+                    flushed = time.monotonic()
                 bar.update(out.num_rows)
         for fp, parts in pending.items():
             if parts:

@@ -221,7 +221,10 @@ def derive_nlist(n: int) -> int:
 
 
 def derive_nprobe(nlist: int) -> int:
-    return int(min(nlist, max(16, nlist // 64)))
+    """nlist/64 (at least 16, at most 128). Scanning a fixed fraction of the lists makes search cost grow linearly
+    with the pool; the cap keeps it sub-linear at 100M+ where the lists are many and neighbours sit in few of them.
+    The recall check raises it (auto_tune) wherever the data needs more."""
+    return int(min(nlist, max(16, min(128, nlist // 64))))
 
 
 def derive_ef_search(k: int) -> int:
@@ -525,6 +528,22 @@ def _find_hnsw(index):
     except Exception:
         inner = None
     return inner if inner is not None and hasattr(inner, "hnsw") else None
+
+
+def tame_malloc(threshold: int = 65_536) -> bool:
+    """glibc: serve every allocation >= ``threshold`` bytes with its own mmap, returned to the OS when freed.
+
+    IVF inverted lists grow by doubling as vectors are added; with glibc's default (a threshold that rises as large
+    blocks are freed, up to 32 MiB) the outgrown list buffers stay in the heap as resident holes and a shard ends up
+    ~1.4x its payload. A fixed threshold keeps resident memory at the payload. Called in the shard actors (processes
+    of their own), not in the caller's process. Returns False where it does not apply (not glibc)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # pragma: no cover - non-glibc
+        return False
 
 
 def add_source(idx, source: VectorSource, lo: int, hi: int, batch_rows: int) -> float:

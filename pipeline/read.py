@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -49,6 +50,8 @@ class Corpus:
 
 
 def normalise_text(text: str) -> str:
+    if text.isascii():  # NFKC leaves ASCII as it is
+        return " ".join(text.split())
     return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
@@ -428,29 +431,44 @@ def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> N
 
 
 def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects) -> Corpus:
-    ids = sorted(items)
-    index = {iid: i for i, iid in enumerate(ids)}
-    modality = [MODALITIES[(2 if items[i][0].strip() and items[i][1] else 1 if items[i][1] else 0)] for i in ids]
-    item_table = pa.table({
-        "item_id": pa.array(ids, pa.string()),
-        "text": pa.array([items[i][0] for i in ids], pa.string()),
-        "image_path": pa.array([items[i][1] for i in ids], pa.string()),
-        "modality": pa.array(modality, pa.string()),
-        "embed_text": pa.array([items[i][2] for i in ids], pa.string()),
-    })
+    """Tables and row numbers from what the reader collected; column work is Arrow / numpy, not per item."""
+    texts, images, embed_texts = (list(c) for c in zip(*items.values())) if items else ([], [], [])
+    unsorted = pa.array(list(items), pa.string())
+    order = pc.sort_indices(unsorted)  # UTF-8 byte order: the order of sorted() on the ids
+    ids = unsorted.take(order)
+    image_col = pa.array(images, pa.string()).take(order)
+    text_col = pa.array(texts, pa.string()).take(order)
+    if pc.any(pc.not_equal(image_col, "")).as_py():
+        modality = pa.array([MODALITIES[(2 if t.strip() and im else 1 if im else 0)]
+                             for t, im in zip(text_col.to_pylist(), image_col.to_pylist())], pa.string())
+    else:  # no item has an image: every item is text
+        modality = pa.array(["text"] * len(ids), pa.string())
+    item_table = pa.table({"item_id": ids, "text": text_col, "image_path": image_col, "modality": modality,
+                           "embed_text": pa.array(embed_texts, pa.string()).take(order)})
     queries.sort(key=lambda q: (q["dataset"], q.pop("_order")))
     qtable = pa.Table.from_pylist(queries, schema=pa.schema([
         ("query_id", pa.string()), ("dataset", pa.string()), ("qry", pa.string()), ("qry_image_path", pa.string()),
         ("pos_text", pa.string()), ("pos_image_path", pa.string()), ("group", pa.string()),
         ("qry_item_id", pa.string()), ("pos_item_id", pa.string())]))
-    qtable = qtable.append_column("qry_idx", pa.array([index[q["qry_item_id"]] for q in queries], pa.int32()))
-    qtable = qtable.append_column("pos_idx", pa.array([index[q["pos_item_id"]] for q in queries], pa.int32()))
-    pools = {ds: np.array(sorted(index[i] for i in members), dtype=np.int64) for ds, members in pool_members.items()}
+
+    def rows_of(values) -> pa.Array:
+        return pc.index_in(values, value_set=ids)
+
+    qtable = qtable.append_column("qry_idx", rows_of(qtable.column("qry_item_id")).cast(pa.int32()))
+    qtable = qtable.append_column("pos_idx", rows_of(qtable.column("pos_item_id")).cast(pa.int32()))
+    pools = {ds: np.sort(rows_of(pa.array(list(members), pa.string())).to_numpy().astype(np.int64))
+             for ds, members in pool_members.items()}
     groups = sorted({g for _, g in group_pairs} | {q["group"] for q in queries if q["group"] is not None})
     gindex = {g: k for k, g in enumerate(groups)}
-    item_groups = np.array(sorted(index[i] * max(len(groups), 1) + gindex[g] for i, g in group_pairs), np.int64)
-    qtable = qtable.append_column("group_code", pa.array(
-        [gindex[q["group"]] if q["group"] is not None else -1 for q in queries], pa.int32()))
+    if group_pairs:
+        pair_items, pair_groups = zip(*group_pairs)
+        item_rows = rows_of(pa.array(pair_items, pa.string())).to_numpy().astype(np.int64)
+        codes = np.array([gindex[g] for g in pair_groups], np.int64)
+        item_groups = np.sort(item_rows * max(len(groups), 1) + codes)
+    else:
+        item_groups = np.zeros(0, np.int64)
+    group_code = pc.index_in(qtable.column("group"), value_set=pa.array(groups, pa.string()))
+    qtable = qtable.append_column("group_code", pc.fill_null(group_code, -1).cast(pa.int32()))
     return Corpus(qtable, item_table, pools, item_groups, max(len(groups), 1), rejects, rows_in, candidate_rejects)
 
 

@@ -26,7 +26,7 @@ import faiss
 from pipeline.index import (
     BuiltIndex, IndexConfig, check_config, VectorSource, as_source, build_index, canonical_topk, choose_index, derive_ef_search,
     exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune, search, set_search_params,
-    source_from_spec, add_source, train_index, to_gpu, _cfg, _f32,
+    source_from_spec, add_source, tame_malloc, train_index, to_gpu, _cfg, _f32,
 )
 
 MAX_EF_SEARCH = 4096
@@ -113,6 +113,7 @@ def _shard_actor_cls():
         """Holds rows [lo, hi) of the pool in its own index (same trained quantizer as the other shards)."""
 
         def __init__(self, template: list, plan: dict, lo: int, hi: int, threads: int, gpu_cfg: str):
+            tame_malloc()  # outgrown inverted-list buffers go back to the OS (see pipeline.index.tame_malloc)
             faiss.omp_set_num_threads(max(1, int(threads)))
             t = template[0]
             t = ray.get(t) if isinstance(t, ray.ObjectRef) else t
@@ -192,6 +193,15 @@ class _RaySearcher:
     def __init__(self, src: VectorSource, plan: dict, cfg, k: int):
         import ray
         self.ray, self.cfg, self.src, self.plan, self.k = ray, cfg, src, plan, int(k)
+        self.shards = []
+        try:
+            self._start(src, plan, cfg, k)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, src: VectorSource, plan: dict, cfg, k: int):
+        ray = self.ray
         res = ray.cluster_resources()
         cpus = float(res.get("CPU", 1.0))
         nodes = [nd for nd in ray.nodes() if nd.get("Alive") and nd.get("Resources", {}).get("CPU", 0) > 0]
@@ -239,10 +249,14 @@ class _RaySearcher:
                     inflight.append(self.shards[s].add.remote(ray.put(x)))
                     del x
                 while len(inflight) > 2 * S:
-                    _, inflight = ray.wait(inflight, num_returns=len(inflight) - 2 * S)
+                    done, inflight = ray.wait(inflight, num_returns=len(inflight) - 2 * S)
+                    ray.get(done)  # surface a failed add now
             ray.get(inflight)
         self.add_s = time.perf_counter() - ta
         self.finish = ray.get([sh.finish.remote(k) for sh in self.shards])
+        added = sum(f["ntotal"] for f in self.finish)
+        if added != src.n:
+            raise RuntimeError(f"index shards hold {added} vectors, the pool has {src.n}")
         self.build_s = time.perf_counter() - t0
         self.nodes = sorted({f["node"] for f in self.finish})
         self._params = dict(plan["params"])
@@ -295,7 +309,7 @@ class _RaySearcher:
         ds = ray.data.from_blocks([pa.table({"data": np.arange(s, min(nq, s + qb), dtype=np.int64)})
                                    for s in range(0, nq, qb)])
         spec = self.src.spec() if self.plan["lossy"] else None
-        clients = max(1, int(_cfg(self.cfg, "search_clients", 2)))
+        clients = max(1, int(_cfg(self.cfg, "search_clients", 1)))
         ds = ds.map_batches(
             _SearchStage, batch_size=None, zero_copy_batch=True,
             fn_constructor_kwargs={"shards": self.shards, "queries": [qref], "k": k, "kk": kk, "source_spec": spec},

@@ -222,7 +222,7 @@ def prepare(pairs: list[dict], work: str | Path, rcfg: ReferenceConfig, log=prin
     cols = ("id", "dataset", "qry", "pos_text")
     pq.write_table(pa.table({c: [str(r[c]) for r in train_pairs] for c in cols}), train_path)
     cfg = mining_config(train_path, work, rcfg)
-    result = mine(cfg, work / "mined", epoch=0)
+    result = mine(cfg, work / "mined", epoch=0, overwrite=True)  # WORK is scratch: replace another split's run
     t_mine = time.time()
     log(f"mined {len(train_pairs)} training pairs into {result.epoch_dir} in {t_mine - t0:.0f}s")
     ts = load_train_set(work / "mined", cfg, rcfg)
