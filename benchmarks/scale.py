@@ -5,9 +5,9 @@
 Data: a clustered synthetic corpus, not isotropic noise -- a Gaussian mixture on the unit sphere with ``--centres``
 centres grouped under 64 "topics", Zipf-like cluster sizes, and within-cluster spread along a low-rank (32-d) subspace
 plus a little isotropic noise (real embeddings have a low intrinsic dimension). Mean cosine to the nearest pool vector
-is ~0.78 and to the 50th ~0.62, about what a sentence-embedding model gives on a text corpus. Pool vectors are written to disk as
-``.npy`` shards first (not timed) and read back shard by shard, as a real pool on disk would be. Queries are fresh
-draws from the same mixture.
+is ~0.78 and to the 50th ~0.62, about what a sentence-embedding model gives on a text corpus. Pool vectors are
+written to disk as ``.npy`` shards first (not timed) and read back shard by shard, as a real pool on disk would be.
+Queries are fresh draws from the same mixture.
 
 For each N, in a fresh Python process (so peak RSS is per size): Ray is started (2 CPUs, 2 GiB object store), then
 ``pipeline.retrieve.retrieve`` runs at the default ``IndexConfig`` (its own recall check: ``recall_sample`` queries)
@@ -161,8 +161,8 @@ def run_one(args) -> dict:
     mon = PeakRSS()
     mon.start()
     base_rss = mon.sample()
-    ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2 ** 30), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2 ** 30),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     time.sleep(2.0)
     ray_idle_rss = mon.sample()
@@ -187,7 +187,8 @@ def run_one(args) -> dict:
         "factory": info["factory"], "kind": info["kind"], "params": info["params"], "mode": info["mode"],
         "num_shards": info["num_shards"], "index_bytes": idx_bytes, "index_gb": round(idx_bytes / 2 ** 30, 3),
         "train_s": info.get("train_s"), "add_s": info.get("add_s"), "build_s": info["build_s"],
-        "recall_check_s": info["recall_s"], "search_s": info["search_s"], "qps": info["qps"], "retrieve_s": round(wall, 2),
+        "recall_check_s": info["recall_s"], "search_s": info["search_s"], "qps": info["qps"],
+        "retrieve_s": round(wall, 2),
         "recall_at_k": round(rec, 4), "recall_at_k_info": info["recall_at_k"], "recall_trials": info["recall_trials"],
         "exact_truth_s": round(truth_s, 2), "exact_qps": round(len(rows) / truth_s, 1),
         "peak_rss_gb": round(peak_during / 2 ** 30, 3), "rss_before_ray_gb": round(base_rss / 2 ** 30, 3),

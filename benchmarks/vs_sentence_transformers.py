@@ -56,7 +56,8 @@ ENV = {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELI
 class TreeSampler:
     """Peak of the summed RSS of a process and all its descendants, sampled every `interval` seconds. Pages shared
     between processes (Ray's object store in /dev/shm, shared libraries) count once per process that maps them, so
-    for Ray runs the figure is an upper bound. Also the CPU time (user + system) of the tree: the last value seen
+    for Ray runs the figure is an upper bound; the peak summed PSS (shared pages split among the processes that
+    map them, sampled every fifth time) is reported beside it. Also the CPU time (user + system) of the tree: the last value seen
     for each process, summed (what a process spends after the last sample, at most `interval`, is missed). On a
     shared machine CPU time says what a run costs better than wall time, which depends on what else runs."""
 
@@ -68,6 +69,8 @@ class TreeSampler:
         self.interval = interval
         self.peak_rss = 0
         self.peak_procs = 0
+        self.peak_pss = 0
+        self.samples = 0
         self.cpu: dict[tuple, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -77,16 +80,20 @@ class TreeSampler:
             procs = [self.root] + self.root.children(recursive=True)
         except self.psutil.Error:
             return
-        total = 0
+        total, pss, with_pss = 0, 0, self.samples % 5 == 0  # PSS (smaps) every 5th sample: it costs more
+        self.samples += 1
         for p in procs:
             try:
                 with p.oneshot():
                     total += p.memory_info().rss
                     t = p.cpu_times()
                     self.cpu[(p.pid, p.create_time())] = t.user + t.system
-            except self.psutil.Error:
+                if with_pss:
+                    pss += p.memory_full_info().pss
+            except (self.psutil.Error, AttributeError):
                 pass
         self.peak_rss = max(self.peak_rss, total)
+        self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
 
     def _run(self) -> None:
@@ -118,6 +125,7 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
         raise RuntimeError(f"{' '.join(map(str, argv))} exited with {rc}:\n{Path(log_file).read_text()[-4000:]}")
     out = json.loads(result_file.read_text())
     out.update(process_wall_s=round(wall, 2), peak_tree_rss_mb=round(sampler.peak_rss / 2**20, 1),
+               peak_tree_pss_mb=round(sampler.peak_pss / 2**20, 1),
                peak_tree_procs=sampler.peak_procs, tree_cpu_s=round(sum(sampler.cpu.values()), 2),
                loadavg_1min_after=round(os.getloadavg()[0], 2))
     return out
@@ -394,7 +402,8 @@ def summarise(reps: list[dict]) -> dict:
     ratio = lambda num, den: round(_median([r[num[0]][num[1]] / r[den[0]][den[1]] for r in reps]), 2)  # noqa
     hn_e2e = lambda r, tag: r[tag]["ray_start_s"] + r[tag]["mine_s"]  # noqa: E731
     out = {tag: {"wall_s": med(tag, "wall_s"), "process_wall_s": med(tag, "process_wall_s"),
-                 "tree_cpu_s": med(tag, "tree_cpu_s"), "peak_tree_rss_mb": med(tag, "peak_tree_rss_mb")}
+                 "tree_cpu_s": med(tag, "tree_cpu_s"), "peak_tree_rss_mb": med(tag, "peak_tree_rss_mb"),
+                 **({"peak_tree_pss_mb": med(tag, "peak_tree_pss_mb")} if "peak_tree_pss_mb" in reps[0][tag] else {})}
            for tag in reps[0]}
     for tag in ("hardneg", "hardneg-2"):
         out[tag]["mine_s"] = med(tag, "mine_s")
@@ -412,8 +421,8 @@ def summarise(reps: list[dict]) -> dict:
 
 def table(res: dict) -> str:
     s, ag = res["summary"], res["agreement"]
-    rows = ["| run | wall (s) | process wall (s) | tree CPU (s) | peak tree RSS (MB) | negatives | queries short |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| run | wall (s) | process wall (s) | tree CPU (s) | peak tree RSS (MB) | peak tree PSS (MB) | "
+            "negatives | queries short |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"st": "sentence-transformers, cold", "hardneg": "hardneg, cold",
              "hardneg-2": "hardneg, embedding cache warm", "st-2": "sentence-transformers, cache_folder warm"}
     for tag in ("st", "hardneg", "hardneg-2", "st-2"):
@@ -423,8 +432,9 @@ def table(res: dict) -> str:
             wall += f" ({r['ray_start_s']:.1f} Ray start + {r['mine_s']:.1f})"
         neg = ag["negatives_found"]["st" if tag.startswith("st") else "hardneg"]
         short = ag["queries_short"]["st" if tag.startswith("st") else "hardneg"]
+        pss = f"{r['peak_tree_pss_mb']:.0f}" if "peak_tree_pss_mb" in r else "n/a"
         rows.append(f"| {names[tag]} | {wall} | {r['process_wall_s']:.1f} | {r['tree_cpu_s']:.1f} | "
-                    f"{r['peak_tree_rss_mb']:.0f} | {neg} | {short} |")
+                    f"{r['peak_tree_rss_mb']:.0f} | {pss} | {neg} | {short} |")
     return "\n".join(rows)
 
 

@@ -7,9 +7,7 @@ cache as they stream back, so an interrupted run keeps what it embedded.
 """
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from .config import Config
 from .progress import Progress
 from .teachers import teacher_fingerprint
 from .teachers.base import max_pixels_of, resolve_model_path
+from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long on the driver before they are written to the cache
@@ -51,11 +50,7 @@ class EmbeddingCache:
         return found, _to_numpy(table.column("vector"))[pos.drop_null().to_numpy()]
 
     def write(self, table: pa.Table) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"part-{uuid.uuid4().hex}.parquet"
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        write_new_part(self.dir, table)
 
 
 def _to_numpy(column) -> np.ndarray:
@@ -101,7 +96,8 @@ def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray |
         if not path.is_file():
             return None
         tokenizer = _fast_tokenizer(str(path))
-        encoded = tokenizer.encode_batch([t or "" for t in texts.to_pylist()], add_special_tokens=False)
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no character offsets
+        encoded = encode([t or "" for t in texts.to_pylist()], add_special_tokens=False)
     except Exception:  # no tokenizers package, an unreadable file: characters will do
         return None
     return np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))

@@ -4,8 +4,9 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 
 * ``choose_index(n, dim, cfg)`` -> the plan (factory string + derived parameters + estimated bytes), from the
   pool size, the dimension and ``cfg.memory_budget_gb``: ``Flat`` below ``exact_below``, ``HNSW`` up to
-  ``hnsw_below`` (CPU only), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if a byte per
-  dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the FAISS factory string in ``cfg.kind``.
+  ``hnsw_below`` (CPU only; off by default), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
+  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the FAISS factory string in
+  ``cfg.kind``.
 * ``build_index(vectors, cfg)`` trains on a sample and adds in batches from an array, a memmap or a list of ``.npy``
   shards (``VectorSource``): peak memory is the index plus one batch.
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;

@@ -22,9 +22,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import re
-import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config, JudgeConfig, TeacherConfig
+from .write import write_new_part
 
 JUDGE_VERSION = 1
 VLM_DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # judge images: the teacher's bound, else this
@@ -273,11 +272,7 @@ class JudgeCache:
         return codes, scores[first]
 
     def write(self, table: pa.Table) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"part-{uuid.uuid4().hex}.parquet"
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        write_new_part(self.dir, table)
 
 
 class JudgeActor:

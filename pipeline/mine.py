@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
-from .filters import REASONS, CandidateBlock, FilterContext, count_drops, filter_candidates
+from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
 from .retrieve import retrieve

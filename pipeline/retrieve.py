@@ -8,15 +8,14 @@
   spread over the nodes), each adding its contiguous row range of the pool batch by batch (reading ``.npy`` shards or
   a memmap itself, or receiving batches from the driver for an in-memory array), and search the queries as a Ray Data
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
-* measure recall@k against exact (streaming brute-force) search on ``recall_sample`` queries before the full search;
+* measure recall@k against exact (streaming brute-force, in the shard actors over their own rows when the pool is on
+  disk) search on ``recall_sample`` queries before the full search;
   below ``recall_floor`` raise nprobe / efSearch (doubling) until it is met, or raise ``RecallFloorError``.
 
 Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
 """
 from __future__ import annotations
 
-import math
-import os
 import time
 from typing import Optional
 
@@ -24,9 +23,9 @@ import numpy as np
 import faiss
 
 from pipeline.index import (
-    BuiltIndex, IndexConfig, check_config, VectorSource, as_source, build_index, canonical_topk, choose_index, derive_ef_search,
-    exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune, search, set_search_params,
-    source_from_spec, add_source, tame_malloc, train_index, to_gpu, _cfg, _f32,
+    IndexConfig, VectorSource, _cfg, _f32, add_source, as_source, build_index, canonical_topk, check_config,
+    choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune,
+    search, set_search_params, source_from_spec, tame_malloc, to_gpu, train_index,
 )
 
 MAX_EF_SEARCH = 4096
@@ -79,6 +78,7 @@ class _LocalSearcher:
 
     def __init__(self, src: VectorSource, plan: dict, cfg, k: int):
         t = time.perf_counter()
+        self.src = src
         self.built = build_index(src, cfg, k_hint=k, plan=plan)
         self.build_s = time.perf_counter() - t
         self.num_shards = 1
@@ -93,6 +93,9 @@ class _LocalSearcher:
         return search(self.built, q, k)
 
     search_all = search
+
+    def exact(self, q: np.ndarray, k: int):
+        return exact_search(self.src, q, k)
 
     def index_info(self) -> dict:
         return dict(self.built.info)
@@ -140,6 +143,10 @@ def _shard_actor_cls():
                 self.index = to_gpu(self.index, gp["ngpu"], self.plan)
             return {"ntotal": int(self.index.ntotal), "bytes": nbytes, "params": used, "gpu": gp,
                     "node": ray.get_runtime_context().get_node_id()}
+
+        def exact(self, spec, q, k: int, batch_rows: int):
+            """Brute-force top-k of the queries over this shard's rows, read again from the pool files."""
+            return exact_search(source_from_spec(spec), q, int(k), batch_rows, lo=self.lo, hi=self.hi)
 
         def set_params(self, params: dict, k_hint: int):
             self.plan["params"].update({a: b for a, b in params.items() if b is not None})
@@ -276,6 +283,16 @@ class _RaySearcher:
         rf = int(self.plan["params"].get("refine_factor") or 1) if self.plan["lossy"] else 1
         return max(1, min(k * rf, self.src.n)) if rf > 1 else k
 
+    def exact(self, q: np.ndarray, k: int):
+        """Exact top-k for the recall check: each shard actor scans its own rows of the pool files (in parallel,
+        on the nodes that hold the shards); an in-memory pool is scanned in the driver."""
+        spec = self.src.spec()
+        if spec is None:
+            return exact_search(self.src, q, k)
+        qref = self.ray.put(np.ascontiguousarray(q))
+        batch = int(_cfg(self.cfg, "add_batch", 65_536))
+        return merge_topk(self.ray.get([sh.exact.remote(spec, qref, k, batch) for sh in self.shards]), k)
+
     def search(self, q: np.ndarray, k: int):
         """Direct fan-out (used for the recall sample)."""
         ray = self.ray
@@ -406,7 +423,7 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
         if m > 0:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = q[rows]
-            exact_D, exact_I = exact_search(src, qs, k)
+            exact_D, exact_I = searcher.exact(qs, k)
             while True:
                 ann_D, ann_I = searcher.search(qs, k)
                 recall = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +39,16 @@ def write_table(table: pa.Table, path: Path, compression: str) -> dict:
     pq.write_table(table, path, compression=None if compression == "none" else compression,
                    row_group_size=8192, write_statistics=True)
     return {"path": path.name, "rows": table.num_rows, "sha256": sha256_file(path)}
+
+
+def write_new_part(folder: Path, table: pa.Table) -> Path:
+    """Add a uniquely named Parquet part to a folder that several runs may append to (caches), atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"part-{uuid.uuid4().hex}.parquet"
+    tmp = final.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
 
 
 def sha256_file(path: Path) -> str:

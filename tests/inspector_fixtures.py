@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pipeline import write
 
 CLIPART = Path(__file__).resolve().parents[2] / "shared" / "data" / "clipart"
 if not CLIPART.is_dir():  # CI clones main into another folder with shared/ beside it; the work tree has /work/shared
@@ -25,19 +26,7 @@ NEGATIVES = 3
 TOP_K = 8
 DROP_REASONS = ["same_group", "rank_window", "margin_rel", "near_duplicate"]
 
-TRAIN_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("dataset", pa.string()), ("qry", pa.string()), ("qry_image_path", pa.string()),
-    ("pos_text", pa.string()), ("pos_image_path", pa.string()), ("group", pa.string()),
-    ("qry_item_id", pa.string()), ("pos_item_id", pa.string()), ("pos_score", pa.float32()),
-    ("neg_text", pa.list_(pa.string())), ("neg_image_path", pa.list_(pa.string())),
-    ("neg_item_ids", pa.list_(pa.string())), ("neg_scores", pa.list_(pa.float32())),
-    ("neg_ranks", pa.list_(pa.int32())), ("neg_rel_scores", pa.list_(pa.float32())),
-    ("num_negatives", pa.int32()), ("shortfall", pa.int32()),
-])
-CAND_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("cand_item_ids", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
-    ("cand_ranks", pa.list_(pa.int32())), ("cand_verdicts", pa.list_(pa.string())),
-])
+TRAIN_SCHEMA, CAND_SCHEMA = write.TRAIN_SCHEMA, write.CANDIDATE_SCHEMA
 
 
 def item_id(text: str, image: bytes = b"") -> str:
