@@ -4,7 +4,8 @@ Data: docstrings of installed scientific Python packages (summary line -> the re
 `benchmarks.textdata`; teacher and frozen base: the offline all-MiniLM-L6-v2. The training split is mined by
 `pipeline.mine`; see pipeline/train/reference.py for the student and the protocol, docs/training.md for the table.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.train_reference            # writes benchmarks/results/
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.train_reference    # or benchmarks/train_reference.py; writes
+                                                                       # benchmarks/results/train_reference.json
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/train_reference.py` works too
 
 import torch  # noqa: E402
 
 from benchmarks.textdata import describe, docstring_pairs, normalise  # noqa: E402
-from pipeline.train.reference import ReferenceConfig, format_table, run_reference  # noqa: E402
+from pipeline.train.reference import ARMS, Arm, ReferenceConfig, format_table, run_reference  # noqa: E402
 
 # numpydoc-style packages: a summary line, then a description of what the object does
 PACKAGES = ("scipy", "sklearn", "numpy", "pandas", "networkx")
@@ -47,15 +49,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(ReferenceConfig.seeds))
     parser.add_argument("--work", default="/tmp/hardneg-train-reference", help="mined run and embedding cache")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_reference.json"))
+    parser.add_argument("--alphas", type=float, nargs="*", default=[],
+                        help="extra '+ mined + EGA' arms with these alphas (an ablation in the same run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="mining config override KEY=VALUE (repeatable), e.g. --set filters.margin_rel=0.1")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the student's matrices are small: one thread is as fast, and kind to a shared machine
     pairs = mixed_pairs(args.pairs)
     rcfg = ReferenceConfig(steps=args.steps, seeds=tuple(args.seeds), mine_overrides=tuple(args.overrides))
-    results = run_reference(pairs, args.work, rcfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    arms = ARMS + tuple(Arm(f"+ mined hard negatives + EGA, alpha={a:g}", "mined", alpha=a) for a in args.alphas)
+    results = run_reference(pairs, args.work, rcfg, arms=arms, log=lambda m: print(m, file=sys.stderr, flush=True))
     results["data"] = {"source": "docstrings", **describe(pairs, PACKAGES)}
-    results["command"] = " ".join(["python -m benchmarks.train_reference", *(argv if argv is not None else sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    results["command"] = " ".join(["python -m benchmarks.train_reference", *given])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(format_table(results))

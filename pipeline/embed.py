@@ -436,32 +436,38 @@ class DatasetVectors:
         return self.vectors.shape[1]
 
 
-def embed_by_dataset(items: pa.Table, rows_by_dataset: dict, role: str, cfg: Config, label: str,
-                     allow_failed: bool = False) -> tuple[DatasetVectors, dict]:
-    """Vectors of `items` rows as `role` for each dataset's rows (`{dataset: item rows}`); one embedding pass.
-    Without `teacher.instructions` each item is embedded once whatever its datasets (today's cache key)."""
-    n = items.num_rows
+def _dataset_rows(rows_by_dataset: dict, cfg: Config) -> tuple[list, list[np.ndarray]]:
+    """(dataset order, unique item rows per dataset); without `teacher.instructions` one group (None) of all rows:
+    each item is embedded once whatever its datasets (today's cache key)."""
     if not cfg.teacher.instructions:
-        rows = np.unique(np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64)
-                                                                 for r in rows_by_dataset.values()]]))
-        vectors, stats = embed_items(items.take(pa.array(rows, pa.int64())), role, cfg, label, allow_failed)
-        at = np.full(n, -1, np.int64)
-        at[rows] = np.arange(len(rows))
-        return DatasetVectors(vectors, {None: at}, n), stats
+        return [None], [np.unique(np.concatenate([np.zeros(0, np.int64),
+                                                  *[np.asarray(r, np.int64) for r in rows_by_dataset.values()]]))]
     order = sorted(rows_by_dataset, key=str)
-    all_rows = [np.unique(np.asarray(rows_by_dataset[ds], np.int64)) for ds in order]
-    flat = np.concatenate([np.zeros(0, np.int64), *all_rows])
-    names = [str(ds) for ds, rows in zip(order, all_rows) for _ in range(len(rows))]
-    vectors, stats = embed_items(items.take(pa.array(flat, pa.int64())), role, cfg, label, allow_failed,
-                                 datasets=names)
-    at, start = {}, 0
+    return order, [np.unique(np.asarray(rows_by_dataset[ds], np.int64)) for ds in order]
+
+
+def _lookup(order: list, all_rows: list[np.ndarray], start: int, n: int) -> tuple[dict, int]:
+    """Per dataset, item row -> vector row (-1 where absent), for vectors laid out from `start` in `order`."""
+    at = {}
     for ds, rows in zip(order, all_rows):
         table = np.full(n, -1, np.int64)
         table[rows] = start + np.arange(len(rows))
         at[ds] = table
         start += len(rows)
     at.setdefault(None, at[order[0]] if order else np.full(n, -1, np.int64))
-    return DatasetVectors(vectors, at, n), stats
+    return at, start
+
+
+def embed_by_dataset(items: pa.Table, rows_by_dataset: dict, role: str, cfg: Config, label: str,
+                     allow_failed: bool = False) -> tuple[DatasetVectors, dict]:
+    """Vectors of `items` rows as `role` for each dataset's rows (`{dataset: item rows}`); one embedding pass."""
+    order, all_rows = _dataset_rows(rows_by_dataset, cfg)
+    flat = np.concatenate([np.zeros(0, np.int64), *all_rows])
+    names = [str(ds) for ds, rows in zip(order, all_rows) for _ in range(len(rows))] if cfg.teacher.instructions \
+        else None
+    vectors, stats = embed_items(items.take(pa.array(flat, pa.int64())), role, cfg, label, allow_failed,
+                                 datasets=names)
+    return DatasetVectors(vectors, _lookup(order, all_rows, 0, items.num_rows)[0], items.num_rows), stats
 
 
 def embed_roles_by_dataset(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Config,
@@ -471,15 +477,7 @@ def embed_roles_by_dataset(items: pa.Table, requests: list[tuple[str, dict, str]
     with equal prompts need is embedded once. Returns one (vectors, stats) per request, as `embed_by_dataset`
     would (stats counted as if the requests ran in order)."""
     n = items.num_rows
-    parts = []  # per request: (dataset order, unique rows per dataset)
-    for role, rows_by_dataset, _ in requests:
-        if not cfg.teacher.instructions:
-            rows = np.unique(np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64)
-                                                                     for r in rows_by_dataset.values()]]))
-            parts.append(([None], [rows]))
-        else:
-            order = sorted(rows_by_dataset, key=str)
-            parts.append((order, [np.unique(np.asarray(rows_by_dataset[ds], np.int64)) for ds in order]))
+    parts = [_dataset_rows(rows_by_dataset, cfg) for _, rows_by_dataset, _ in requests]
     flat = np.concatenate([np.zeros(0, np.int64), *[r for _, all_rows in parts for r in all_rows]])
     roles = [role for (role, _, _), (_, all_rows) in zip(requests, parts) for r in all_rows for _ in range(len(r))]
     names = ([str(ds) for order, all_rows in parts for ds, r in zip(order, all_rows) for _ in range(len(r))]
@@ -491,13 +489,7 @@ def embed_roles_by_dataset(items: pa.Table, requests: list[tuple[str, dict, str]
                                  datasets=names, roles=roles)
     out, start = [], 0
     for (role, _, _), (order, all_rows) in zip(requests, parts):
-        at = {}
-        for ds, rows in zip(order, all_rows):
-            table = np.full(n, -1, np.int64)
-            table[rows] = start + np.arange(len(rows))
-            at[ds] = table
-            start += len(rows)
-        at.setdefault(None, at[order[0]] if order else np.full(n, -1, np.int64))
+        at, start = _lookup(order, all_rows, start, n)
         role_stats = dict(stats["by_role"].get(role, {"items": 0, "cached": 0, "embedded": 0,
                                                       "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
         if "failed_item_ids" in stats:

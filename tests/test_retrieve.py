@@ -2,21 +2,11 @@
 import numpy as np
 import pytest
 
-import faiss
 from pipeline import index as ix
 from pipeline.config import IndexConfig
 from pipeline.retrieve import RecallFloorError, retrieve
 
-from test_index import brute, clustered
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Small problems on a shared 2-core machine: OpenMP spinning costs more than it gains."""
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(old)
+from test_index import brute, clustered, one_faiss_thread  # noqa: F401 (an autouse fixture: one FAISS thread)
 
 
 def test_in_process_flat_is_exact_and_reports_recall():

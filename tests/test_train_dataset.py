@@ -1,7 +1,6 @@
-"""Shard datasets: disjoint, complete splits across DDP ranks and loader workers; seeded shuffles; short rows counted."""
+"""Shard datasets: disjoint, complete splits over DDP ranks and loader workers; seeded shuffles; short rows counted."""
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -9,22 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.train.dataset import IterableShardDataset, ShardDataset, collate_rows
-
-# The training-row schema exactly as docs/output-schema.md documents it (written here independently of the miner).
-SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("dataset", pa.string()), ("qry", pa.string()), ("qry_image_path", pa.string()),
-    ("pos_text", pa.string()), ("pos_image_path", pa.string()), ("group", pa.string()),
-    ("qry_item_id", pa.string()), ("pos_item_id", pa.string()), ("pos_score", pa.float32()),
-    ("neg_text", pa.list_(pa.string())), ("neg_image_path", pa.list_(pa.string())),
-    ("neg_item_ids", pa.list_(pa.string())), ("neg_scores", pa.list_(pa.float32())),
-    ("neg_ranks", pa.list_(pa.int32())), ("neg_rel_scores", pa.list_(pa.float32())),
-    ("num_negatives", pa.int32()), ("shortfall", pa.int32()),
-])
-CAND_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("cand_item_ids", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
-    ("cand_ranks", pa.list_(pa.int32())), ("cand_verdicts", pa.list_(pa.string())),
-])
-
+from pipeline.write import CANDIDATE_SCHEMA as CAND_SCHEMA
+from pipeline.write import TRAIN_SCHEMA as SCHEMA
 
 def hid(name: str) -> str:
     """A 32-hex content id for a test item."""

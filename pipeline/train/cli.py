@@ -17,23 +17,29 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--k", type=int, default=7, help="negatives per query")
-    p.add_argument("--alpha", type=float, default=1.0, help="EGA amplification")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--top-k", type=int, default=50, help="candidates retrieved per training query when mining")
+    p.add_argument("--alpha", type=float, default=1.0, help="EGA amplification of the EGA arms")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="mining config override (repeatable), e.g. --set filters.margin_rel=0.1")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from pipeline.read import read_rows
-    from pipeline.train.reference import ReferenceConfig, format_table, run_reference
+
+    from pipeline.train.reference import ARMS, ReferenceConfig, format_table, run_reference
 
     pairs, _ = read_rows(args.pairs)
     for i, row in enumerate(pairs):
         row.setdefault("id", f"q{i}")
         row["dataset"] = row.get("dataset") or Path(args.pairs).stem
-    rcfg = ReferenceConfig(steps=args.steps, seeds=tuple(args.seeds), k=args.k, alpha=args.alpha,
-                           mine_overrides=tuple(args.overrides))
-    results = run_reference(pairs, args.work, rcfg)
+    rcfg = ReferenceConfig(steps=args.steps, seeds=tuple(args.seeds), k=args.k, batch_size=args.batch_size,
+                           top_k=args.top_k, mine_overrides=tuple(args.overrides))
+    arms = [replace(arm, alpha=args.alpha) if arm.alpha else arm for arm in ARMS]
+    results = run_reference(pairs, args.work, rcfg, arms=arms)
     out = Path(args.out or Path(args.work) / "results.json")
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(format_table(results))

@@ -31,8 +31,8 @@ from pipeline.train.sampler import HardBatchSampler
 @dataclass(frozen=True)
 class Arm:
     name: str
-    negatives: str = "none"      # "none" (in-batch only), "random" (k uniform pool items), "mined" (the shards')
-    ega: bool = False            # EGA (alpha = ReferenceConfig.alpha) instead of plain info-NCE
+    negatives: str = "none"      # "none" (in-batch only), "random" (k random training positives), "mined"
+    alpha: float = 0.0           # EGA amplification; 0 = plain info-NCE
     hard_batches: bool = False   # batches from HardBatchSampler instead of a random permutation
 
 
@@ -40,9 +40,9 @@ ARMS = (
     Arm("in-batch info-NCE"),
     Arm("+ random negatives", "random"),
     Arm("+ mined hard negatives", "mined"),
-    Arm("+ mined hard negatives + EGA", "mined", ega=True),
+    Arm("+ mined hard negatives + EGA", "mined", alpha=1.0),
     Arm("in-batch info-NCE, hard batches", hard_batches=True),
-    Arm("+ mined hard negatives + EGA, hard batches", "mined", ega=True, hard_batches=True),
+    Arm("+ mined hard negatives + EGA, hard batches", "mined", alpha=1.0, hard_batches=True),
 )
 
 
@@ -52,8 +52,7 @@ class ReferenceConfig:
     batch_size: int = 64
     k: int = 7                   # negatives per query (mined, or random for the random arm)
     tau: float = 0.05
-    alpha: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.1            # EGA hardness scale (alpha is per arm)
     lr: float = 1e-3
     seeds: tuple = (0, 1, 2)
     heldout_fraction: float = 0.2
@@ -88,7 +87,6 @@ class TrainSet:
     neg_mask: torch.Tensor
     pos_keys: torch.Tensor
     neg_keys: torch.Tensor
-    pool: torch.Tensor           # every training positive: where random negatives come from
     sampler: HardBatchSampler
     stats: dict = field(default_factory=dict)
 
@@ -151,7 +149,7 @@ def load_train_set(out: Path, cfg, rcfg: ReferenceConfig) -> TrainSet:
         neg_mask=torch.from_numpy(np.stack([r["neg_mask"] for r in rows])),
         pos_keys=torch.tensor([content_key(r["pos_item_id"]) for r in rows]),
         neg_keys=torch.tensor([[content_key(x) for x in r["neg_item_ids"]] for r in rows]),
-        pool=torch.from_numpy(cand[[at[p] for p in pos]]), sampler=sampler, stats=ds.stats.as_dict())
+        sampler=sampler, stats=ds.stats.as_dict())
 
 
 def batches(ts: TrainSet, arm: Arm, rng: np.random.Generator, steps: int, batch_size: int, seed: int):
@@ -174,7 +172,7 @@ def train_arm(ts: TrainSet, arm: Arm, seed: int, rcfg: ReferenceConfig) -> Heads
     rng = np.random.default_rng([seed, 1])
     heads = Heads(ts.q.shape[1])
     opt = torch.optim.Adam(heads.parameters(), lr=rcfg.lr)
-    loss_fn = EGALoss(tau=rcfg.tau, alpha=rcfg.alpha if arm.ega else 0.0, beta=rcfg.beta)
+    loss_fn = EGALoss(tau=rcfg.tau, alpha=arm.alpha, beta=rcfg.beta)
     for b in batches(ts, arm, rng, rcfg.steps, rcfg.batch_size, seed):
         b = torch.from_numpy(np.asarray(b))
         kw = {}
@@ -182,10 +180,10 @@ def train_arm(ts: TrainSet, arm: Arm, seed: int, rcfg: ReferenceConfig) -> Heads
             kw = dict(neg=heads.doc(ts.neg[b]), neg_mask=ts.neg_mask[b], pos_keys=ts.pos_keys[b],
                       neg_keys=ts.neg_keys[b])
         elif arm.negatives == "random":
-            # uniform over the pool, never the row's own positive (a random item is almost never a false negative)
-            idx = rng.integers(0, len(ts.pool) - 1, size=(len(b), rcfg.k))
+            # uniform over the training positives, never the row's own (pairs are unique by content)
+            idx = rng.integers(0, len(ts.pos) - 1, size=(len(b), rcfg.k))
             idx += idx >= b.numpy()[:, None]
-            kw = dict(neg=heads.doc(ts.pool[torch.from_numpy(idx)]))
+            kw = dict(neg=heads.doc(ts.pos[torch.from_numpy(idx)]))
         loss = loss_fn(heads.query(ts.q[b]), heads.doc(ts.pos[b]), **kw)
         opt.zero_grad()
         loss.backward()
