@@ -72,6 +72,7 @@ class TreeSampler:
         self.peak_pss = 0
         self.samples = 0
         self.cpu: dict[tuple, float] = {}
+        self.labels: dict[tuple, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,7 +88,10 @@ class TreeSampler:
                 with p.oneshot():
                     total += p.memory_info().rss
                     t = p.cpu_times()
-                    self.cpu[(p.pid, p.create_time())] = t.user + t.system
+                    key = (p.pid, p.create_time())
+                    self.cpu[key] = t.user + t.system
+                if key not in self.labels:
+                    self.labels[key] = _label(p)
                 if with_pss:
                     pss += p.memory_full_info().pss
             except (self.psutil.Error, AttributeError):
@@ -95,6 +99,14 @@ class TreeSampler:
         self.peak_rss = max(self.peak_rss, total)
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
+
+    def cpu_by_process(self, top: int = 12) -> dict:
+        """Tree CPU seconds per kind of process (Ray names its processes: raylet, ray::IDLE, ray::_StatsActor...)."""
+        out: dict[str, float] = {}
+        for key, cpu in self.cpu.items():
+            label = self.labels.get(key, "?")
+            out[label] = out.get(label, 0.0) + cpu
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:top]}
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -108,6 +120,17 @@ class TreeSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def _label(p) -> str:
+    try:
+        cmd = p.cmdline()
+    except Exception:
+        cmd = []
+    first = cmd[0] if cmd else p.name()
+    if first.endswith(("python", "python3", "python3.11")) and len(cmd) > 1:  # a script: name it, not python
+        first = next((c for c in cmd[1:] if not c.startswith("-")), first)
+    return Path(first.split()[0]).name[:60] if "::" not in first else first.split()[0][:60]
 
 
 def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict | None = None) -> dict:
@@ -127,6 +150,7 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
     out.update(process_wall_s=round(wall, 2), peak_tree_rss_mb=round(sampler.peak_rss / 2**20, 1),
                peak_tree_pss_mb=round(sampler.peak_pss / 2**20, 1),
                peak_tree_procs=sampler.peak_procs, tree_cpu_s=round(sum(sampler.cpu.values()), 2),
+               tree_cpu_by_process=sampler.cpu_by_process(),
                loadavg_1min_after=round(os.getloadavg()[0], 2))
     return out
 
