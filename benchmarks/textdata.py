@@ -23,9 +23,10 @@ import importlib.metadata
 import inspect
 import json
 import sys
-import unicodedata
 from pathlib import Path
 from typing import Iterator, Optional
+
+from pipeline.read import normalise_text
 
 # Large, stable, docstring-rich packages of the venv, in the order they are read (a fixed list, so a package that
 # another tool installs later does not change the data).
@@ -43,11 +44,6 @@ MIN_QUERY_CHARS = 12
 MIN_POSITIVE_CHARS = 40
 MAX_QUERY_CHARS = 300
 MAX_POSITIVE_CHARS = 2000  # MiniLM reads 256 tokens (about 1000-1500 characters); the rest never reaches the model
-
-
-def normalise(text: str) -> str:
-    """hardneg's content identity (pipeline.read.normalise_text): NFKC, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def site_packages() -> Path:
@@ -121,7 +117,7 @@ def docstring_pairs(n: int, root: Optional[Path] = None, packages: tuple[str, ..
     seen: set[str] = set()
     pairs = []
     for raw in iter_raw_pairs(root, packages):
-        q, p = normalise(raw["qry"]), normalise(raw["pos_text"])
+        q, p = normalise_text(raw["qry"]), normalise_text(raw["pos_text"])
         if not q or not p or q in seen or p in seen or q == p:
             continue
         seen.add(q)

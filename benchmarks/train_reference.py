@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import torch  # noqa: E402
 
-from benchmarks.textdata import describe, docstring_pairs, normalise  # noqa: E402
+from benchmarks.textdata import describe, docstring_pairs  # noqa: E402
+from pipeline.read import normalise_text as normalise  # noqa: E402
 from pipeline.train.reference import ARMS, Arm, ReferenceConfig, format_table, run_reference  # noqa: E402
 
 # numpydoc-style packages: a summary line, then a description of what the object does

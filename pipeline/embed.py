@@ -334,6 +334,9 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         ds = ds.map_batches(
             EmbedActor, batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],
+            # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for fractions): torch's kernels then run ~20%
+            # slower than with the threads the actor was given (benchmarks/overhead.py)
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(shape["threads"])}},
             fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
                                        max_pixels=cfg.input.max_image_pixels, native_images=native,
                                        threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,

@@ -4,8 +4,9 @@ import textwrap
 
 import pytest
 
-from benchmarks.textdata import describe, docstring_pairs, normalise, write_pairs
+from benchmarks.textdata import describe, docstring_pairs, write_pairs
 from benchmarks.vs_sentence_transformers import compare, hardneg_config
+from pipeline.read import normalise_text as normalise
 
 MODULE = '''
 """A module summary that is long enough.
