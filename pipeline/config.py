@@ -74,6 +74,10 @@ class TeacherConfig:
     batch_size: Union[int, Literal["auto"]] = 64
     """Items per model call, or `auto`: chosen from the model's size and the memory of a GPU (or of an actor's
     share of host memory)."""
+    batch_tokens: Optional[int] = None
+    """Also cap a batch at this many padded tokens (items x the longest item's tokens, clipped to the model's limit):
+    long texts then go in smaller batches. On CPU 4096 runs 256-token texts about 9% faster than 64 x 256
+    (docs/benchmarks.md); GPUs want larger batches. Default: batches of `batch_size` items."""
     device: str = "auto"
     """`auto` (cuda when present), `cpu`, `cuda`, `cuda:1`..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -320,6 +324,7 @@ class Config:
 _RANGES = {
     "teacher.batch_size": (1, None),
     "teacher.max_length": (1, None),
+    "teacher.batch_tokens": (1, None),
     "teacher.min_pixels": (1, None),
     "teacher.max_pixels": (1, None),
     "judge.batch_size": (1, None),

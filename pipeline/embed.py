@@ -7,6 +7,7 @@ cache as they stream back, so an interrupted run keeps what it embedded.
 """
 from __future__ import annotations
 
+import json
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -59,16 +60,35 @@ def _to_numpy(column) -> np.ndarray:
     return column.flatten().to_numpy().reshape(-1, dim)
 
 
-def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = None) -> pa.Table:
+def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = None,
+                 batch_tokens: int | None = None, max_tokens: int | None = None) -> pa.Table:
     """One row per model batch: lists of ids, texts and image paths, similar lengths together to save padding.
 
-    `lengths` (one per item) orders the items, e.g. token counts from `token_lengths`; default: characters."""
-    order = pa.array(_length_order(items, lengths), pa.int64())
+    `lengths` (one per item) orders the items, e.g. token counts from `token_lengths`; default: characters. With
+    `batch_tokens` a batch also stops before its padded size (items x its longest item, clipped at `max_tokens`)
+    passes that many tokens: long texts run faster in smaller batches on CPU (cache-sized activations)."""
+    order = _length_order(items, lengths)
     n = len(order)
-    offsets = pa.array(np.append(np.arange(0, n, batch_size), n).astype(np.int32))
+    if batch_tokens and lengths is not None and n:
+        sizes = np.asarray(lengths)[order] + 2  # the special tokens a text model adds
+        starts = _budget_starts(np.minimum(sizes, max_tokens) if max_tokens else sizes, batch_size, batch_tokens)
+    else:
+        starts = np.arange(0, n, batch_size)
+    offsets = pa.array(np.append(starts, n).astype(np.int32))
+    order = pa.array(order, pa.int64())
     return pa.table({name: pa.ListArray.from_arrays(offsets, items.column(col).take(order).combine_chunks())
                      for name, col in (("item_ids", "item_id"), ("texts", "embed_text"),
                                        ("image_paths", "image_path"))})
+
+
+def _budget_starts(sizes: np.ndarray, batch_size: int, budget: int) -> np.ndarray:
+    """Batch starts over ascending sizes: a batch ends at `batch_size` items or before items x size > budget."""
+    starts, start = [0], 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (i - start >= batch_size or (i - start + 1) * size > budget):
+            starts.append(i)
+            start = i
+    return np.asarray(starts)
 
 
 def _length_order(items: pa.Table, lengths: np.ndarray | None = None) -> np.ndarray:
@@ -101,6 +121,20 @@ def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray |
     except Exception:  # no tokenizers package, an unreadable file: characters will do
         return None
     return np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
+
+
+def model_token_limit(model: str) -> int | None:
+    """The most tokens the model reads (`max_seq_length` of a sentence-transformers folder, else the tokenizer's
+    `model_max_length`), or None when its folder does not say."""
+    try:
+        folder = Path(resolve_model_path(model))
+        for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+            value = json.loads((folder / name).read_text()).get(key) if (folder / name).is_file() else None
+            if isinstance(value, int) and 0 < value < 1_000_000:
+                return value
+    except Exception:  # a hub id or an unreadable folder: no clipping
+        return None
+    return None
 
 
 IMAGES_TYPE = pa.list_(pa.struct([("width", pa.int32()), ("height", pa.int32()), ("data", pa.large_binary())]))
@@ -312,9 +346,11 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     if missing_parts:
         shape = pool_shape(cfg)
         batch_size = resolve_batch_size(cfg.teacher, shape)
+        max_tokens = cfg.teacher.max_length or (model_token_limit(cfg.teacher.model) if cfg.teacher.batch_tokens else None)
         plans = []
         for fp, rep, missing, rep_role in missing_parts:
-            plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model))
+            plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model),
+                                cfg.teacher.batch_tokens, max_tokens)
             plan = plan.append_column("role", pa.array([rep_role] * plan.num_rows, pa.string()))
             plan = plan.append_column("dataset", pa.array([rep] * plan.num_rows, pa.string()))
             plans.append(plan.append_column("fingerprint", pa.array([fp] * plan.num_rows, pa.string())))
@@ -371,7 +407,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
             if parts:
                 caches[fp].write(pa.concat_tables(parts))
         stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
-                     blocks=blocks, batch_size=batch_size)
+                     blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=plan.num_rows)
     if roles is not None:
         stats["by_role"] = _role_stats(groups, by_dataset, role_of, counted, stats)
     vectors, found_all = None, np.zeros(items.num_rows, bool)
@@ -395,7 +431,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     return vectors, stats
 
 
-POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size")
+POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size", "batch_tokens", "batches")
 
 
 def _role_stats(groups: dict, by_role: dict, roles: np.ndarray, counted: dict, stats: dict) -> dict:

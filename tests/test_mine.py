@@ -147,6 +147,21 @@ def test_same_bytes_with_one_or_two_actors_and_any_block_count(ray_session, tmp_
     assert digests[0] == digests[1]
 
 
+def test_token_budget_changes_the_batches_not_the_negatives(mined, tmp_path):
+    result, _, raw, _ = mined
+    budget = mine(config_from_dict({**raw, "teacher": {**raw["teacher"], "batch_tokens": 300},
+                                    "embed": {**raw.get("embed", {}), "cache_dir": str(tmp_path / "cache")}}),
+                  tmp_path / "budget")
+    stats, plain = budget.stats["embed"]["candidates"], result.stats["embed"]["candidates"]
+    assert stats["embedded"] == plain["embedded"] + plain["cached"] and stats["batch_tokens"] == 300
+    assert stats["batches"] > -(-stats["embedded"] // stats["batch_size"])  # long captions went in smaller batches
+    a = pd.read_parquet(result.epoch_dir).set_index("query_id").sort_index()
+    b = pd.read_parquet(budget.epoch_dir).set_index("query_id").sort_index()
+    assert [list(x) for x in a["neg_item_ids"]] == [list(x) for x in b["neg_item_ids"]]
+    np.testing.assert_allclose(np.concatenate(a["neg_scores"].to_numpy()), np.concatenate(b["neg_scores"].to_numpy()),
+                               atol=1e-5)
+
+
 def test_too_few_negatives_go_to_rejects_when_asked(mined, tmp_path):
     _, pairs, raw, _ = mined
     strict = {**raw, "filters": {**raw["filters"], "max_rank": 3},

