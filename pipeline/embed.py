@@ -126,14 +126,13 @@ def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray |
 def model_token_limit(model: str) -> int | None:
     """The most tokens the model reads (`max_seq_length` of a sentence-transformers folder, else the tokenizer's
     `model_max_length`), or None when its folder does not say."""
-    try:
-        folder = Path(resolve_model_path(model))
-        for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
-            value = json.loads((folder / name).read_text()).get(key) if (folder / name).is_file() else None
-            if isinstance(value, int) and 0 < value < 1_000_000:
-                return value
-    except Exception:  # a hub id or an unreadable folder: no clipping
-        return None
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        try:
+            value = json.loads((Path(resolve_model_path(model)) / name).read_text()).get(key)
+        except Exception:  # a hub id, no such file, an unreadable one: ask the next file
+            continue
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            return value
     return None
 
 
@@ -346,7 +345,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     if missing_parts:
         shape = pool_shape(cfg)
         batch_size = resolve_batch_size(cfg.teacher, shape)
-        max_tokens = cfg.teacher.max_length or (model_token_limit(cfg.teacher.model) if cfg.teacher.batch_tokens else None)
+        max_tokens = cfg.teacher.batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
         plans = []
         for fp, rep, missing, rep_role in missing_parts:
             plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model),
