@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def inspect_cmd(args: argparse.Namespace) -> int:
     from pipeline.inspector.app import make_server
+    from pipeline.preflight import check_port
+
+    check_port(args.port)
 
     try:
         server = make_server(args.run, args.host, args.port, args.epoch, args.image_root, verbose=True)
@@ -66,9 +69,14 @@ def report_cmd(args: argparse.Namespace) -> int:
     from pipeline.inspector import report
     from pipeline.inspector.store import Run
 
+    from pipeline.preflight import check_writable_file
+
+    if args.dest:
+        check_writable_file(args.dest, "--out")  # before the report is built
     try:
         number = Run(args.run).epoch(args.epoch).number
         dest = args.dest or f"report-{Path(args.run).resolve().name}-epoch{number:04d}.html"
+        check_writable_file(dest, "--out")
         path = report.write(args.run, dest, number, args.sample, args.image_root)
     except (FileNotFoundError, KeyError) as e:
         print(f"hardneg report: no such run or epoch: {e}", file=sys.stderr)
