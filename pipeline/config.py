@@ -21,6 +21,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class InputConfig:
+    """JSONL files hold one JSON object per line in UTF-8 (a JSON array or a pretty-printed document is refused as
+    a whole: "expected JSON Lines"); values are read as written, so `"2021-05-01"` stays a string. Rows that cannot
+    be used go to `_rejects.jsonl` with their file, row (the line number in a JSONL file, the 0-based row in a
+    Parquet file), field and reason: text that is not UTF-8 (`bad_encoding`), a repeated row (`duplicate_row`: the
+    same `id` with the same content, or, without an `id`, the same query, positive and dataset as an earlier row)
+    and the others in docs/output-schema.md. A missing, empty or folder input stops the run before Ray starts."""
+
     pairs: list[str] = field(default_factory=list)
     """Files of (query, positive) pairs in the MMEB / VLM2Vec layout, Parquet or JSONL (relative to the config)."""
     image_root: str = "."

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -64,18 +63,9 @@ class MineResult:
 
 def ensure_ray(cfg: Config) -> None:
     """Join `run.ray_address` / RAY_ADDRESS, or start a local Ray; reuse a session that is already up."""
-    import ray
+    from .ray_session import start_ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # No address: a fresh local Ray, never whichever cluster happens to run on this machine (RAY_ADDRESS=auto joins it)
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    start_ray(cfg.run.ray_address)
 
 
 # Teacher settings that change neither which vectors come out nor their meaning: a run folder is not bound to them.
