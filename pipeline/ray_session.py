@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -115,7 +114,8 @@ def _spend_restart_warning() -> None:
 # ------------------------------------------------------------------------------------------- local session cleanup
 
 def _ray_temp_root() -> Path:
-    return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+    """Where Ray puts its session folders (Ray's own rule: RAY_TMPDIR, else TMPDIR, else /tmp)."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
 
 
 def _record(session_dir: Path) -> None:

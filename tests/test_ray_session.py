@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import yaml
 
 from corpus import text_pairs, write_jsonl
@@ -56,7 +55,7 @@ def env(**extra) -> dict:
 
 def session_dirs_of(pid: int) -> list[Path]:
     """A local Ray's session folder is named after the driver that started it: session_<date>_<time>_<pid>."""
-    root = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"
+    root = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
     return [p for p in root.glob(f"session_*_{pid}") if p.is_dir()]
 
 
