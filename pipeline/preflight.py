@@ -175,3 +175,8 @@ def check_mine(cfg, out: str, checkpoint: Optional[str]) -> None:
         check_model(cfg.teacher.model, "teacher.model", cfg.teacher.kind)
     if checkpoint is not None:
         check_model(str(checkpoint), "--teacher-checkpoint", cfg.teacher.kind)
+    judge = cfg.judge
+    if judge.kind in ("cross-encoder", "bi-encoder", "vlm") and judge.model:
+        check_model(judge.model, "judge.model", "sentence-transformers" if judge.kind != "vlm" else None)
+    if judge.kind == "bi-encoder" and judge.teacher is not None and judge.teacher.kind != "custom":
+        check_model(judge.teacher.model, "judge.teacher.model", judge.teacher.kind)

@@ -87,6 +87,11 @@ def case_custom_teacher_module_missing(tmp):
     return ["mine", "--config", str(cfg), "--out", str(tmp / "o")], "no_such_module"
 
 
+def case_judge_model_missing(tmp):
+    cfg = config(tmp, judge={"kind": "cross-encoder", "model": str(tmp / "no-judge")})
+    return ["mine", "--config", str(cfg), "--out", str(tmp / "o")], "judge.model: " + str(tmp / "no-judge")
+
+
 def case_port_out_of_range(tmp):
     return ["inspect", str(tmp), "--port", "99999"], "--port 99999"
 
@@ -97,7 +102,8 @@ def case_report_out_unwritable(tmp):
 
 CASES = [case_missing_input, case_input_is_a_folder, case_empty_jsonl, case_out_is_a_file, case_config_is_a_folder,
          case_config_is_binary, case_model_folder_missing, case_hub_id_not_cached_offline, case_checkpoint_missing,
-         case_pkg_module_missing, case_custom_teacher_module_missing, case_port_out_of_range,
+         case_pkg_module_missing, case_custom_teacher_module_missing, case_judge_model_missing,
+         case_port_out_of_range,
          case_report_out_unwritable]
 
 
