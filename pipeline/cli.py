@@ -30,10 +30,7 @@ def cmd_mine(args) -> int:
         result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite, resume=args.resume,
                       checkpoint=args.teacher_checkpoint, mix_teacher=args.mix_teacher)
     except (RunMismatch, ValueError) as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"hardneg: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, args.debug)
     if result.skipped:
         print(f"{result.epoch_dir} is already complete for this config (use --overwrite to write it again)")
     else:
@@ -76,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors() as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"hardneg: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, args.debug)
+
+
+def fail(exc: BaseException, debug: bool) -> int:
+    """One line on stderr (a YAML parser's message spans several), the traceback only with --debug; exit code 2."""
+    if debug:
+        traceback.print_exc()
+    print("hardneg: error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ def case_config_is_binary(tmp):
     return ["mine", "--config", str(tmp / "model.yaml"), "--out", str(tmp / "o")], "is not a YAML text file"
 
 
+def case_config_is_not_yaml(tmp):
+    (tmp / "broken.yaml").write_text("input:\n  pairs: [a.jsonl\n teacher: {\n")
+    return ["mine", "--config", str(tmp / "broken.yaml"), "--out", str(tmp / "o")], "broken.yaml: not valid YAML"
+
+
 def case_model_folder_missing(tmp):
     cfg = config(tmp, teacher={"kind": "hf-clip", "model": str(tmp / "no-such-model")})
     return ["mine", "--config", str(cfg), "--out", str(tmp / "o")], "teacher.model: " + str(tmp / "no-such-model")
@@ -101,10 +106,9 @@ def case_report_out_unwritable(tmp):
 
 
 CASES = [case_missing_input, case_input_is_a_folder, case_empty_jsonl, case_out_is_a_file, case_config_is_a_folder,
-         case_config_is_binary, case_model_folder_missing, case_hub_id_not_cached_offline, case_checkpoint_missing,
-         case_pkg_module_missing, case_custom_teacher_module_missing, case_judge_model_missing,
-         case_port_out_of_range,
-         case_report_out_unwritable]
+         case_config_is_binary, case_config_is_not_yaml, case_model_folder_missing, case_hub_id_not_cached_offline,
+         case_checkpoint_missing, case_pkg_module_missing, case_custom_teacher_module_missing,
+         case_judge_model_missing, case_port_out_of_range, case_report_out_unwritable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
