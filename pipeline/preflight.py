@@ -21,17 +21,17 @@ def check_config_file(path: str) -> None:
     if p.is_dir():
         raise UserError(f"--config {path} is a folder; give the YAML config file")
     try:
-        head = p.read_bytes()[:1 << 16]
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
     except OSError as exc:
         raise UserError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    binary = b"\0" in head
     try:
-        if b"\0" in head:
-            raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.end < len(head) or len(head) < 1 << 16:  # not a character cut in two by the 64 KiB window
-            raise UserError(f"--config {path} is not a YAML text file (binary data at byte {exc.start}); "
-                            "give the YAML config") from None
+        binary = binary or exc.reason != "unexpected end of data"  # not a character cut by the 64 KiB window
+    if binary:
+        raise UserError(f"--config {path} is not a YAML text file (it holds binary data); give the YAML config")
 
 
 def check_data_file(path: str, key: str) -> None:
