@@ -165,6 +165,7 @@ class ShardDataset(Dataset):
         self.index = _EpochIndex(out, epoch, k, on_short, seed, rank, world_size, even)
         self.stats = self.index.stats
         self.table = self.index.read(0, self.stats.rows_this_rank)
+        self.blocklist = blocklist.Blocklist()  # what `suspects()` read: entries, and malformed lines skipped
 
     def __len__(self) -> int:
         return self.table.num_rows
