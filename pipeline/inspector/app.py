@@ -131,9 +131,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _html(self, html: str, status: int = 200, headers: dict[str, str] | None = None) -> None:
-        self._send(status, html.encode("utf-8"), "text/html; charset=utf-8",
-                   {"Cache-Control": "no-store", **(headers or {})})
+    def _html(self, html: str, status: int = 200) -> None:
+        self._send(status, html.encode("utf-8"), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
 
     def _redirect(self, location: str) -> None:
         self._send(303, b"", "text/plain", {"Location": location, "Cache-Control": "no-store"})
