@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import blocklist
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
@@ -281,32 +282,6 @@ def load_run(run_dir: Path) -> RunState:
                     np.load(run_dir / "item_groups.npy"), meta["n_groups"], rejects, meta["info"])
 
 
-def load_blocklist(paths: list[Path], queries: pa.Table, items: pa.Table) -> np.ndarray:
-    """Sorted codes query_row * n_items + item_row of the known false negatives in the blocklist files."""
-    pairs = []
-    for path in paths:
-        if not path.exists():
-            continue
-        with open(path) as f:
-            for n, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    pairs.append((str(row["query_id"]), str(row["item_id"])))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path} line {n + 1}: a blocklist line must be a JSON object with query_id "
-                                     f"and item_id ({exc})") from None
-    if not pairs:
-        return np.zeros(0, np.int64)
-    qpos = pc.index_in(pa.array([p[0] for p in pairs]), value_set=queries.column("query_id")).to_numpy(
-        zero_copy_only=False)
-    ipos = pc.index_in(pa.array([p[1] for p in pairs]), value_set=items.column("item_id")).to_numpy(
-        zero_copy_only=False)
-    ok = ~(np.isnan(qpos.astype(float)) | np.isnan(ipos.astype(float)))
-    return np.unique(qpos[ok].astype(np.int64) * items.num_rows + ipos[ok].astype(np.int64))
-
-
 def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dict, extra: dict,
                 started: float) -> dict:
     """Filter, sample and write one epoch from the kept retrieval results; the manifest goes in last."""
@@ -314,7 +289,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     nq = q.num_rows
     modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
     blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
-    ctx = FilterContext(state.item_groups, state.n_groups, modality, load_blocklist(blocklists, q, items),
+    blocked = blocklist.read(*blocklists)
+    ctx = FilterContext(state.item_groups, state.n_groups, modality, blocked.codes(q, items),
                         items.num_rows, cfg.retrieve.top_k)
     keys = query_keys(q.column("query_id").to_pylist())
     folder = EpochFolder(out, epoch)
@@ -360,6 +336,7 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     if judge_info is not None:
         summary["judge"] = judge_info
     summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
+    summary["blocklist"] = blocked.summary()
     summary.update(extra)
     write_json(folder.tmp / "_stats.json", summary)
     write_json(folder.tmp / "_manifest.json", {
