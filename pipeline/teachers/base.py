@@ -267,6 +267,9 @@ def teacher_class(cfg: TeacherConfig) -> type[Teacher]:
     if cfg.kind == "hf-vlm":
         from .hf_vlm import HFVLMTeacher
         return HFVLMTeacher
+    if cfg.kind == "qqmm":
+        from .qqmm import QQMMTeacher
+        return QQMMTeacher
     module_name, _, class_name = (cfg.cls or "").partition(":")
     if not module_name or not class_name:
         raise ValueError(f"teacher.cls: {cfg.cls!r} must look like 'package.module:ClassName'")

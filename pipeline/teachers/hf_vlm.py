@@ -81,13 +81,11 @@ def load_processor(path: str, trust_remote_code: bool = False):
         if base is None:
             raise
 
-        class WithoutVideo(base):
-            @classmethod
-            def get_attributes(cls):
-                return [a for a in super().get_attributes() if a != "video_processor"]
-
-        WithoutVideo.__name__ = WithoutVideo.__qualname__ = f"{base.__name__}WithoutVideo"
-        return WithoutVideo.from_pretrained(path)
+        keep = lambda names: [a for a in names if a != "video_processor"]  # noqa: E731
+        namespace = {"attributes": keep(getattr(base, "attributes", []))}  # transformers 4: a class attribute
+        if hasattr(base, "get_attributes"):  # transformers 5: a class method
+            namespace["get_attributes"] = classmethod(lambda cls: keep(base.get_attributes()))
+        return type(f"{base.__name__}WithoutVideo", (base,), namespace).from_pretrained(path)
 
 
 def load_model(path: str, model_class: str, dtype, trust_remote_code: bool, attn_implementation: Optional[str]):
