@@ -40,6 +40,15 @@ def _byte_tokenizer(specials: list[str]):
     return tok
 
 
+def _mrope(section: list[int], theta: float) -> dict:
+    """M-RoPE settings as the installed transformers spells them (`rope_parameters` from 5.0, `rope_scaling` before)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": theta}}
+    return {"rope_scaling": {"type": "mrope", "mrope_section": section}, "rope_theta": theta}
+
+
 def _save_processor(folder: Path, processor_cls, image_processor, tokenizer, chat_template: str, extra: dict):
     """Save the processor whole where transformers can build it, else its parts and a processor_config.json."""
     try:
@@ -73,7 +82,7 @@ def save_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+                         **_mrope([2, 3, 3], 1e4),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
@@ -181,5 +190,5 @@ def save_tiny_qqmm(folder: Path, seed: int = 0) -> Path:
         "vision_abstractor.projection.2.weight": rnd(hidden, hidden, std=0.3),
         "vision_abstractor.projection.2.bias": rnd(hidden),
     })
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
