@@ -22,6 +22,8 @@ fi
 "$VENV/bin/python" -c "import transformers, huggingface_hub, tokenizers; print('transformers', transformers.__version__, '| huggingface_hub', huggingface_hub.__version__, '| tokenizers', tokenizers.__version__)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 if [ $# -eq 0 ]; then
-  set -- tests/test_teachers_fidelity.py tests/test_teachers_vlm.py tests/test_teachers.py
+  # sentence-transformers' current releases need transformers 5: its teacher is left to the main environment
+  set -- tests/test_teachers_fidelity.py tests/test_teachers_qqmm.py tests/test_teachers_vlm.py tests/test_teachers.py \
+    -k "not sentence_transformer"
 fi
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
