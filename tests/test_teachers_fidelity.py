@@ -166,3 +166,49 @@ def test_squash_without_a_size_is_a_config_error():
     with pytest.raises(ConfigError, match="image_size"):
         config_from_dict({"input": {"pairs": ["x.jsonl"]},
                           "teacher": {"kind": "hf-vlm", "model": "m", "image_resize": "squash"}})
+
+
+# LLaVA-OneVision (anyres_max_9), tiny checkpoint: 32-pixel tiles of 8-pixel patches (4 x 4 features a tile), tile
+# grids (height, width) 32x32, 32x64, 64x32, 64x64. The image-token count follows LLaVA-OneVision's rule: the grid
+# whose downscaled image keeps the most pixels (then wastes the fewest), its features cropped to the image's aspect
+# ratio, one newline feature per row, plus the 16 features of the whole image squashed to one tile:
+LLAVA_CASES = [((900, 700), (2, 2), 16 + 6 * (8 + 1)),   # 64x64 grid: 8x8 features, 6 rows kept for 900:700
+               ((40, 120), (2, 1), 16 + 8 * (2 + 1)),    # 64x32 grid (2 tiles high): 8x4 features, 2 columns kept
+               ((32, 32), (1, 1), 16 + 4 * (4 + 1))]     # one tile
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from tiny_vlms import save_tiny_llava_onevision
+
+    return save_tiny_llava_onevision(tmp_path_factory.mktemp("llava") / "m")
+
+
+@pytest.mark.parametrize("size,tiles,n_image", LLAVA_CASES)
+def test_llava_onevision_image_tokens_pixels_and_vector(llava, photo, size, tiles, n_image):
+    import torch
+    from transformers import AutoModel
+
+    teacher = load_teacher(TeacherConfig(kind="hf-vlm", model=str(llava), dtype="float32", device="cpu"))
+    image = photo.resize(size)
+    text = "<|image_1|>\nRepresent the given image for classification"
+    prompt = teacher.format(text, True, "query")
+    assert prompt == "<image>\nRepresent the given image for classification"
+    tok = teacher.runner.tokenizer
+    ids = tok("<image>" * n_image + "\nRepresent the given image for classification")["input_ids"]
+    batch = teacher.model_inputs([prompt], [teacher.prepare_image(image)])
+    assert batch["input_ids"][0].tolist() == ids
+    assert "position_ids" not in batch  # 1-D RoPE: the model's own 0..n-1
+    assert batch["image_sizes"].tolist() == [[size[1], size[0]]]
+    assert batch["pixel_values"].shape == (1, 1 + tiles[0] * tiles[1], 3, 32, 32)
+    # the first tile is the whole image squashed to 32 x 32, normalised with the checkpoint's CLIP mean / std
+    base = (np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 255 - MEAN) / STD
+    assert np.abs(batch["pixel_values"][0, 0].numpy() - base.transpose(2, 0, 1)).max() < 1e-4
+    model = AutoModel.from_pretrained(llava, dtype=torch.float32).eval()
+    ids_t = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), position_ids=torch.arange(len(ids))[None],
+                    pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
+    ref = out.last_hidden_state[0, -1].numpy()
+    got = teacher.embed([text], [image], "query")[0]
+    assert float(got @ (ref / np.linalg.norm(ref))) >= COS
