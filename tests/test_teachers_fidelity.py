@@ -212,3 +212,20 @@ def test_llava_onevision_image_tokens_pixels_and_vector(llava, photo, size, tile
     ref = out.last_hidden_state[0, -1].numpy()
     got = teacher.embed([text], [image], "query")[0]
     assert float(got @ (ref / np.linalg.norm(ref))) >= COS
+
+
+def test_decode_stage_leaves_resizing_to_the_teacher_in_smart_and_squash_modes(tmp_path, photo):
+    """One resize by the family's rule, not the decode stage's bound first (two resamplings change the pixels)."""
+    import pyarrow as pa
+
+    from pipeline.embed import decode_images, to_pil
+    from pipeline.teachers.base import decode_bounds
+
+    photo.save(tmp_path / "p.png")
+    base = dict(kind="hf-vlm", model="m", min_pixels=3136, max_pixels=56 * 56 * 4)
+    for mode, extra, size in (("bound", {}, (126, 98)), ("smart", {}, (900, 700)),
+                              ("squash", {"image_size": [672, 672]}, (900, 700))):
+        bounds = decode_bounds(TeacherConfig(**base, image_resize=mode, **extra))
+        table = decode_images(pa.table({"paths": [["p.png"]]}), {"paths": "images"}, str(tmp_path),
+                              10 ** 8, min_pixels=bounds[0], max_pixels=bounds[1])
+        assert to_pil(table.column("images").to_pylist()[0])[0].size == size, mode
