@@ -11,6 +11,12 @@ image item without a placeholder gets the image first. The vector is the hidden 
 real tokens (`pooling: mean`), L2-normalised. Text-only and image items of a batch run as separate forward passes,
 so processors that want one image per text are never handed a mixed batch.
 
+Family-specific encoding is declared in the config, never implied by the transformers version: `prompt_format:
+replace` swaps the placeholder for the image token and leaves the text byte for byte (VLM2Vec); `position_ids:
+sequential` numbers real tokens 0..n-1 in every M-RoPE section (VLM2Vec's training; transformers >= 5.3 would give
+Qwen2-VL image tokens 3-D positions); `image_resize: smart / squash` sizes images by Qwen2-VL's rule (or to a fixed
+size first) with one PIL bicubic resample, and the processor then only cuts patches.
+
 `transformers` needs torchvision for the *video* processors of Qwen2-VL and LLaVA-OneVision; where torchvision is
 missing the processor is loaded without its video part (images and text work as usual).
 """
