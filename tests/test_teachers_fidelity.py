@@ -139,6 +139,8 @@ def test_a_batch_of_mixed_items_matches_the_reference_item_by_item(qwen, photo):
 def test_squash_resolution_and_what_each_option_changes(qwen, photo):
     """VLM2Vec's "mid" / "high" squash (then the processor bound); each option is in the cache key and changes the
     encoding where VLM2Vec's and the model's own defaults differ."""
+    strip = vlm2vec_teacher(qwen).prepare_image(photo.resize((8000, 35)))  # > 200:1 -> a square, then bounded
+    assert strip.size == (980, 980)
     mid = vlm2vec_teacher(qwen, image_resize="squash", image_size=[672, 672])
     assert mid.prepare_image(photo).size == (672, 672)
     high = vlm2vec_teacher(qwen, image_resize="squash", image_size=[1344, 1344])

@@ -128,7 +128,10 @@ def default_image_text(processor, tokenizer) -> str:
 
 def smart_size(width: int, height: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) by Qwen2-VL's rule: each side rounded to a multiple of `factor`, then scaled (aspect ratio
-    kept) until the pixel count lies in [min_pixels, max_pixels]."""
+    kept) until the pixel count lies in [min_pixels, max_pixels]. A strip longer than 200 times its width becomes a
+    square first (VLM2Vec's processor; transformers' raises)."""
+    if max(width, height) / min(width, height) > 200:
+        width = height = max(factor, width, height)
     w = max(factor, round(width / factor) * factor)
     h = max(factor, round(height / factor) * factor)
     if w * h > max_pixels:
