@@ -23,7 +23,8 @@ fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 if [ $# -eq 0 ]; then
   # sentence-transformers' current releases need transformers 5: its teacher is left to the main environment
-  set -- tests/test_teachers_fidelity.py tests/test_teachers_qqmm.py tests/test_teachers_vlm.py tests/test_teachers.py \
+  set -- tests/test_teachers_fidelity.py tests/test_teachers_qqmm.py tests/test_teachers_dual_fidelity.py \
+    tests/test_teachers_vlm.py tests/test_teachers.py \
     -k "not sentence_transformer"
 fi
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
