@@ -56,7 +56,7 @@ class HFClipTeacher(Teacher):
 
         batch = self.processor(text=texts, padding=self.padding, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
-        if self.siglip:  # trained attending to its padding: transformers 5's tokenizers return a mask that hides it
+        if self.siglip:  # trained attending to its padding: the tokenizers return a mask that would hide it
             batch.pop("attention_mask", None)
         with torch.inference_mode():
             return _features(self.model.get_text_features(**batch)).float().cpu().numpy()
