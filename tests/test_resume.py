@@ -96,8 +96,7 @@ def test_driver_killed_while_writing_the_epoch(setup):
     tmp, config, address, reference = setup
     cfg, out = config("b", "cache-ref"), tmp / "b"  # warm cache: straight to retrieval and writing
     proc = start(cfg, out, address)
-    partial = out / ".epoch=0000.partial"
-    wait_for(lambda: partial.exists() and len(list(partial.glob("part-*.parquet"))) >= 5)
+    wait_for(lambda: len(list(out.glob(".epoch=0000.partial-*/part-*.parquet"))) >= 5)  # this writer's partial
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "epoch=0000").exists()  # a reader never sees the half-written epoch
@@ -109,13 +108,33 @@ def test_driver_killed_while_writing_the_epoch(setup):
     check_same(out, reference)
 
 
+def embed_calls(**filters):
+    """Ray's record of embedding calls (task attempts) matching `filters`, e.g. worker_pid=..., state="RUNNING"."""
+    from ray.util.state import list_tasks
+
+    return [t for t in list_tasks(filters=[(k, "=", v) for k, v in filters.items()], detail=True, limit=10_000,
+                                  raise_on_missing_output=False)
+            if t.type == "ACTOR_TASK"]
+
+
 def test_embedding_actor_killed_mid_run(setup):
+    """SIGKILL the embedding actor while one of its calls runs: Ray records that call as failed with the actor and
+    runs it again on the restarted actor, and the run still writes the undisturbed run's bytes."""
     tmp, config, address, reference = setup
     cfg, out = config("c", "cache-c"), tmp / "c"
     proc = start(cfg, out, address)
-    wait_for(lambda: embed_workers())
-    time.sleep(2)
+    wait_for(lambda: any(embed_calls(worker_pid=w.pid, state="RUNNING") for w in embed_workers()))
+    killed = []
     for worker in embed_workers():
         worker.kill()
+        worker.wait(timeout=30)  # returns once the process is gone: the kill took effect
+        killed.append(worker.pid)
+    assert killed and not list((out / "_run").glob("*/state.json"))  # embedding had not finished
     finish(proc)
     check_same(out, reference)
+    interrupted = [t for pid in killed for t in embed_calls(worker_pid=pid) if t.state == "FAILED"]
+    assert interrupted, "no embedding call was running on the killed actor"
+    assert {t.error_type for t in interrupted} <= {"ACTOR_DIED", "WORKER_DIED"}
+    for call in interrupted:  # each interrupted call ran again, to the end, in another process
+        retries = [t for t in embed_calls(task_id=call.task_id) if t.attempt_number > call.attempt_number]
+        assert any(t.state == "FINISHED" and t.worker_pid not in killed for t in retries), call

@@ -94,8 +94,6 @@ def test_overwrite_deletes_only_what_hardneg_wrote(ray_session, shared_cache, pa
     changed = config(pairs, shared_cache, retrieve={"top_k": 12})
     with pytest.raises(RunMismatch) as refused:
         mine(changed, out, epoch=0)
-    message = str(refused.value)
-    assert "changed: top_k" in message and "new --out" in message and "blocklist.jsonl and other files stay" in message
     assert (out / "epoch=0001").is_dir()  # refused: nothing deleted
     result = mine(changed, out, epoch=0, overwrite=True)
     for name, data in user_files.items():
@@ -105,6 +103,9 @@ def test_overwrite_deletes_only_what_hardneg_wrote(ray_session, shared_cache, pa
     assert json.loads((out / "_run" / "run.json").read_text())["identity"]["top_k"] == 12
     assert sorted(p.name for p in out.iterdir()) == ["_run", "blocklist.jsonl", "epoch=0000", "notes.md", "sub"]
     verify_epoch(result.epoch_dir)
+    # the refusal said what changed, and what --overwrite deletes and keeps
+    message = str(refused.value)
+    assert "changed: top_k" in message and "new --out" in message and "blocklist.jsonl and other files stay" in message
 
 
 # ---- item 5: a run that fails before retrieval is saved does not bind the folder ------------------------------
