@@ -213,7 +213,7 @@ class RunFolder:
 
     def mismatch_message(self, saved: dict, identity: dict) -> str:
         changed = _changed_keys(saved, identity)
-        return (f"{self.out} holds a run of another input, teacher or index config (changed: {', '.join(changed)}). "
+        return (f"{self.out} holds a run of a different input, teacher or index config (changed: {', '.join(changed)}). "
                 "Mine into a new --out folder to keep both, or pass --overwrite to replace this run: it deletes "
                 "this folder's epochs and kept retrieval (only what hardneg wrote; blocklist.jsonl and other "
                 "files stay)")
