@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import traceback
 
@@ -28,7 +29,8 @@ def cmd_mine(args) -> int:
 
     try:
         result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite, resume=args.resume,
-                      checkpoint=args.teacher_checkpoint, mix_teacher=args.mix_teacher)
+                      checkpoint=args.teacher_checkpoint, mix_teacher=args.mix_teacher,
+                      wait_lock=args.wait_lock)
     except (RunMismatch, ValueError) as exc:
         return fail(exc, args.debug)
     if result.skipped:
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set sample.n_negatives=8 (repeatable)")
     p.add_argument("--epoch", type=int, default=0, help="epoch to write; reuses the kept retrieval (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing epoch or a run of another config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing epoch, or a run of another config (deletes only what hardneg wrote)")
+    p.add_argument("--wait-lock", type=float, nargs="?", const=math.inf, default=0.0, metavar="SECONDS",
+                   help="when another hardneg run is writing OUT, wait for it (at most SECONDS if given) instead of "
+                        "stopping at once")
     p.add_argument("--resume", action="store_true",
                    help="continue the run already in OUT (refuses to start a new one); finished work is kept")
     p.add_argument("--teacher-checkpoint", metavar="PATH",

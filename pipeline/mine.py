@@ -2,6 +2,7 @@
 
 Retrieval results are kept, so another epoch only re-filters and re-samples: seconds, no model and no index.
 A run folder belongs to one retrieval config; asking it for another config is refused unless `overwrite` is given.
+The folder itself (ownership, the writer lock, binding, atomic epochs) is pipeline/run.py's.
 """
 from __future__ import annotations
 
@@ -28,14 +29,11 @@ from .retrieve import retrieve
 from .sample import query_keys, sample_negatives
 from .stats import EpochStats
 from .teachers import teacher_fingerprint
-from .write import (CANDIDATE_SCHEMA, TRAIN_SCHEMA, EpochFolder, epoch_dir, write_json, write_jsonl, write_table)
+from .run import EpochFolder, RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
+from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
 
 RUN_VERSION = 1
 SIM_CHUNK = 2048
-
-
-class RunMismatch(RuntimeError):
-    """OUT already holds a run of another config."""
 
 
 @dataclass
@@ -109,14 +107,22 @@ def with_checkpoint(cfg: Config, checkpoint: str | Path) -> Config:
 
 
 def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, resume: bool = False,
-         checkpoint: str | Path | None = None, mix_teacher: float = 0.0) -> MineResult:
+         checkpoint: str | Path | None = None, mix_teacher: float = 0.0, wait_lock: float = 0.0) -> MineResult:
     """Mine one epoch into OUT/epoch=NNNN.
 
     Retrieval runs once per teacher and is kept under OUT/_run/<retrieval id>/, so another epoch with the same
     teacher only re-filters and re-samples. `checkpoint` re-embeds and re-mines with new weights (a student);
-    `mix_teacher` in [0, 1] blends the configured teacher's scores into the checkpoint's.
+    `mix_teacher` in [0, 1] blends the configured teacher's scores into the checkpoint's. OUT is locked for the
+    whole call: another writer makes it refuse at once, or wait up to `wait_lock` seconds (math.inf: no limit).
     """
-    out = Path(out)
+    if resume and not is_run_folder(out):
+        raise RunMismatch(f"{out} holds no run to resume; drop --resume to start one")
+    with claim(out, wait_lock) as run:
+        return _mine(run, cfg, epoch, overwrite, checkpoint, mix_teacher)
+
+
+def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, mix_teacher: float) -> MineResult:
+    out = run.out
     started = time.time()
     cfg = cfg.for_epoch(epoch)
     base = cfg
@@ -126,15 +132,14 @@ def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, 
         raise ValueError("mix_teacher must be in [0, 1] and needs a checkpoint to mix with")
     identity = run_identity(cfg)
     run_dir = out / "_run"
-    saved = _read_json(run_dir / "run.json")
-    if saved is not None and saved.get("identity") != identity:
+    saved = run.identity()
+    if saved is not None and saved != identity:
         if not overwrite:
-            raise RunMismatch(f"{out} holds a run of a different input, teacher or index config; use a new output "
-                              "folder or --overwrite to replace it")
-        shutil.rmtree(out)
+            raise RunMismatch(run.mismatch_message(saved, identity))
+        run.clear(keep=[checkpoint] if checkpoint is not None else ())
         saved = None
-    if resume and saved is None:
-        raise RunMismatch(f"{out} holds no run to resume; drop --resume to start one")
+    if saved is None:
+        run.drop_unbound()
     rid = retrieval_id(cfg, base, mix_teacher)
     final = epoch_dir(out, epoch)
     config = _jsonable({**cfg.to_dict(), "mix_teacher": mix_teacher})
@@ -149,10 +154,9 @@ def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, 
     if reused:
         state = load_run(state_dir)
     else:
-        if saved is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "run.json", {"identity": identity})
         state = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
+        if saved is None:  # bound only now: a run that fails before this leaves the folder free
+            run.bind(identity)
     extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
              "reused_retrieval": reused}
     stats = write_epoch(state, cfg, out, epoch, config, extra, started)

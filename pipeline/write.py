@@ -1,4 +1,4 @@
-"""Write shards atomically: an epoch is built in a hidden folder and renamed into place once its manifest is written.
+"""Write Parquet shards and JSON files; the epoch folder they go into, and its atomic swap, are pipeline/run.py's.
 
 Files carry no timestamps and rows are written in a fixed order, so the same config and seed give the same bytes.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -27,10 +26,6 @@ CANDIDATE_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("cand_item_ids", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
     ("cand_ranks", pa.list_(pa.int32())), ("cand_verdicts", pa.list_(pa.string())),
 ])
-
-
-def epoch_dir(out: Path, epoch: int) -> Path:
-    return Path(out) / f"epoch={epoch:04d}"
 
 
 def write_table(table: pa.Table, path: Path, compression: str) -> dict:
@@ -72,23 +67,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
-
-
-class EpochFolder:
-    """Builds `OUT/epoch=NNNN` under `OUT/.epoch=NNNN.partial` and swaps it in on `commit()`."""
-
-    def __init__(self, out: Path, epoch: int):
-        self.final = epoch_dir(out, epoch)
-        self.tmp = Path(out) / f".{self.final.name}.partial"
-        if self.tmp.exists():  # left by an interrupted run: its content is not trusted
-            shutil.rmtree(self.tmp)
-        (self.tmp / "_candidates").mkdir(parents=True)
-
-    def commit(self) -> Path:
-        old = self.final.with_name(f".{self.final.name}.old")
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old.exists():
-            shutil.rmtree(old)
-        return self.final

@@ -1,10 +1,12 @@
 """Kill the run (the driver, or a Ray actor) at several points, run it again, compare with an undisturbed run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -60,11 +62,11 @@ def setup(ray_session, tmp_path_factory):
     pairs = write_jsonl(tmp / "pairs.jsonl", text_pairs(300))
     address = ray_session.get_runtime_context().gcs_address
 
-    def config(name, cache):
+    def config(name, cache, **sections):
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(base_config(pairs, str(tmp / cache), output={"rows_per_shard": 2},
                                                    embed={"num_actors": 1, "cpus_per_actor": 0.5},
-                                                   teacher={"batch_size": 8})))
+                                                   teacher={"batch_size": 8}, **sections)))
         return path
 
     reference = tmp / "reference"
@@ -96,8 +98,7 @@ def test_driver_killed_while_writing_the_epoch(setup):
     tmp, config, address, reference = setup
     cfg, out = config("b", "cache-ref"), tmp / "b"  # warm cache: straight to retrieval and writing
     proc = start(cfg, out, address)
-    partial = out / ".epoch=0000.partial"
-    wait_for(lambda: partial.exists() and len(list(partial.glob("part-*.parquet"))) >= 5)
+    wait_for(lambda: len(list(out.glob(".epoch=0000.partial-*/part-*.parquet"))) >= 5)  # this writer's partial
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "epoch=0000").exists()  # a reader never sees the half-written epoch
@@ -109,13 +110,35 @@ def test_driver_killed_while_writing_the_epoch(setup):
     check_same(out, reference)
 
 
+EMBED_BAR = re.compile(r"embed [^:\r\n]*:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+def embed_progress(log: Path) -> tuple[int, int]:
+    """The driver's last printed embedding progress (items done, items to embed); (0, 0) before it starts."""
+    found = EMBED_BAR.findall(log.read_text(errors="replace")) if log.exists() else []
+    return tuple(map(int, found[-1])) if found else (0, 0)
+
+
 def test_embedding_actor_killed_mid_run(setup):
+    """SIGKILL the one embedding actor while the driver still waits for most of the vectors: a restarted actor
+    embeds the rest, and the run writes the undisturbed run's bytes."""
     tmp, config, address, reference = setup
-    cfg, out = config("c", "cache-c"), tmp / "c"
-    proc = start(cfg, out, address)
-    wait_for(lambda: embed_workers())
-    time.sleep(2)
+    cfg, out, log = config("c", "cache-c", run={"progress": True}), tmp / "c", tmp / "c.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "mine", "--config", str(cfg), "--out",
+                                 str(out)], env={**os.environ, "RAY_ADDRESS": address, "HF_HUB_OFFLINE": "1",
+                                                 "RAY_AUTH_MODE": "disabled"}, stdout=sink, stderr=subprocess.STDOUT)
+    wait_for(lambda: 0 < embed_progress(log)[0] < embed_progress(log)[1] // 2 and embed_workers())
+    killed = []
     for worker in embed_workers():
         worker.kill()
-    finish(proc)
+        worker.wait(timeout=30)  # returns once the process is gone: the kill took effect
+        killed.append(worker.pid)
+    done, total = embed_progress(log)  # read after the kill: at the kill, no more than this was done
+    assert killed and done < total, (killed, done, total)
+    wait_for(lambda: any(w.pid not in killed for w in embed_workers()) or proc.poll() is not None)
+    restarted = [w.pid for w in embed_workers() if w.pid not in killed]
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert restarted, "no actor took over from the killed one"
+    assert embed_progress(log) == (total, total)  # the restarted actor embedded the rest
     check_same(out, reference)
