@@ -9,7 +9,7 @@ from .config import ConfigError, load_config
 
 
 # Modules that add their own subcommands with `register(subparsers)`.
-SUBCOMMANDS = ("pipeline.inspector.cli", "pipeline.train.cli")
+SUBCOMMANDS = ("pipeline.inspector.cli", "pipeline.train.cli", "pipeline.export.cli")
 
 
 def cmd_mine(args) -> int:
