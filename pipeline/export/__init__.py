@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .common import EpochSource, ExportError, ExportFolder
+from .common import BATCH_ROWS, EpochSource, ExportError, ExportFolder
 
 # format name -> (module, fixed options)
 FORMATS = {
@@ -26,13 +26,15 @@ FORMATS = {
 __all__ = ["FORMATS", "ExportError", "export"]
 
 
-def export(out: str | Path, epoch: int, fmt: str, to: str | Path, overwrite: bool = False, **options) -> dict:
-    """Write epoch `epoch` of run `out` as `fmt` into `to`; returns the lineage record (with files and counts)."""
+def export(out: str | Path, epoch: int, fmt: str, to: str | Path, overwrite: bool = False,
+           batch_rows: int = BATCH_ROWS, **options) -> dict:
+    """Write epoch `epoch` of run `out` as `fmt` into `to`; returns the lineage record (with files and counts).
+    Rows are read `batch_rows` at a time."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     module, fixed = FORMATS[fmt]
     writer = importlib.import_module(f"{__name__}.{module}")
-    source = EpochSource(out, epoch)
+    source = EpochSource(out, epoch, batch_rows)
     folder = ExportFolder(Path(to), overwrite=overwrite).open(source.out)
     options = {**{k: v for k, v in options.items() if v is not None}, **fixed}
     lineage = {**source.lineage(), "format": fmt, "options": options}
