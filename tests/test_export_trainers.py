@@ -74,13 +74,14 @@ def _changed(model, before) -> bool:
 
 # ------------------------------------------------------------------------------------------- sentence-transformers
 
-@pytest.mark.parametrize("style", ["triplet", "n-tuple"])
-def test_sentence_transformers_trains_with_mnrl_on_the_export(run, shards, tmp_path, style):
+@pytest.mark.parametrize("style,scores", [("triplet", False), ("n-tuple", False), ("n-tuple", True)])
+def test_sentence_transformers_trains_on_the_export(run, shards, tmp_path, style, scores):
+    """MultipleNegativesRankingLoss on triplet / n-tuple; MarginMSELoss on n-tuple with the teacher's scores."""
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses, models)
 
     to = tmp_path / "st"
-    export(run, 0, "sentence-transformers", to, style=style)
+    export(run, 0, "sentence-transformers", to, style=style, scores=scores)
     ds = _load(to, tmp_path, split="train")
     pairs = {(r["qry"], r["pos_text"]): r for r in shards.values()}
     if style == "triplet":
@@ -88,9 +89,13 @@ def test_sentence_transformers_trains_with_mnrl_on_the_export(run, shards, tmp_p
         assert len(ds) == sum(len(r["neg_text"]) for r in shards.values())
         assert all(row["negative"] in pairs[(row["anchor"], row["positive"])]["neg_text"] for row in ds)
     else:
-        assert ds.column_names == ["anchor", "positive"] + [f"negative_{i}" for i in range(1, 5)]
+        assert ds.column_names == ["anchor", "positive"] + [f"negative_{i}" for i in range(1, 5)] + \
+            (["scores"] if scores else [])
         for row in ds:
-            assert [row[f"negative_{i}"] for i in range(1, 5)] == pairs[(row["anchor"], row["positive"])]["neg_text"]
+            shard = pairs[(row["anchor"], row["positive"])]
+            assert [row[f"negative_{i}"] for i in range(1, 5)] == shard["neg_text"]
+            if scores:
+                assert row["scores"] == pytest.approx([shard["pos_score"], *shard["neg_scores"]], abs=1e-6)
     module = models.Transformer(str(_tiny_bert(tmp_path / "model")), max_seq_length=48)
     model = SentenceTransformer(modules=[module, models.Pooling(module.get_word_embedding_dimension())],
                                 device="cpu")
@@ -99,7 +104,8 @@ def test_sentence_transformers_trains_with_mnrl_on_the_export(run, shards, tmp_p
                                                per_device_train_batch_size=8, learning_rate=1e-3, use_cpu=True,
                                                report_to="none", save_strategy="no", logging_steps=1)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
-                                         loss=losses.MultipleNegativesRankingLoss(model))
+                                         loss=losses.MarginMSELoss(model) if scores
+                                         else losses.MultipleNegativesRankingLoss(model))
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(0 < x < 100 for x in logged)
