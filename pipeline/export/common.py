@@ -147,8 +147,10 @@ def kept_candidates(cands: pa.Table, items: pa.Table) -> list[list[dict]]:
     out = []
     item_ids = items.column("item_id")
     for row in cands.to_pylist():
-        kept = [(i, s, r, v) for i, s, r, v in zip(row["cand_item_ids"], row["cand_scores"], row["cand_ranks"],
-                                                   row["cand_verdicts"]) if v in KEPT]
+        sources = row.get("cand_sources") or ["retrieved"] * len(row["cand_item_ids"])
+        kept = [(i, s, r, v, src) for i, s, r, v, src in zip(row["cand_item_ids"], row["cand_scores"],
+                                                             row["cand_ranks"], row["cand_verdicts"], sources)
+                if v in KEPT]
         out.append(kept)
     flat = [k[0] for q in out for k in q]
     pos = pc.index_in(pa.array(flat, pa.string()), value_set=item_ids).to_pylist() if flat else []
@@ -157,7 +159,8 @@ def kept_candidates(cands: pa.Table, items: pa.Table) -> list[list[dict]]:
     n, result = 0, []
     for q in out:
         result.append([{"item_id": i, "text": texts[n + j] or "", "image_path": images[n + j] or "", "score": s,
-                        "rank": r, "verdict": v} for j, (i, s, r, v) in enumerate(q)])
+                        "rank": r, "verdict": v, "source": src or "retrieved"}
+                       for j, (i, s, r, v, src) in enumerate(q)])
         n += len(q)
     return result
 

@@ -1,10 +1,11 @@
-"""Ranked lists for re-ranker training and distillation: per query, the positive and every retrieved candidate that
-passed the filters (sampled as a negative or not), in the teacher's rank order with its scores.
+"""Ranked lists for re-ranker training and distillation: per query, the positive and every candidate that passed
+the filters (sampled as a negative or not), in the teacher's rank order with its scores.
 
 Parquet dataset folder, one row per query: `query_id`, `dataset`, `query`, `query_image_path`, `positives`
-(list of {item_id, text, image_path, score, rank}; rank: the positive's place among the retrieved candidates, null
-when it was not retrieved) and `candidates` (list of {item_id, text, image_path, score, rank, sampled}). Listwise
-KL distillation reads the scores as the teacher's distribution; MarginMSE reads score(pos) - score(candidate).
+(list of {item_id, text, image_path, score, rank}; rank: the positive's place among the candidates, null when it was
+not retrieved) and `candidates` (list of {item_id, text, image_path, score, rank, sampled, source}; source:
+`retrieved`, or `input` for a negative the input already had). Listwise KL distillation reads the scores as the
+teacher's distribution; MarginMSE reads score(pos) - score(candidate).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ DOC = [("item_id", pa.string()), ("text", pa.string()), ("image_path", pa.string
 SCHEMA = pa.schema([
     ("query_id", pa.string()), ("dataset", pa.string()), ("query", pa.string()), ("query_image_path", pa.string()),
     ("positives", pa.list_(pa.struct(DOC))),
-    ("candidates", pa.list_(pa.struct(DOC + [("sampled", pa.bool_())]))),
+    ("candidates", pa.list_(pa.struct(DOC + [("sampled", pa.bool_()), ("source", pa.string())]))),
 ])
 
 
@@ -39,7 +40,8 @@ def write(source, folder, lineage, options) -> dict:
                                         "rank": ranks.get(r["pos_item_id"])}],
                          "candidates": [{"item_id": c["item_id"], "text": c["text"], "image_path": c["image_path"],
                                          "score": c["score"], "rank": c["rank"],
-                                         "sampled": c["verdict"] == "negative"} for c in k]})
+                                         "sampled": c["verdict"] == "negative", "source": c["source"]}
+                                        for c in k]})
             counts["candidates"] += len(k)
             counts["candidates_sampled"] += sum(c["verdict"] == "negative" for c in k)
         counts["queries"] += len(rows)
