@@ -99,6 +99,9 @@ def test_overwrite_replaces_only_what_the_previous_export_wrote(run, tmp_path):
 def test_refuses_the_run_folder_a_missing_epoch_and_a_folder_another_export_holds(run, tmp_path):
     with pytest.raises(ExportError, match="overlaps the run folder"):
         export(run, 0, "hf", run / "exports")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export(run, 0, "hf", tmp_path / "afile")
     with pytest.raises(ExportError, match="epoch 3 .* committed epochs there: epoch=0000"):
         export(run, 3, "hf", tmp_path / "x")
     busy = tmp_path / "busy"

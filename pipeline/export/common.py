@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -130,7 +131,7 @@ class EpochSource:
                                       "queries of its training shard; the epoch is damaged: mine it again")
                 yield batch, cands.take(pos)
 
-    def items(self) -> pa.Table:
+    def items(self) -> "ItemLookup":
         """The run's items (item_id, text, image_path) of this epoch's retrieval, for candidates the shards do not
         carry. This is the corpus, not the epoch: the miner holds it too."""
         if self._items is None:
@@ -138,14 +139,36 @@ class EpochSource:
             if not path.exists():
                 raise ExportError(f"{path} does not exist: the run's retrieval state is gone, so the candidates of "
                                   "this epoch cannot be named; mine the epoch again")
-            self._items = pq.read_table(path, columns=["item_id", "text", "image_path"])
+            self._items = ItemLookup(pq.read_table(path, columns=["item_id", "text", "image_path"]))
         return self._items
 
 
-def kept_candidates(cands: pa.Table, items: pa.Table) -> list[list[dict]]:
+class ItemLookup:
+    """Texts and image paths of item ids, by binary search over the run's item table (sorted by item_id when the
+    reader wrote it): one index for the whole export, not a hash table per batch."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        ids = table.column("item_id").to_numpy(zero_copy_only=False).astype("S")
+        self.order = None if np.all(ids[1:] >= ids[:-1]) else np.argsort(ids, kind="stable")
+        self.ids = ids if self.order is None else ids[self.order]
+
+    def lookup(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        if not ids:
+            return [], []
+        wanted = np.array(ids, dtype="S")
+        pos = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
+        if not np.array_equal(self.ids[pos], wanted):
+            missing = ids[int(np.flatnonzero(self.ids[pos] != wanted)[0])]
+            raise ExportError(f"candidate item {missing} is not in the run's item table; the run is damaged")
+        rows = pa.array(pos if self.order is None else self.order[pos], pa.int64())
+        return (self.table.column("text").take(rows).to_pylist(),
+                self.table.column("image_path").take(rows).to_pylist())
+
+
+def kept_candidates(cands: pa.Table, items: "ItemLookup") -> list[list[dict]]:
     """Per query: every candidate that passed every filter (sampled or not), in rank order, with text and image."""
     out = []
-    item_ids = items.column("item_id")
     for row in cands.to_pylist():
         sources = row.get("cand_sources") or ["retrieved"] * len(row["cand_item_ids"])
         kept = [(i, s, r, v, src) for i, s, r, v, src in zip(row["cand_item_ids"], row["cand_scores"],
@@ -153,9 +176,7 @@ def kept_candidates(cands: pa.Table, items: pa.Table) -> list[list[dict]]:
                 if v in KEPT]
         out.append(kept)
     flat = [k[0] for q in out for k in q]
-    pos = pc.index_in(pa.array(flat, pa.string()), value_set=item_ids).to_pylist() if flat else []
-    texts = items.column("text").take(pa.array(pos, pa.int64())).to_pylist() if flat else []
-    images = items.column("image_path").take(pa.array(pos, pa.int64())).to_pylist() if flat else []
+    texts, images = items.lookup(flat)
     n, result = 0, []
     for q in out:
         result.append([{"item_id": i, "text": texts[n + j] or "", "image_path": images[n + j] or "", "score": s,
@@ -184,6 +205,8 @@ class ExportFolder:
         dest = self.path.resolve()
         if dest == run or run in dest.parents or dest in run.parents:
             raise ExportError(f"--to {self.path} overlaps the run folder {source_out}; export to a folder outside it")
+        if self.path.exists() and not self.path.is_dir():
+            raise ExportError(f"--to {self.path} is a file; give a folder")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:

@@ -54,6 +54,15 @@ def card(source, lineage: dict, counts: dict) -> str:
         lines.append("Not estimated for this run (no evidence of true matches was configured).")
     else:
         lines += [f"`{estimate[0]}`:", "```json", json.dumps(estimate[1], indent=2, sort_keys=True), "```"]
-    lines += ["", "## Statistics\n", "```", EpochStats.summary_text(stats) if stats.get("negatives") else "none", "```",
+    lines += ["", "## Statistics\n", "```", _summary(stats), "```",
               "", "## Mining config\n", "```yaml", yaml.safe_dump(source.config, sort_keys=True).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _summary(stats: dict) -> str:
+    """The miner's own summary of `_stats.json`; its JSON when the summary does not know a newer layout."""
+    try:
+        return EpochStats.summary_text(stats)
+    except (KeyError, TypeError):
+        return json.dumps({k: v for k, v in stats.items() if k not in ("embed", "retrieval")}, indent=1,
+                          sort_keys=True, default=str)
