@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ..progress import Progress
 from .common import BATCH_ROWS, EpochSource, ExportError, ExportFolder
 
 # format name -> (module, fixed options)
@@ -27,9 +28,9 @@ __all__ = ["FORMATS", "ExportError", "export"]
 
 
 def export(out: str | Path, epoch: int, fmt: str, to: str | Path, overwrite: bool = False,
-           batch_rows: int = BATCH_ROWS, **options) -> dict:
+           batch_rows: int = BATCH_ROWS, progress: bool = False, **options) -> dict:
     """Write epoch `epoch` of run `out` as `fmt` into `to`; returns the lineage record (with files and counts).
-    Rows are read `batch_rows` at a time."""
+    Rows are read `batch_rows` at a time; `progress` shows queries/s and ETA on stderr."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     module, fixed = FORMATS[fmt]
@@ -39,7 +40,9 @@ def export(out: str | Path, epoch: int, fmt: str, to: str | Path, overwrite: boo
     options = {**{k: v for k, v in options.items() if v is not None}, **fixed}
     lineage = {**source.lineage(), "format": fmt, "options": options}
     try:
-        counts = writer.write(source, folder, lineage, options)
+        with Progress(f"export {fmt}", total=source.rows, unit="queries", enabled=progress) as bar:
+            source.progress = bar
+            counts = writer.write(source, folder, lineage, options)
         return folder.commit({**lineage, "exported": counts})
     except BaseException:
         folder.abort()

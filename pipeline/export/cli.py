@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-negatives", type=int, help="sentence-transformers n-tuple: negatives per row "
                    "(default: the run's sample.n_negatives)")
     p.add_argument("--samples-per-shard", type=int, help="webdataset: samples per tar shard (default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -32,7 +33,8 @@ def run(args) -> int:
     options = {"style": args.style, "scores": args.scores or None, "n_negatives": args.n_negatives,
                "samples_per_shard": args.samples_per_shard}
     try:
-        record = export(args.out, args.epoch, args.fmt, args.to, overwrite=args.overwrite, **options)
+        record = export(args.out, args.epoch, args.fmt, args.to, overwrite=args.overwrite,
+                        progress=not args.no_progress, **options)
     except ExportError as exc:
         print(f"hardneg: error: {exc}", file=sys.stderr)
         return 2

@@ -71,6 +71,7 @@ class EpochSource:
                 raise ExportError(f"{self.dir / entry['path']} is listed in {manifest_path} but missing; the epoch "
                                   "is damaged: mine it again with --overwrite")
         self._items = None
+        self.progress = None  # a Progress bar the batches advance (queries read)
 
     @property
     def files(self) -> list[dict]:
@@ -115,7 +116,13 @@ class EpochSource:
     def batches(self, columns: Optional[list[str]] = None) -> Iterator[pa.RecordBatch]:
         """The training rows in manifest order, `batch_rows` at a time."""
         for entry in self.files:
-            yield from pq.ParquetFile(self.dir / entry["path"]).iter_batches(self.batch_rows, columns=columns)
+            for batch in pq.ParquetFile(self.dir / entry["path"]).iter_batches(self.batch_rows, columns=columns):
+                yield batch
+                self._advance(batch.num_rows)
+
+    def _advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(n)
 
     def batches_with_candidates(self, columns: Optional[list[str]] = None
                                 ) -> Iterator[tuple[pa.RecordBatch, pa.Table]]:
@@ -130,6 +137,7 @@ class EpochSource:
                     raise ExportError(f"{self.dir / '_candidates' / entry['path']} lacks candidate rows of some "
                                       "queries of its training shard; the epoch is damaged: mine it again")
                 yield batch, cands.take(pos)
+                self._advance(batch.num_rows)
 
     def items(self) -> "ItemLookup":
         """The run's items (item_id, text, image_path) of this epoch's retrieval, for candidates the shards do not
