@@ -31,6 +31,7 @@ def mined(ray_session, shared_cache, tmp_path_factory):
     by_id["m0"]["neg_image_path"] = ["images/0100.png"]
     by_id["m1"]["neg_text"] = "ghost"
     by_id["m1"]["neg_image_path"] = "images/missing.png"                      # unusable: a candidate reject
+    by_id["q2"]["neg_text"] = [7, UNRELATED]                                   # a number: rejected, the rest kept
     path = write_jsonl(tmp / "pairs.jsonl", pairs)
     raw = base_config(path, shared_cache, input={"image_root": str(DEMO), "captions": str(DEMO / "captions.parquet")},
                       teacher={"image_mode": "caption"}, output={"rows_per_shard": 32})
@@ -52,8 +53,8 @@ def test_input_negatives_are_marked_scored_and_filtered(mined):
     # the copy of the positive is the positive (one item): dropped as such; the repeat counts once
     q1 = {i: v for i, _, v in inputs["q1"]}
     assert q1 == {item_id(by_id["q1"]["pos_text"], ""): "same_as_positive", unrelated: q1[unrelated]}
-    assert len(inputs["m0"]) == 1 and inputs["m1"] == []
-    assert sum(map(len, inputs.values())) == 4
+    assert len(inputs["m0"]) == 1 and inputs["m1"] == [] and [i for i, _, _ in inputs["q2"]] == [unrelated]
+    assert sum(map(len, inputs.values())) == 5
     # every candidate list stays in score order, input negatives merged in
     for c in cands.values():
         assert c["cand_scores"] == sorted(c["cand_scores"], reverse=True)
@@ -73,15 +74,15 @@ def test_input_negatives_are_counted_apart_and_the_unusable_one_is_a_reject(mine
     cands = _candidates(result)
     verdicts = [v for c in cands.values() for v, s in zip(c["cand_verdicts"], c["cand_sources"]) if s == "input"]
     entry = stats["input_negatives"]
-    assert entry["candidates"] == len(verdicts) == 4
+    assert entry["candidates"] == len(verdicts) == 5
     assert entry["sampled"] == verdicts.count("negative")
     assert entry["unsampled"] == verdicts.count("unsampled")
     assert entry["dropped"] == {"same_as_positive": 1}
     rejects = [json.loads(line) for line in (result.epoch_dir / "_rejects.jsonl").read_text().splitlines()]
-    bad = [r for r in rejects if r["query_id"] == "m1"]
-    assert [(r["kind"], r["field"], r["reason"]) for r in bad] == [("candidate", "neg_image_path", "missing_image")]
+    bad = {r["query_id"]: (r["kind"], r["field"], r["reason"]) for r in rejects}
+    assert bad == {"m1": ("candidate", "neg_image_path", "missing_image"), "q2": ("candidate", "neg_text", "bad_type")}
     written = set(pq.read_table(result.epoch_dir, columns=["query_id"]).column("query_id").to_pylist())
-    assert "m1" in written and stats["queries_written"] == stats["queries_in"] == 80
+    assert {"m1", "q2"} <= written and stats["queries_written"] == stats["queries_in"] == 80
 
 
 def test_exports_carry_input_negatives(mined, tmp_path):
