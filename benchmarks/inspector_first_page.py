@@ -30,6 +30,7 @@ DATASETS = ["clipart_cls", "clipart_i2t", "clipart_t2i"]
 NEGATIVES = 8
 TOP_K = 30
 ROWS_PER_SHARD = 50_000
+RETRIEVAL_ID = "synthetic"
 
 
 def _lists(counts: np.ndarray, values: pa.Array) -> pa.ListArray:
@@ -38,7 +39,8 @@ def _lists(counts: np.ndarray, values: pa.Array) -> pa.ListArray:
 
 
 def write_run(out: Path, rows: int, seed: int = 0) -> None:
-    """A run folder with `rows` training rows, their `_candidates`, `_run/items.parquet`, manifest and stats."""
+    """A run folder with `rows` training rows, their `_candidates`, `_run/<retrieval id>/items.parquet`, manifest
+    and stats."""
     from pipeline.write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_table
 
     rng = np.random.default_rng(seed)
@@ -46,7 +48,7 @@ def write_run(out: Path, rows: int, seed: int = 0) -> None:
     paths = pa.array([f"images/{i % 600:04d}.png" for i in range(5000)])
     n_items = 200_000
     ids = pa.array([f"{h:032x}" for h in rng.integers(0, 2**62, n_items, dtype=np.int64)])
-    run = out / "_run"
+    run = out / "_run" / RETRIEVAL_ID
     run.mkdir(parents=True)
     write_table(pa.table({"item_id": ids, "text": caps.take(pa.array(np.arange(n_items) % 5000)),
                           "image_path": paths.take(pa.array(np.arange(n_items) % 5000)),
@@ -102,7 +104,8 @@ def write_run(out: Path, rows: int, seed: int = 0) -> None:
     counts = {"queries_in": rows, "queries_written": rows, "queries_rejected": 0}
     write_json(epoch / "_stats.json", {**counts, "drops": drops, "negatives": {}, "scores": {}, "per_dataset": {}})
     (epoch / "_rejects.jsonl").write_text("")
-    write_json(epoch / "_manifest.json", {"epoch": 0, "config": {"input": {"image_root": str(ROOT / "data/demo")}},
+    write_json(epoch / "_manifest.json", {"epoch": 0, "retrieval_id": RETRIEVAL_ID,
+                                          "config": {"input": {"image_root": str(ROOT / "data/demo")}},
                                           "files": files, "counts": counts})
 
 

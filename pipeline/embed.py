@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .config import Config
 from .progress import Progress
 from .teachers import teacher_fingerprint
-from .teachers.base import max_pixels_of, resolve_model_path
+from .teachers.base import decode_bounds, resolve_model_path
 from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
@@ -365,7 +365,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
             start += part.num_rows
         ds = ray.data.from_arrow(slices)
         if native and any(p for paths in plan.column("image_paths").to_pylist() for p in paths):
-            ds = decode_stage(ds, cfg, {"image_paths": "images"}, cfg.teacher.min_pixels, max_pixels_of(cfg.teacher))
+            ds = decode_stage(ds, cfg, {"image_paths": "images"}, *decode_bounds(cfg.teacher))
         ds = ds.map_batches(
             EmbedActor, batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import blocklist
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
@@ -66,18 +66,9 @@ class MineResult:
 
 def ensure_ray(cfg: Config) -> None:
     """Join `run.ray_address` / RAY_ADDRESS, or start a local Ray; reuse a session that is already up."""
-    import ray
+    from .ray_session import start_ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # No address: a fresh local Ray, never whichever cluster happens to run on this machine (RAY_ADDRESS=auto joins it)
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    start_ray(cfg.run.ray_address)
 
 
 # Teacher settings that change neither which vectors come out nor their meaning: a run folder is not bound to them.
@@ -299,32 +290,6 @@ def load_run(run_dir: Path) -> RunState:
                     matrix("from_input", bool) if "from_input" in cands.column_names else None)
 
 
-def load_blocklist(paths: list[Path], queries: pa.Table, items: pa.Table) -> np.ndarray:
-    """Sorted codes query_row * n_items + item_row of the known false negatives in the blocklist files."""
-    pairs = []
-    for path in paths:
-        if not path.exists():
-            continue
-        with open(path) as f:
-            for n, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    pairs.append((str(row["query_id"]), str(row["item_id"])))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path} line {n + 1}: a blocklist line must be a JSON object with query_id "
-                                     f"and item_id ({exc})") from None
-    if not pairs:
-        return np.zeros(0, np.int64)
-    qpos = pc.index_in(pa.array([p[0] for p in pairs]), value_set=queries.column("query_id")).to_numpy(
-        zero_copy_only=False)
-    ipos = pc.index_in(pa.array([p[1] for p in pairs]), value_set=items.column("item_id")).to_numpy(
-        zero_copy_only=False)
-    ok = ~(np.isnan(qpos.astype(float)) | np.isnan(ipos.astype(float)))
-    return np.unique(qpos[ok].astype(np.int64) * items.num_rows + ipos[ok].astype(np.int64))
-
-
 def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dict, extra: dict,
                 started: float) -> dict:
     """Filter, sample and write one epoch from the kept retrieval results; the manifest goes in last."""
@@ -332,7 +297,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     nq = q.num_rows
     modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
     blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
-    ctx = FilterContext(state.item_groups, state.n_groups, modality, load_blocklist(blocklists, q, items),
+    blocked = blocklist.read(*blocklists)
+    ctx = FilterContext(state.item_groups, state.n_groups, modality, blocked.codes(q, items),
                         items.num_rows, max(cfg.retrieve.top_k, state.cand.shape[1]))
     keys = query_keys(q.column("query_id").to_pylist())
     folder = EpochFolder(out, epoch)
@@ -384,6 +350,7 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     if "input_neg_idx" in q.column_names:
         summary["input_negatives"] = input_counts
     summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
+    summary["blocklist"] = blocked.summary()
     summary.update(extra)
     write_json(folder.tmp / "_stats.json", summary)
     write_json(folder.tmp / "_manifest.json", {

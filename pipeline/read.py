@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+from PIL import UnidentifiedImageError
 
 from .config import InputConfig
 
@@ -62,42 +62,108 @@ def item_id(text: str, image_digest: str) -> str:
 
 
 def read_rows(path: str) -> tuple[list[dict], list[dict]]:
-    """Rows of a Parquet or JSONL file as dicts, plus rejects for JSONL lines that are not JSON objects."""
+    """Rows of a Parquet or JSONL file as dicts, plus rejects for JSONL lines that are not usable JSON objects."""
+    rows, _, rejects = read_numbered(path)
+    return rows, rejects
+
+
+def read_numbered(path: str) -> tuple[list[dict], list[int], list[dict]]:
+    """(rows, their numbers, rejects). A row's number is what a person looks it up by: its line number (1-based)
+    in a JSONL file, its row index (0-based) in a Parquet file."""
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
-            return pq.read_table(path).to_pylist(), []
+            rows = pq.read_table(path).to_pylist()
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"{path}: cannot read Parquet file: {exc}") from exc
+        return rows, list(range(len(rows))), []
     if suffix in (".jsonl", ".json", ".ndjson"):
         try:
-            return pa_json.read_json(path).to_pylist(), []
-        except pa.ArrowInvalid:
-            return _read_jsonl_lines(path)
+            return _read_jsonl(path)
+        except IsADirectoryError:
+            raise InputError(f"{path} is a folder; give a JSONL or Parquet file") from None
         except OSError as exc:
-            raise InputError(f"{path}: cannot read JSONL file: {exc}") from exc
+            raise InputError(f"{path}: cannot read JSONL file: {exc.strerror or exc}") from None
     raise InputError(f"{path}: unsupported file type {suffix!r}; give Parquet (.parquet) or JSON lines (.jsonl)")
 
 
-def _read_jsonl_lines(path: str) -> tuple[list[dict], list[dict]]:
-    """Line by line, for files whose rows disagree on types (pyarrow's reader rejects the whole file then)."""
-    rows, rejects = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
+def _read_jsonl(path: str) -> tuple[list[dict], list[int], list[dict]]:
+    """Line by line with the json module: strings stay strings (pyarrow's reader turns "2021-05-01" into a date),
+    every row keeps its line number, and a line that is not UTF-8 is rejected instead of altered."""
+    rows, numbers, rejects = [], [], []
+    first, first_line, array = None, None, False
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                raw = raw[3:]
+            if not raw.strip():
                 continue
+            if first is None:
+                first, first_line = raw.strip(), n
+            try:
+                line, bad_bytes = raw.decode("utf-8"), None
+            except UnicodeDecodeError as exc:
+                line, bad_bytes = raw.decode("utf-8", errors="surrogateescape"), exc
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                rejects.append(_reject(path, len(rows) + len(rejects), None, None, "bad_json",
-                                       f"line {n + 1} is not valid JSON ({exc.msg}); fix or remove the line"))
+                if n == first_line:
+                    array = first.startswith(b"[") or first == b"{"
+                if bad_bytes is not None:
+                    rejects.append(_bad_encoding(path, n, None, bad_bytes))
+                else:
+                    rejects.append(_reject(path, n, None, None, "bad_json",
+                                           f"line {n} is not valid JSON ({exc.msg}); fix or remove the line"))
                 continue
             if not isinstance(row, dict):
-                rejects.append(_reject(path, len(rows) + len(rejects), None, None, "bad_json",
-                                       f"line {n + 1} is a JSON {type(row).__name__}, not an object"))
+                rejects.append(_reject(path, n, None, None, "bad_json",
+                                       f"line {n} is a JSON {_json_type(row)}, not an object"))
+                continue
+            bad_field = _field_with_bad_text(row)
+            if bad_field is not None or bad_bytes is not None:
+                rejects.append(_bad_encoding(path, n, row, bad_bytes, bad_field))
                 continue
             rows.append(row)
-    return rows, rejects
+            numbers.append(n)
+    if array or (rejects and not rows):  # one JSON document, not one object a line: say so once, not per line
+        hint = ("it holds a JSON array (convert it, e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if first.startswith(b"[")
+                else "it holds one JSON document spread over several lines" if first.startswith(b"{")
+                else "no line of it is a JSON object")
+        raise InputError(f"{path}: expected JSON Lines (one object per line); {hint}")
+    return rows, numbers, rejects
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _has_bad_text(value: str) -> bool:
+    """Lone surrogates: bytes that were not UTF-8 (kept by surrogateescape) or a \\ud800-style escape."""
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _field_with_bad_text(row: dict) -> Optional[str]:
+    for key, value in row.items():
+        if _has_bad_text(key) or (isinstance(value, str) and _has_bad_text(value)):
+            return key
+    return None
+
+
+def _bad_encoding(path, n, row, exc: Optional[UnicodeDecodeError], field_name: Optional[str] = None) -> dict:
+    qid = row.get("id") if row else None
+    qid = None if qid is None or (isinstance(qid, str) and _has_bad_text(qid)) else str(qid)
+    if field_name is not None and _has_bad_text(field_name):
+        field_name = field_name.encode("utf-8", "backslashreplace").decode("utf-8")
+    where = f"field {field_name!r}" if field_name else "the line"
+    byte = f" (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})" if exc is not None else ""
+    return _reject(path, n, qid, field_name, "bad_encoding",
+                   f"line {n}: {where} is not valid UTF-8 text{byte}; save the file as UTF-8")
 
 
 def _reject(source, row, query_id, field_name, reason, detail, kind="query") -> dict:
@@ -161,6 +227,9 @@ class ImageProbe:
             check_image_bytes(data, self.max_pixels)
         except ImageTooLarge as exc:
             return None, "image_too_large", f"{location}: {exc}"
+        except UnidentifiedImageError:  # PIL's message names the in-memory buffer, not the file
+            return None, "corrupt_image", (f"{location} is not an image in a readable format "
+                                           f"({', '.join(IMAGE_FORMATS)}); replace the file or fix the path")
         except Exception as exc:  # PIL raises many types for broken files
             return None, "corrupt_image", f"{location} is not a readable image ({type(exc).__name__}: {exc})"
         return hashlib.blake2b(data, digest_size=16).hexdigest(), None, ""
@@ -246,11 +315,15 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     """Read and validate every input file; see the module docstring."""
     rejects: list[dict] = []
     raw: list[tuple[str, int, dict]] = []
+    numbers: dict[tuple[str, int], int] = {}  # (file, index among its rows) -> line or row number
     for path in cfg.pairs:
-        rows, bad = read_rows(path)
+        rows, nums, bad = read_numbered(path)
+        if not rows and not bad:
+            raise InputError(f"{path} holds no rows; give a file of (query, positive) pairs")
         rejects.extend(bad)
         _check_columns(path, rows, cfg)
         raw.extend((path, i, r) for i, r in enumerate(rows))
+        numbers.update(((path, i), num) for i, num in enumerate(nums))
     rows_in = len(raw) + len(rejects)
 
     captions = _load_captions(cfg.captions) if caption_mode else {}
@@ -260,40 +333,48 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     probe.run({p for _, _, r in raw for p in _as_list(r.get("neg_image_path")) if isinstance(p, str)})
 
     items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
-    queries, seen_ids = [], {}
+    queries, seen_ids, seen_content = [], {}, {}
     group_pairs: set[tuple[str, str]] = set()
     file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
     for path, n, row in raw:
-        qid = row.get("id")
+        qid, num = row.get("id"), numbers[(path, n)]
         dataset = row.get("dataset") or file_dataset[path]
-        if qid is not None:
+        has_id = qid is not None
+        if has_id:
             qid = str(qid)
         else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
             qid = f"{dataset}:{Path(path).stem}:{n}" if file_dataset[path] in shared else f"{dataset}:{n}"
-        sides, problem = [], _key_type_problem(path, n, qid, row)
+        sides, problem = [], _key_type_problem(path, num, qid, row)
         for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
             if problem:
                 break
             side = _side(row, text_col, image_col, probe, captions, caption_mode)
             if isinstance(side, dict):
-                problem = _reject(path, n, qid, side["field"], side["reason"], side["detail"])
+                problem = _reject(path, num, qid, side["field"], side["reason"], side["detail"])
                 break
             sides.append(side)
         if problem is None and cfg.group_key and row.get(cfg.group_key) is not None \
                 and not isinstance(row.get(cfg.group_key), (str, int)):
-            problem = _reject(path, n, qid, cfg.group_key, "bad_type",
+            problem = _reject(path, num, qid, cfg.group_key, "bad_type",
                               f"group key must be a string or integer, got {row.get(cfg.group_key)!r}")
         if problem is None:
             key = (sides[0][0], sides[1][0])
+            content = (str(dataset), *key)
             if qid in seen_ids:
-                first_path, first_row, first_key = seen_ids[qid]
+                first_path, first_num, first_key = seen_ids[qid]
                 same = first_key == key
-                problem = _reject(path, n, qid, "id", "duplicate_row" if same else "duplicate_id",
-                                  f"id {qid!r} already used by {first_path} row {first_row}"
+                problem = _reject(path, num, qid, "id", "duplicate_row" if same else "duplicate_id",
+                                  f"id {qid!r} already used by {_where(first_path, first_num)}"
                                   + ("" if same else " with different content; give every pair a unique id"))
+            elif not has_id and content in seen_content:
+                # No id to tell them apart: the same query and positive in one dataset is the same pair again
+                problem = _reject(path, num, qid, None, "duplicate_row",
+                                  f"same query, positive and dataset as {_where(*seen_content[content])}; "
+                                  "remove the repeated row")
             else:
-                seen_ids[qid] = (path, n, key)
+                seen_ids[qid] = (path, num, key)
+                seen_content.setdefault(content, (path, num))
         if problem:
             rejects.append(problem)
             continue
@@ -322,6 +403,11 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
 
     _check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
     return _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects)
+
+
+def _where(source: str, number) -> str:
+    """How a person finds a row: its line in a JSONL file, its 0-based index in a Parquet file."""
+    return f"{source} {'row' if Path(str(source)).suffix.lower() in ('.parquet', '.pq') else 'line'} {number}"
 
 
 def _file_dataset(template: Optional[str], path: str) -> str:
@@ -428,11 +514,11 @@ def _load_captions(path: str) -> dict[str, str]:
 
 
 def _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, group_pairs, rejects) -> int:
-    rows, bad = read_rows(cfg.candidates)
+    rows, numbers, bad = read_numbered(cfg.candidates)
     rejects.extend({**r, "kind": "candidate"} for r in bad)
     probe.run({r.get("image_path") for r in rows if isinstance(r.get("image_path"), str)})
     count = len(bad)
-    for n, row in enumerate(rows):
+    for n, row in zip(numbers, rows):
         text, p1 = _text_field(row, "text")
         image, p2 = _text_field(row, "image_path")
         side = {"field": "text", "reason": "bad_type", "detail": p1 or p2} if (p1 or p2) else \
@@ -465,7 +551,7 @@ def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> N
                  else f"input.max_rejects={cfg.max_rejects}")
         raise InputError(
             f"{n_rejected} of {rows_in} input rows are unusable (above {limit}): {reasons}. First: "
-            f"{first['source']} row {first['row']} field {first['field']}: {first['detail']}. Fix the input "
+            f"{_where(first['source'], first['row'])} field {first['field']}: {first['detail']}. Fix the input "
             "(or the image root), or raise the threshold.")
 
 

@@ -24,3 +24,12 @@ def ray_session():
 def shared_cache(tmp_path_factory):
     """One embedding cache for tests that do not test the cache itself, so each text is embedded once per run."""
     return str(tmp_path_factory.mktemp("embedding-cache"))
+
+
+@pytest.fixture(scope="session")
+def mined_run(tmp_path_factory, ray_session, shared_cache):
+    """A real run (two epochs, `hardneg mine` over a small demo corpus) that the inspector and report tests read;
+    read-only: a test that writes works on `inspector_fixtures.copy_run`."""
+    from inspector_fixtures import mine_run
+
+    return mine_run(tmp_path_factory.mktemp("mined-run"), shared_cache)

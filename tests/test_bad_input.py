@@ -260,6 +260,11 @@ def test_every_bad_row_is_in_the_rejects_with_its_reason_and_counted(runs):
     assert stats["rejects_by_reason"] == dict(sorted(expected_counts.items()))
     bomb = by_id["bomb"][0]["detail"]
     assert f"{BOMB_SIDE}x{BOMB_SIDE} pixels is above input.max_image_pixels" in bomb
+    # each reject's row is its line in the file, after the broken lines too; details name files, not Python objects
+    lines = (tmp / "mixed.jsonl").read_text().splitlines()
+    for qid in EXPECTED:
+        assert json.loads(lines[by_id[qid][0]["row"] - 1])["id"] == qid
+    assert not [r["detail"] for r in rejects if " object at 0x" in r["detail"]]
 
 
 def test_reading_the_mixed_corpus_keeps_memory_flat(tree, runs, no_pil_guard):

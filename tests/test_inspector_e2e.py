@@ -1,58 +1,30 @@
-"""End to end: mine a tiny real run (the bundled demo images and captions, the offline MiniLM teacher in caption
-mode), serve it, and drive it in headless Chromium: the list with images, a query's negatives with scores, a
-filter, marking a false negative (and the next epoch honouring it), and a `<script>` caption shown as text."""
+"""End to end: the real mined run (tests/inspector_fixtures.py: the bundled demo images and captions, the offline
+MiniLM teacher in caption mode), served and driven in headless Chromium: the list with images, a query's negatives
+with scores and its candidates with their thumbnails, a filter, marking a false negative (and the next epoch
+honouring it), and a `<script>` caption shown as text."""
 from __future__ import annotations
 
 import json
 import threading
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from inspector_fixtures import EVIL, N_IMAGES, TOP_K, copy_run
 
-from pipeline.config import config_from_dict
+from pipeline.config import load_config
 from pipeline.inspector import report
 from pipeline.inspector.app import make_server
 from pipeline.mine import mine
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
-EVIL = "bulgaria <script>alert(1)</script> <img src=x>"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def tiny_config(tmp: Path, cache: str, n: int = 24):
-    caps = pq.read_table(DEMO / "captions.parquet").slice(0, n).to_pylist()
-    rows = []
-    for i, c in enumerate(caps):
-        text = EVIL if i == 1 else c["caption"]
-        group = c["category"].split("/")[0]
-        rows.append({"id": f"t2i-{i:03d}", "dataset": "t2i", "qry": text, "qry_image_path": "", "pos_text": "",
-                     "pos_image_path": c["image_path"], "group": group})
-        rows.append({"id": f"i2t-{i:03d}", "dataset": "i2t", "qry": "", "qry_image_path": c["image_path"],
-                     "pos_text": text, "pos_image_path": "", "group": group})
-    pairs = tmp / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return config_from_dict({
-        "input": {"pairs": [str(pairs)], "image_root": str(DEMO), "captions": str(DEMO / "captions.parquet"),
-                  "group_key": "group"},
-        "teacher": {"image_mode": "caption", "batch_size": 32},
-        "embed": {"cache_dir": cache},
-        "retrieve": {"top_k": 12},
-        "sample": {"n_negatives": 3},
-        "output": {"rows_per_shard": 16},
-        "run": {"progress": False},
-    })
-
-
 @pytest.fixture(scope="module")
-def mined(tmp_path_factory, ray_session, shared_cache):
-    tmp = tmp_path_factory.mktemp("insp-e2e")
-    cfg = tiny_config(tmp, shared_cache)
-    out = tmp / "out"
-    mine(cfg, out)
-    return cfg, out
+def mined(mined_run, tmp_path_factory):
+    """(config, a private copy of the mined run): the marking test writes its blocklist and mines into it."""
+    return load_config(mined_run.parent / "hardneg.yaml"), copy_run(mined_run, tmp_path_factory.mktemp("e2e") / "out")
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +40,12 @@ def test_mined_run_is_served_and_reported(server, mined, tmp_path):
     import urllib.request
 
     ep = server.inspector.run.epoch()
-    assert ep.total == 48 and len(ep.shards) == 3
+    assert ep.total == 3 * N_IMAGES and len(ep.shards) == 5
     for path in ["", "?dataset=i2t", "?band=hard", "query?row=0", "query?id=t2i-001", "stats"]:
         with urllib.request.urlopen(server.url + path) as resp:
             assert resp.status == 200
     html = report.write(mined[1], tmp_path / "r.html", sample=4).read_text()
-    assert "data:image/" in html and "Teacher scores" in html
+    assert "data:image/" in html and "Teacher scores" in html and "not in items.parquet" not in html
 
 
 # ------------------------------------------------------------------------------------------------ in a browser
@@ -108,8 +80,8 @@ def loaded_images(pg) -> list[int]:
 
 def test_list_renders_with_images(server, page):
     page.goto(server.url)
-    assert page.locator("tr[data-row]").count() == 48
-    assert "rows 1–48 of 48" in page.inner_text("#summary")
+    assert page.locator("tr[data-row]").count() == 50
+    assert f"rows 1–50 of {3 * N_IMAGES}" in page.inner_text("#summary")
     first = page.locator("tr[data-row]").first.locator("img")
     assert first.count() >= 1
     widths = loaded_images(page)
@@ -128,8 +100,25 @@ def test_query_page_shows_negatives_with_scores(server, page, mined):
     for k, score in enumerate(row["neg_scores"]):
         text = cards.nth(k).inner_text()
         assert f"{score:.4f}" in text and f"{row['pos_score'] - score:.4f}" in text
-    assert page.locator("table.cands tbody tr").count() == 12
+    cands = ep.candidates(row["_row"], row["query_id"])["cand_item_ids"]
+    assert page.locator("table.cands tbody tr").count() == len(cands)
     assert all(w > 0 for w in loaded_images(page))
+
+
+@pytest.mark.parametrize("query_id", ["t2i-003", "i2t-003"])
+def test_every_candidate_shows_its_picture_or_its_text(server, page, query_id):
+    page.goto(f"{server.url}query?id={query_id}")
+    page.wait_for_load_state("networkidle")
+    rows = page.locator("table.cands tbody tr")
+    assert rows.count() == TOP_K and "not in items.parquet" not in page.inner_text("table.cands")
+    for k in range(TOP_K):
+        row = rows.nth(k)
+        if query_id.startswith("t2i"):  # candidates are images: a thumbnail that really loaded
+            img = row.locator("img.thumb")
+            assert img.count() == 1
+            assert img.evaluate("i => i.complete && i.naturalWidth") > 0
+        else:  # candidates are captions
+            assert row.locator(".text").inner_text().strip()
 
 
 def test_filter_narrows_the_list(server, page):
@@ -141,7 +130,7 @@ def test_filter_narrows_the_list(server, page):
     rows = page.locator("tr[data-row]")
     assert 0 < rows.count() < before
     assert set(page.locator("tr[data-row] .badge.ds").all_inner_texts()) == {"i2t"}
-    page.fill("input[name=q]", "I2T-00")
+    page.fill("input[name=q]", "I2T-00")  # i2t-000 ... i2t-009
     page.press("input[name=q]", "Enter")
     page.wait_for_url("**q=I2T-00**")
     assert page.locator("tr[data-row]").count() == 10
@@ -173,10 +162,10 @@ def test_marking_a_false_negative_lands_in_the_blocklist_and_the_next_epoch_hono
     assert [(e["query_id"], e["item_id"], e["note"]) for e in lines] == [
         (row["query_id"], item, "same object, other angle")]
 
-    mine(cfg, out, epoch=1)  # re-filters the kept candidates; reads OUT/blocklist.jsonl
-    ep1 = server.inspector.run.epoch(1)
-    r1 = ep1.row(ep1.find(row["query_id"]))
-    assert item not in r1["neg_item_ids"]
-    page.goto(f"{server.url}query?epoch=1&row={r1['_row']}&reason=blocklist")
+    mine(cfg, out, epoch=2)  # re-filters the kept candidates; reads OUT/blocklist.jsonl
+    ep2 = server.inspector.run.epoch(2)
+    r2 = ep2.row(ep2.find(row["query_id"]))
+    assert item not in r2["neg_item_ids"]
+    page.goto(f"{server.url}query?epoch=2&row={r2['_row']}&reason=blocklist")
     blocked = page.locator("table.cands tbody tr")
     assert blocked.count() == 1 and blocked.get_attribute("data-item") == item

@@ -1,31 +1,34 @@
-"""Lazy reading, filters, statistics, blocklist writing and image-path safety of the inspector, without a server."""
+"""Lazy reading, filters, statistics and image-path safety of the inspector, without a server, on a real mined run
+(tests/inspector_fixtures.py)."""
 from __future__ import annotations
 
 import json
-import threading
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from inspector_fixtures import EVIL, make_run
+from inspector_fixtures import EVIL, N_IMAGES, TOP_K, copy_run
 
-from pipeline.inspector import blocklist
-from pipeline.inspector.images import Forbidden, ImageRoot, NotFound, image_root_of
+from pipeline.config import load_config
+from pipeline.inspector.images import Forbidden, ImageRoot, NotFound, TooLarge, image_root_of
 from pipeline.inspector.stats import Histogram, compute
 from pipeline.inspector.store import BANDS, Filter, Run, hardest
+from pipeline.mine import mine
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return Run(make_run(tmp_path_factory.mktemp("insp"), epochs=2))
+def run(mined_run):
+    return Run(mined_run)
 
 
 def full_table(ep) -> pa.Table:
     return pa.concat_tables(pq.read_table(s.path) for s in ep.shards)
 
 
-def test_epochs_latest_by_default_and_partial_folders_ignored(run):
+def test_epochs_latest_by_default_and_partial_folders_ignored(mined_run, tmp_path):
+    run = Run(copy_run(mined_run, tmp_path / "out"))
     (run.out / ".epoch=0007.partial").mkdir(exist_ok=True)
     (run.out / "epoch=0009").mkdir(exist_ok=True)  # no manifest: not complete
     assert run.epochs == [0, 1]
@@ -36,7 +39,7 @@ def test_epochs_latest_by_default_and_partial_folders_ignored(run):
 
 def test_pages_cross_files_and_row_groups(run):
     ep = run.epoch(0)
-    assert len(ep.shards) == 2 and ep.shards[0].meta.num_row_groups > 1
+    assert len(ep.shards) == 5 and ep.shards[0].meta.num_row_groups > 1
     want = full_table(ep).column("query_id").to_pylist()
     got, start = [], 0
     while start is not None:
@@ -49,8 +52,8 @@ def test_pages_cross_files_and_row_groups(run):
 
 
 @pytest.mark.parametrize("flt", [
-    Filter(dataset="clip_t2i"), Filter(shortfall="yes"), Filter(shortfall="no"), Filter(band="hard"),
-    Filter(band="none"), Filter(search="SCRIPT"), Filter(dataset="clip_i2t", band="easy", search="i2t"),
+    Filter(dataset="t2i"), Filter(shortfall="yes"), Filter(shortfall="no"), Filter(band="hard"),
+    Filter(band="none"), Filter(search="SCRIPT"), Filter(dataset="i2t", band="easy", search="i2t"),
 ])
 def test_filtered_pages_match_a_full_scan(run, flt):
     ep = run.epoch(1)
@@ -80,23 +83,49 @@ def test_dataset_filter_skips_row_groups_by_statistics(run, monkeypatch):
     seen = []
     real = Filter.mask
     monkeypatch.setattr(Filter, "mask", lambda self, batch: seen.append(batch.num_rows) or real(self, batch))
-    page = ep.page(Filter(dataset="clip_t2i"), 0, 100)
-    assert {r["dataset"] for r in page.rows} == {"clip_t2i"} and len(page.rows) == 16
-    assert sum(seen) < ep.total - 10  # the groups holding only clip_i2t were never decoded
+    page = ep.page(Filter(dataset="t2i"), 0, 100)
+    assert {r["dataset"] for r in page.rows} == {"t2i"} and len(page.rows) == N_IMAGES
+    assert sum(seen) < ep.total - 2 * N_IMAGES + 10  # the groups holding only cls and i2t were never decoded
 
 
 def test_find_candidates_and_items(run):
     ep = run.epoch(1)
-    row = ep.find("clip_t2i:0003")
+    row = ep.find("t2i-001")
     data = ep.row(row)
     assert data["qry"] == EVIL and ep.find("nope") is None
     cands = ep.candidates(row, data["query_id"])
-    assert cands["query_id"] == "clip_t2i:0003" and len(cands["cand_item_ids"]) == 8
-    assert ep.candidates(0, "clip_t2i:0003") == cands  # a misaligned row falls back to a lookup by id
-    items = run.items(cands["cand_item_ids"] + ["missing"])
+    assert cands["query_id"] == "t2i-001" and len(cands["cand_item_ids"]) == TOP_K
+    assert ep.candidates(0, "t2i-001") == cands  # a misaligned row falls back to a lookup by id
+    items = ep.items(cands["cand_item_ids"] + ["missing"])
     assert set(items) == set(cands["cand_item_ids"])
-    assert all(i["image_path"] for i in items.values())  # text->image: the candidates are images
-    assert ep.datasets() == ["clip_i2t", "clip_t2i"]
+    assert all(i["image_path"].startswith("images/") for i in items.values())  # text->image: candidates are images
+    i2t = ep.candidates(ep.find("i2t-002"), "i2t-002")
+    assert all(i["text"] for i in ep.items(i2t["cand_item_ids"]).values())  # image->text: they are captions
+    assert ep.datasets() == ["cls", "i2t", "t2i"]
+
+
+def test_every_candidate_of_every_epoch_is_found_in_the_retrieval_the_manifest_names(run):
+    """The miner keeps items under _run/<retrieval id>/ (pipeline/mine.py); an epoch's manifest names it."""
+    for number in run.epochs:
+        ep = run.epoch(number)
+        rid = ep.manifest["retrieval_id"]
+        assert ep.items_shard.path == run.out / "_run" / rid / "items.parquet"
+        for r in ep.read(0, ep.total, ["query_id"]):
+            ids = ep.candidates(r["_row"], r["query_id"])["cand_item_ids"]
+            found = ep.items(ids)
+            assert set(found) == set(ids), r["query_id"]
+            assert all(i["text"] or i["image_path"] for i in found.values())
+
+
+def test_a_manifest_naming_no_or_a_foreign_retrieval_finds_no_items(mined_run, tmp_path):
+    out = copy_run(mined_run, tmp_path / "out")
+    path = out / "epoch=0000" / "_manifest.json"
+    for rid in (None, "../../elsewhere", "missing"):
+        manifest = json.loads(path.read_text())
+        manifest["retrieval_id"] = rid
+        path.write_text(json.dumps(manifest))
+        ep = Run(out).epoch(0)
+        assert ep.items_shard is None and ep.items(["anything"]) == {}
 
 
 def test_hardest_handles_empty_lists_and_any_order():
@@ -116,7 +145,7 @@ def test_statistics_match_the_rows(run):
     assert st.margin.mean == pytest.approx(np.mean(margins), abs=1e-6)
     assert st.shortfall_queries == sum(r["shortfall"] > 0 for r in rows)
     assert sum(st.negs_per_query.values()) == len(rows)
-    assert st.per_dataset["clip_t2i"].queries == 16
+    assert st.per_dataset["t2i"].queries == N_IMAGES
     assert st.drops == json.loads((ep.dir / "_stats.json").read_text())["drops"]
     assert st.rejects == {"missing_image": 1, "empty_text": 1}
     edges, counts = st.neg.coarse(20)
@@ -130,61 +159,63 @@ def test_histogram_clips_and_ignores_nan():
     assert h.n == 3 and h.counts[0] == 1 and h.counts[-1] == 1 and h.mean == 0
 
 
-def test_blocklist_is_append_only_deduplicated_and_safe_across_threads(tmp_path):
-    path = tmp_path / "blocklist.jsonl"
-    path.write_text('{"query_id": "q0", "item_id": "i0", "who": "x", "when": "t", "note": ""}\n{"query_id": "q')
-    results = []
-
-    def click(k):
-        results.append(blocklist.append(path, f"q{k % 4}", f"i{k % 4}", note=f"<b>{k}</b>", who="tester")[0])
-
-    threads = [threading.Thread(target=click, args=(k,)) for k in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lines = path.read_text().splitlines()
-    assert lines[1] == '{"query_id": "q'  # the torn line is kept, closed, and skipped by readers
-    entries = blocklist.entries(path)
-    assert sorted((e["query_id"], e["item_id"]) for e in entries) == [(f"q{k}", f"i{k}") for k in range(4)]
-    assert results.count(True) == 3  # q0/i0 was already listed
-    e = blocklist.for_query(path, "q1")["i1"]
-    assert e["who"] == "tester" and e["when"].endswith("+00:00") and e["note"].startswith("<b>")
-
-
 def test_image_paths_cannot_leave_the_root(run, tmp_path):
-    root = image_root_of(run.epoch().manifest, run.out)
-    images = ImageRoot(root)
-    (tmp_path / "secret.png").write_bytes((root / "0000.png").read_bytes())
-    (root / "link.png").symlink_to(tmp_path / "secret.png")
-    (root / "notes.txt").write_text("<html>not an image</html>")
-    data, mime = images.thumbnail("0000.png", 96)
-    assert (mime, data[:3]) in (("image/png", b"\x89PN"), ("image/jpeg", b"\xff\xd8\xff"))
-    assert images.original("0000.png")[1] == "image/png"
-    for bad in ["../secret.png", "/etc/passwd", "0000.png/../../secret.png", "link.png", "file:///etc/passwd",
-                "~/x.png", "C:/x.png", "a\\..\\b.png"]:
-        with pytest.raises(Forbidden):
-            images.thumbnail(bad)
-    for missing in ["nope.png", "notes.txt", ""]:
-        with pytest.raises(NotFound):
-            images.original(missing)
-    assert images.data_uri("0000.png").startswith(f"data:{mime};base64,")
-    assert images.data_uri("../secret.png") is None
+    images = ImageRoot(image_root_of(run.epoch().manifest, run.out))
+    probe = images.root / "images" / f"probe-{tmp_path.name}"  # beside the run's images, removed afterwards
+    probe.mkdir()
+    try:
+        (tmp_path / "secret.png").write_bytes((images.root / "images" / "0000.png").read_bytes())
+        (probe / "link.png").symlink_to(tmp_path / "secret.png")
+        (probe / "notes.txt").write_text("<html>not an image</html>")
+        data, mime = images.thumbnail("images/0000.png", 96)
+        assert (mime, data[:3]) in (("image/png", b"\x89PN"), ("image/jpeg", b"\xff\xd8\xff"))
+        assert images.original("images/0000.png")[1] == "image/png"
+        for bad in ["../secret.png", "/etc/passwd", "images/0000.png/../../../secret.png",
+                    f"images/{probe.name}/link.png", "file:///etc/passwd", "~/x.png", "C:/x.png", "a\\..\\b.png"]:
+            with pytest.raises(Forbidden):
+                images.thumbnail(bad)
+        for missing in ["images/nope.png", f"images/{probe.name}/notes.txt", ""]:
+            with pytest.raises(NotFound):
+                images.original(missing)
+        assert images.data_uri("images/0000.png").startswith(f"data:{mime};base64,")
+        assert images.data_uri("../secret.png") is None
+    finally:
+        shutil.rmtree(probe)
 
 
-def test_relative_image_root_resolves_against_the_output(tmp_path):
-    out = make_run(tmp_path, epochs=1, image_root_relative=True)
-    root = image_root_of(Run(out).epoch().manifest, out)
-    assert root == (tmp_path / "images").resolve()
+def test_images_above_the_runs_pixel_limit_are_refused_before_decoding(run, tmp_path, monkeypatch):
+    from PIL import Image, ImageFile
+
+    Image.new("1", (400, 300)).save(tmp_path / "wide.png")
+    decoded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real(im))
+    small = ImageRoot(tmp_path, max_pixels=400 * 300 - 1)
+    for call in (small.thumbnail, small.original):
+        with pytest.raises(TooLarge, match="400x300 pixels is above input.max_image_pixels=119999"):
+            call("wide.png")
+    assert small.data_uri("wide.png") is None and decoded == []
+    assert ImageRoot(tmp_path, max_pixels=400 * 300).thumbnail("wide.png")[1].startswith("image/")
+    assert decoded[0] == (400, 300)  # decoded once allowed
+    with pytest.raises(TooLarge, match="bytes is above input.max_image_bytes"):
+        ImageRoot(tmp_path, max_bytes=10).thumbnail("wide.png")
 
 
-def test_an_epoch_written_again_is_read_again(tmp_path):
-    run = Run(make_run(tmp_path, epochs=1))
-    assert run.epoch(0).total == 32
-    path = run.out / "epoch=0000" / "_manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["files"] = manifest["files"][:1]
-    tmp = path.with_name("m.tmp")
-    tmp.write_text(json.dumps(manifest))
-    tmp.replace(path)  # what a writer does: a new file renamed into place
-    assert run.epoch(0).total == 14
+def test_relative_image_root_resolves_against_the_output(run, tmp_path, monkeypatch):
+    manifest = run.epoch().manifest
+    root = image_root_of(manifest, run.out)
+    assert root == run.out.parent.resolve()  # the config said ".", resolved against the config's folder
+    monkeypatch.chdir(tmp_path)
+    relative = {**manifest, "config": {**manifest["config"], "input": {"image_root": root.name}}}
+    assert image_root_of(relative, root.parent) == root  # tried against OUT
+    assert image_root_of(relative, root.parent / "out") == root  # and against its parent
+
+
+def test_an_epoch_written_again_is_read_again(mined_run, tmp_path):
+    run = Run(copy_run(mined_run, tmp_path / "out"))
+    before = run.epoch(0)
+    assert before.total == 3 * N_IMAGES and max(r["num_negatives"] for r in before.read(0, before.total)) == 3
+    cfg = load_config(mined_run.parent / "hardneg.yaml", ["sample.n_negatives=1", "sample.min_negatives=1"])
+    mine(cfg, run.out, epoch=0, overwrite=True)  # re-filters the kept retrieval: nothing is embedded again
+    after = run.epoch(0)
+    assert after is not before and max(r["num_negatives"] for r in after.read(0, after.total)) == 1

@@ -113,7 +113,7 @@ def test_teacher_configs_load_on_the_mmeb_layout(tmp_path):
         cfg = load_config(tmp_path / "configs" / f"{name}.yaml")
         assert [Path(p).parent.name for p in cfg.input.pairs] == sorted(SUBSETS), name
         assert cfg.input.image_root == str(tree) and cfg.input.dataset == "{parent}"
-        assert cfg.teacher.kind in ("hf-clip", "hf-vlm") and not cfg.teacher.trust_remote_code
+        assert cfg.teacher.kind in ("hf-clip", "hf-vlm", "qqmm") and not cfg.teacher.trust_remote_code
 
 
 def test_mmeb_instructions_are_not_doubled():

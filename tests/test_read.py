@@ -63,7 +63,7 @@ def test_every_bad_row_is_rejected_with_its_reason_and_the_good_rows_are_kept(tr
     # the same id with other content is a conflict; the same id with the same content is a repeated row
     dup = [r for r in corpus.rejects if r["query_id"] in ("ok0", "ok1")]
     assert sorted(r["reason"] for r in dup) == ["duplicate_id", "duplicate_row"]
-    assert "row 0" in next(r for r in dup if r["reason"] == "duplicate_id")["detail"]
+    assert "pairs.jsonl line 1 " in next(r for r in dup if r["reason"] == "duplicate_id")["detail"]
     assert corpus.rows_in == corpus.queries.num_rows + len(corpus.rejects)
     big = by_id["big"]["detail"]
     assert "300x300" in big and "max_image_pixels" in big
@@ -123,3 +123,78 @@ def test_mostly_broken_input_stops_with_a_clear_message(tmp_path):
     rows = [{"qry": "", "pos_text": "x"}] * 3 + [{"qry": "a", "pos_text": "b"}]
     with pytest.raises(InputError, match=r"3 of 4 input rows are unusable .*empty_text.*Fix the input"):
         load_corpus(InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))]), caption_mode=False)
+
+
+# ------------------------------------------------------------------ text kept as written, rows numbered as lines
+
+def test_text_that_is_not_utf8_is_rejected_naming_its_line_and_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"qry": "a", "pos_text": "b"}\n'
+                     b'{"qry": "caf\xe9 latin-1", "pos_text": "coffee"}\n'
+                     b'{"qry": "c", "pos_text": "lone \\ud800 escape"}\n'
+                     b'{"qry": "d", "pos_text": "e"}\n')
+    corpus = load_corpus(InputConfig(pairs=[str(path)], max_reject_fraction=0.9), caption_mode=False)
+    assert corpus.queries.column("qry").to_pylist() == ["a", "d"]
+    assert [(r["row"], r["field"], r["reason"]) for r in corpus.rejects] == \
+        [(2, "qry", "bad_encoding"), (3, "pos_text", "bad_encoding")]
+    assert "line 2: field 'qry' is not valid UTF-8 text (byte 0xe9" in corpus.rejects[0]["detail"]
+    assert all("\ufffd" not in t for t in corpus.items.column("text").to_pylist())  # nothing silently replaced
+
+
+@pytest.mark.parametrize("column", ["id", "group"])
+def test_date_like_strings_stay_strings(tmp_path, column):
+    rows = [{"qry": f"q{i}", "pos_text": f"p{i}", column: f"2021-05-0{i + 1}"} for i in range(3)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    corpus = load_corpus(InputConfig(pairs=[str(path)], group_key="group" if column == "group" else None),
+                         caption_mode=False)
+    assert corpus.rejects == []
+    got = corpus.queries.column("query_id" if column == "id" else "group").to_pylist()
+    assert got == ["2021-05-01", "2021-05-02", "2021-05-03"]
+
+
+def test_repeated_rows_without_ids_are_found_by_content(tmp_path):
+    rows = [{"qry": "a dog", "pos_text": "a ball"}, {"qry": "a cat", "pos_text": "a ball"},
+            {"qry": "a  dog ", "pos_text": "a ball"},  # the same content, spelled with other whitespace
+            {"qry": "a dog", "pos_text": "a ball", "dataset": "other"}]  # another dataset: another pair
+    corpus = load_corpus(InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))]), caption_mode=False)
+    assert corpus.queries.num_rows == 3
+    (dup,) = corpus.rejects
+    assert (dup["reason"], dup["row"]) == ("duplicate_row", 3)
+    assert "same query, positive and dataset as " + str(tmp_path / "p.jsonl") + " line 1" in dup["detail"]
+
+
+def test_reject_rows_are_file_lines_after_bad_and_blank_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"qry": "a", "pos_text": "b"}\n\nnot json\n{"qry": "", "pos_text": "c"}\n'
+                    '{"qry": "d", "pos_text": "e"}\n{"qry": "f", "pos_text": 5}\n')
+    corpus = load_corpus(InputConfig(pairs=[str(path)], max_reject_fraction=0.9), caption_mode=False)
+    assert sorted((r["row"], r["reason"]) for r in corpus.rejects) == \
+        [(3, "bad_json"), (4, "empty_text"), (6, "bad_type")]
+    lines = path.read_text().splitlines()
+    assert all(lines[r["row"] - 1].startswith(("not", "{")) for r in corpus.rejects)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps([{"qry": f"q{i}", "pos_text": f"p{i}"} for i in range(5)], indent=2),  # pretty-printed array
+    "[\n" + ",\n".join(json.dumps({"qry": f"q{i}", "pos_text": f"p{i}"}) for i in range(5)) + "\n]\n",
+    json.dumps([{"qry": f"q{i}", "pos_text": f"p{i}"} for i in range(5)]),  # an array on one line
+    json.dumps({"data": [{"qry": "q", "pos_text": "p"}]}, indent=2),  # one object over several lines
+    "qry,pos_text\na,b\nc,d\n",  # not JSON at all
+], ids=["pretty-array", "array-one-per-line", "array-one-line", "pretty-object", "csv"])
+def test_a_json_document_is_one_clear_error_not_n_broken_rows(tmp_path, text):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(text)
+    with pytest.raises(InputError, match=r"pairs.jsonl: expected JSON Lines \(one object per line\)") as exc:
+        load_corpus(InputConfig(pairs=[str(path)]), caption_mode=False)
+    assert "\n" not in str(exc.value)
+
+
+def test_reject_details_carry_no_object_reprs(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "text.png").write_bytes(b"plain text, not an image")
+    rows = [{"qry": "a", "pos_image_path": "images/text.png"}, {"qry": "b", "pos_text": "c"}]
+    corpus = load_corpus(InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))], image_root=str(tmp_path)),
+                         caption_mode=False)
+    (bad,) = corpus.rejects
+    assert bad["reason"] == "corrupt_image" and "not an image in a readable format" in bad["detail"]
+    assert " object at 0x" not in bad["detail"] and "<_io" not in bad["detail"]

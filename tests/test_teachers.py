@@ -154,7 +154,8 @@ def test_fingerprint_changes_with_weights_preprocessing_and_prompts_only(models,
     assert fp(skip_present_instructions=False, query_prompt="q: ") != fp(query_prompt="q: ")
     assert fp(kind="hf-vlm") != base and fp(kind="hf-vlm", pooling="mean") != fp(kind="hf-vlm")
     assert fp(kind="hf-vlm", prompt_format="chat") != fp(kind="hf-vlm")
-    pre = folder / "processor_config.json"
+    pre = next(p for p in (folder / "processor_config.json", folder / "preprocessor_config.json")  # 5.x / 4.x
+               if p.exists() and '"crop_size"' in p.read_text())
     pre.write_text(pre.read_text().replace('"crop_size"', '"crop_pct": 0.9, "crop_size"'))
     after_pre = fp()
     assert after_pre != base

@@ -20,7 +20,14 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _byte_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    try:
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    except TypeError:  # transformers 4 reads the vocabulary from files
+        import json
+
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     config = CLIPConfig(

@@ -25,10 +25,28 @@ def _byte_tokenizer(specials: list[str]):
     from transformers import Qwen2TokenizerFast
 
     vocab = {s: i for i, s in enumerate(sorted(ByteLevel.alphabet()))}
-    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>",
-                             pad_token="<|endoftext|>")
+    try:
+        tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>")
+    except TypeError:  # transformers 4 builds a fast tokenizer from files or from a `tokenizers` object
+        from tokenizers import Tokenizer, decoders, models
+
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        tok = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
+
+
+def _mrope(section: list[int], theta: float) -> dict:
+    """M-RoPE settings as the installed transformers spells them (`rope_parameters` from 5.0, `rope_scaling` before)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": theta}}
+    return {"rope_scaling": {"type": "mrope", "mrope_section": section}, "rope_theta": theta}
 
 
 def _save_processor(folder: Path, processor_cls, image_processor, tokenizer, chat_template: str, extra: dict):
@@ -64,7 +82,7 @@ def save_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+                         **_mrope([2, 3, 3], 1e4),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
@@ -127,4 +145,50 @@ def save_tiny_siglip(folder: Path, seed: int = 0) -> Path:
                            image_size=32, patch_size=8))
     torch.manual_seed(seed)
     SiglipModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_qqmm(folder: Path, seed: int = 0) -> Path:
+    """A QQMM-embed checkpoint as QQ-MM/QQMM-embed lays it out: config.json (`model_type: qqmm`, nested language /
+    vision / abstractor configs) and safetensors named `vision_model.*` (Qwen2-VL NaViT), `vision_abstractor.*`
+    (image embedding + MLP over 2x2 patch groups), `language_model.*` (Qwen2 causal LM). The tokenizer has no
+    `<image>` token: QQMM's processor adds it at load, so it takes the next id."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = _byte_tokenizer(["<|im_start|>", "<|im_end|>"])
+    tok.save_pretrained(folder)
+    image_id = len(tok)
+    lm = dict(model_type="qwen2", vocab_size=image_id + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, rope_theta=1e6,
+              rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    vision = dict(model_type="qwen2vl_navit", depth=1, hidden_size=32, num_heads=2, mlp_ratio=2,
+                  hidden_act="quick_gelu", patch_size=14, in_channels=3)
+    config = dict(model_type="qqmm", architectures=["QQMMForCausalLM"], language_model_config=lm,
+                  vision_model_config=vision, vision_abstractor_config={"projection_type": "mlp2x_gelu"},
+                  image_token_id=image_id, vision_output_key="", torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    torch.manual_seed(seed)
+    state = {f"language_model.{k}": v.contiguous() for k, v in
+             Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in lm.items() if k != "model_type"})).state_dict().items()}
+    d, hidden = vision["hidden_size"], lm["hidden_size"]
+    rnd = lambda *shape, std=0.05: torch.randn(*shape) * std  # noqa: E731
+    state.update({
+        "vision_model.patch_embed.weight": rnd(d, 3, 14, 14),
+        "vision_model.blocks.0.norm1.weight": 1 + rnd(d), "vision_model.blocks.0.norm1.bias": rnd(d),
+        "vision_model.blocks.0.norm2.weight": 1 + rnd(d), "vision_model.blocks.0.norm2.bias": rnd(d),
+        "vision_model.blocks.0.attn.qkv.weight": rnd(3 * d, d, std=0.3), "vision_model.blocks.0.attn.qkv.bias": rnd(3 * d),
+        "vision_model.blocks.0.attn.proj.weight": rnd(d, d, std=0.3), "vision_model.blocks.0.attn.proj.bias": rnd(d),
+        "vision_model.blocks.0.mlp.fc1.weight": rnd(2 * d, d, std=0.3), "vision_model.blocks.0.mlp.fc1.bias": rnd(2 * d),
+        "vision_model.blocks.0.mlp.fc2.weight": rnd(d, 2 * d, std=0.3), "vision_model.blocks.0.mlp.fc2.bias": rnd(d),
+        "vision_abstractor.image_embedding": rnd(1, 4 * d),
+        "vision_abstractor.projection.0.weight": rnd(hidden, 4 * d, std=0.3),
+        "vision_abstractor.projection.0.bias": rnd(hidden),
+        "vision_abstractor.projection.2.weight": rnd(hidden, hidden, std=0.3),
+        "vision_abstractor.projection.2.bias": rnd(hidden),
+    })
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

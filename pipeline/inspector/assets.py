@@ -58,6 +58,7 @@ form.block input[type=text] { flex:1 1 140px; min-width:0; font:inherit; font-si
 form.block button { font:inherit; font-size:12px; }
 .blocked { color:var(--bad); font-size:12px; margin-top:6px; }
 .flash { background:#e2f3e8; border:1px solid #b9dec5; padding:6px 10px; border-radius:6px; margin:8px 0; }
+.flash.warn { background:#fdf1dc; border-color:#ecd3a0; }
 .chips a, .chips span { margin-right:6px; }
 .chips .on { font-weight:700; text-decoration:none; color:var(--fg); }
 tr.v-negative td { background:#f1f7ff; }

@@ -13,11 +13,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "candidates each filter dropped, statistics, and marking false negatives into "
                     "OUT/blocklist.jsonl.")
     p.add_argument("run", metavar="OUT", help="the run's output folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only); any other address prints a warning "
+                        "and every request then needs the token of the printed URL")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--epoch", type=int, default=None, help="epoch to open (default: the latest complete one)")
     p.add_argument("--image-root", default=None,
                    help="image folder, when the run's config.input.image_root does not resolve from here")
+    p.add_argument("--who", default=None,
+                   help="name recorded with each false negative marked in this session (default: the OS user)")
     p.set_defaults(func=inspect_cmd)
 
     r = subparsers.add_parser(
@@ -34,10 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def inspect_cmd(args: argparse.Namespace) -> int:
-    from pipeline.inspector.app import make_server
+    from pipeline.inspector.app import exposure_warning, make_server
+    from pipeline.preflight import check_port
 
+    check_port(args.port)
     try:
-        server = make_server(args.run, args.host, args.port, args.epoch, args.image_root, verbose=True)
+        server = make_server(args.run, args.host, args.port, args.epoch, args.image_root, verbose=True,
+                             who=args.who)
     except (FileNotFoundError, KeyError) as e:
         print(f"hardneg inspect: {e}", file=sys.stderr)
         return 2
@@ -51,6 +58,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
               file=sys.stderr)
         server.server_close()
         return 2
+    warning = exposure_warning(args.host, server.server_address[1])
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"hardneg inspector: {ep.total:,} queries in epoch {ep.number} of {args.run}\n  {server.url}  "
           f"(Ctrl-C to stop)", flush=True)
     try:
@@ -66,9 +76,14 @@ def report_cmd(args: argparse.Namespace) -> int:
     from pipeline.inspector import report
     from pipeline.inspector.store import Run
 
+    from pipeline.preflight import check_writable_file
+
+    if args.dest:
+        check_writable_file(args.dest, "--out")  # before the report is built
     try:
         number = Run(args.run).epoch(args.epoch).number
         dest = args.dest or f"report-{Path(args.run).resolve().name}-epoch{number:04d}.html"
+        check_writable_file(dest, "--out")
         path = report.write(args.run, dest, number, args.sample, args.image_root)
     except (FileNotFoundError, KeyError) as e:
         print(f"hardneg report: no such run or epoch: {e}", file=sys.stderr)

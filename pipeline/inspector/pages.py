@@ -195,6 +195,16 @@ def query_detail(view: View, row: dict, cands: dict | None, items: dict[str, dic
     return "".join(out)
 
 
+def blocklist_warning(skipped: list[str] | None) -> str:
+    """The malformed lines the blocklist readers skip, named so that someone fixes them."""
+    if not skipped:
+        return ""
+    where = ", ".join(s.rsplit(":", 1)[-1] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+    return (f'<div class="flash warn" id="blocklist-skipped">blocklist.jsonl: {len(skipped)} malformed '
+            f'line{"s" if len(skipped) != 1 else ""} skipped (line {esc(where)}): each line must be one JSON '
+            "object with query_id and item_id.</div>")
+
+
 def _metrics(pairs: list[tuple[str, str]]) -> str:
     return '<dl class="metrics">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
@@ -262,7 +272,7 @@ def _candidates(view: View, row: dict, cands: dict | None, items: dict[str, dict
 
 
 def query_page(view: View, row: dict, cands: dict | None, items: dict[str, dict], blocked: dict[str, dict],
-               total: int, reason: str = "", marked: str = "") -> str:
+               total: int, reason: str = "", marked: str = "", skipped: list[str] | None = None) -> str:
     r = row["_row"]
     nav = [f'<a href="{href("/", epoch=view.epoch, start=(r // 50) * 50)}">← list</a>']
     if r > 0:
@@ -271,7 +281,7 @@ def query_page(view: View, row: dict, cands: dict | None, items: dict[str, dict]
         nav.append(f'<a href="{href("/query", epoch=view.epoch, row=r + 1)}">next query</a>')
     body = (f'<div class="pager">{"".join(nav)}<span class="muted">row {r:,} of {total:,}</span></div>'
             f'<h1>Query <span class="mono" id="qid">{esc(row.get("query_id"))}</span></h1>'
-            + query_detail(view, row, cands, items, blocked, reason, marked))
+            + blocklist_warning(skipped) + query_detail(view, row, cands, items, blocked, reason, marked))
     return layout(view, f"{row.get('query_id')} · hardneg inspector", body)
 
 
@@ -286,6 +296,9 @@ def stats_section(st: EpochStats, history: list[EpochStats]) -> str:
     kpis += [("negatives per query", num(st.mean_negatives, 2)), ("with shortfall", num(st.shortfall_queries)),
              ("mean positive score", num(st.pos.mean, 3)), ("mean negative score", num(st.neg.mean, 3)),
              ("mean margin", num(st.margin.mean, 3)), ("candidates dropped", num(total_drops))]
+    if st.blocklist:
+        kpis += [("blocklist entries read", num(st.blocklist.get("entries"))),
+                 ("blocklist lines skipped (malformed)", num(st.blocklist.get("skipped_lines")))]
     out = ['<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{esc(k)}</span></div>'
                                           for k, v in kpis) + "</div>"]
     figs = [
@@ -345,8 +358,8 @@ def _trends(history: list[EpochStats]) -> str:
               f'<th class="num">queries</th>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
-def stats_page(view: View, st: EpochStats, history: list[EpochStats]) -> str:
-    body = f"<h1>Statistics · epoch {view.epoch}</h1>" + stats_section(st, history)
+def stats_page(view: View, st: EpochStats, history: list[EpochStats], skipped: list[str] | None = None) -> str:
+    body = f"<h1>Statistics · epoch {view.epoch}</h1>" + blocklist_warning(skipped) + stats_section(st, history)
     return layout(view, "Statistics · hardneg inspector", body, "stats")
 
 

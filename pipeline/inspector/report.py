@@ -11,8 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipeline.inspector import blocklist, pages
-from pipeline.inspector.images import ImageRoot, image_root_of
+from pipeline import blocklist
+from pipeline.inspector import pages
+from pipeline.inspector.images import ImageRoot, image_limits, image_root_of
 from pipeline.inspector.stats import compute
 from pipeline.inspector.store import Run
 
@@ -28,7 +29,10 @@ def sample_rows(total: int, n: int) -> list[int]:
 def build(out: str | Path, epoch: int | None = None, sample: int = 20, image_root: str | Path | None = None) -> str:
     run = Run(out)
     ep = run.epoch(epoch)
-    root = ImageRoot(Path(image_root) if image_root else image_root_of(ep.manifest, run.out))
+    listed = blocklist.read(run.blocklist_path)
+    pixels, size = image_limits(ep.manifest)
+    root = ImageRoot(Path(image_root) if image_root else image_root_of(ep.manifest, run.out), max_pixels=pixels,
+                     max_bytes=size)
     history = [compute(run.epoch(n)) for n in run.epochs if n <= ep.number]
     view = pages.View(ep.number, run.epochs, lambda p, s: root.data_uri(p, min(s, REPORT_THUMB)),
                       run_name=run.out.name)
@@ -36,15 +40,14 @@ def build(out: str | Path, epoch: int | None = None, sample: int = 20, image_roo
              f'<p class="muted">{pages.esc(run.out.resolve())} · generated '
              f'{dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} · epochs in run: '
              f'{", ".join(str(e) for e in run.epochs)}</p>',
-             "<h2>Statistics</h2>", pages.stats_section(history[-1], history)]
+             "<h2>Statistics</h2>", pages.blocklist_warning(listed.skipped), pages.stats_section(history[-1], history)]
     rows = sample_rows(ep.total, sample)
     parts.append(f"<h2>Sample of {len(rows)} of {ep.total:,} queries</h2>")
-    entries = blocklist.entries(run.blocklist_path)
     for r in rows:
         data = ep.row(r)
         cands = ep.candidates(r, data["query_id"])
-        items = run.items(list(cands.get("cand_item_ids") or [])) if cands else {}
-        blocked = {str(e.get("item_id")): e for e in entries if e.get("query_id") == data["query_id"]}
+        items = ep.items(list(cands.get("cand_item_ids") or [])) if cands else {}
+        blocked = listed.for_query(data["query_id"])
         parts.append(f'<section class="sample"><h2>Query <span class="mono">{pages.esc(data["query_id"])}</span>'
                      f' <span class="muted">row {r:,}</span></h2>'
                      + pages.query_detail(view, data, cands, items, blocked, in_report=True) + "</section>")

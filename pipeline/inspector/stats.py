@@ -79,6 +79,7 @@ class EpochStats:
     drops: dict[str, int] = field(default_factory=dict)
     rejects: Counter = field(default_factory=Counter)
     run_counts: dict[str, int] = field(default_factory=dict)
+    blocklist: dict = field(default_factory=dict)  # entries / skipped_lines the miner read (`_stats.json`)
 
     @property
     def mean_negatives(self) -> float | None:
@@ -93,6 +94,7 @@ def compute(epoch: Epoch) -> EpochStats:
     out.drops = {str(k): int(v) for k, v in (epoch.stats.get("drops") or {}).items()}
     out.run_counts = {k: epoch.stats[k] for k in ("queries_in", "queries_written", "queries_rejected")
                       if isinstance(epoch.stats.get(k), int)}
+    out.blocklist = epoch.stats.get("blocklist") if isinstance(epoch.stats.get("blocklist"), dict) else {}
     rejects = epoch.dir / "_rejects.jsonl"
     if rejects.is_file():
         with rejects.open(encoding="utf-8") as f:

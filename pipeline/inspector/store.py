@@ -20,7 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import blocklist
+
 EPOCH_DIR = re.compile(r"^epoch=(\d+)$")
+RETRIEVAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name under _run/, never a path
 SCAN_BATCH = 65536
 
 # Bands over a query's hardest negative, measured relative to its positive (`neg_rel_scores` = neg / pos, the
@@ -220,6 +223,9 @@ class Epoch:
         self.offsets = np.cumsum([0] + [int(f["rows"]) for f in files]).astype(np.int64)
         self.total = int(self.offsets[-1])
         self._datasets: list[str] | None = None
+        rid = str(self.manifest.get("retrieval_id") or "")
+        path = out / "_run" / rid / "items.parquet"
+        self.items_shard = Shard(path) if RETRIEVAL_ID.match(rid) and path.is_file() else None
 
     def locate(self, row: int) -> tuple[int, int]:
         i = int(np.searchsorted(self.offsets, row, side="right")) - 1
@@ -302,6 +308,28 @@ class Epoch:
                 return shard.read(local, local + 1, None).to_pylist()[0]
         return None
 
+    def items(self, ids: list[str]) -> dict[str, dict]:
+        """text / image_path / modality of the given item ids from the item table of the retrieval this epoch was
+        mined from (`_run/<retrieval_id>/items.parquet`, named by the manifest): row groups whose id range holds
+        none of them are skipped, the scan stops once all are found."""
+        if not ids or self.items_shard is None:
+            return {}
+        shard, want = self.items_shard, pa.array(sorted(set(ids)), pa.string())
+        lo, hi = want[0].as_py(), want[-1].as_py()
+        found: dict[str, dict] = {}
+        pf = shard.open()
+        for g in range(shard.meta.num_row_groups):
+            st = shard.stats(g).get("item_id")
+            if st and (st[1] < lo or st[0] > hi):
+                continue
+            for batch in pf.iter_batches(batch_size=SCAN_BATCH, row_groups=[g], columns=ITEM_COLUMNS,
+                                         use_threads=False):
+                hit = pc.is_in(batch["item_id"], value_set=want)
+                found.update((r["item_id"], r) for r in batch.filter(hit).to_pylist())
+                if len(found) == len(want):
+                    return found
+        return found
+
     def datasets(self) -> list[str]:
         """Distinct datasets: from row-group statistics where a group holds one dataset, decoded otherwise."""
         if self._datasets is None:
@@ -319,14 +347,13 @@ class Epoch:
 
 
 class Run:
-    """An output folder: its complete epochs (folders renamed into place with a manifest) and its item table."""
+    """An output folder: its complete epochs (folders renamed into place with a manifest) and its blocklist."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         if not self.out.is_dir():
             raise FileNotFoundError(f"no output folder at {self.out}")
         self._epochs: dict[int, Epoch] = {}
-        self._items: Shard | None = None
         self._lock = threading.Lock()
 
     @property
@@ -354,28 +381,4 @@ class Run:
 
     @property
     def blocklist_path(self) -> Path:
-        return self.out / "blocklist.jsonl"
-
-    def items(self, ids: list[str]) -> dict[str, dict]:
-        """text / image_path / modality of the given item ids from `_run/items.parquet`: row groups whose id range
-        holds none of them are skipped, the scan stops once all are found."""
-        path = self.out / "_run" / "items.parquet"
-        if not ids or not path.is_file():
-            return {}
-        if self._items is None or self._items.path != path:
-            self._items = Shard(path)
-        shard, want = self._items, pa.array(sorted(set(ids)), pa.string())
-        lo, hi = want[0].as_py(), want[-1].as_py()
-        found: dict[str, dict] = {}
-        pf = shard.open()
-        for g in range(shard.meta.num_row_groups):
-            st = shard.stats(g).get("item_id")
-            if st and (st[1] < lo or st[0] > hi):
-                continue
-            for batch in pf.iter_batches(batch_size=SCAN_BATCH, row_groups=[g], columns=ITEM_COLUMNS,
-                                         use_threads=False):
-                hit = pc.is_in(batch["item_id"], value_set=want)
-                found.update((r["item_id"], r) for r in batch.filter(hit).to_pylist())
-                if len(found) == len(want):
-                    return found
-        return found
+        return self.out / blocklist.FILENAME

@@ -249,6 +249,14 @@ def max_pixels_of(cfg: TeacherConfig) -> Optional[int]:
     return cfg.max_pixels or teacher_class(cfg).default_max_pixels
 
 
+def decode_bounds(cfg: TeacherConfig) -> tuple[Optional[int], Optional[int]]:
+    """(min_pixels, max_pixels) of the CPU decode stage; none where the teacher sizes images itself
+    (`image_resize: smart / squash`: one resize, by the family's own rule, not two)."""
+    if getattr(cfg, "image_resize", "bound") != "bound":
+        return None, None
+    return cfg.min_pixels, max_pixels_of(cfg)
+
+
 def teacher_class(cfg: TeacherConfig) -> type[Teacher]:
     if cfg.kind == "sentence-transformers":
         from .sentence_transformers import SentenceTransformerTeacher
@@ -259,6 +267,9 @@ def teacher_class(cfg: TeacherConfig) -> type[Teacher]:
     if cfg.kind == "hf-vlm":
         from .hf_vlm import HFVLMTeacher
         return HFVLMTeacher
+    if cfg.kind == "qqmm":
+        from .qqmm import QQMMTeacher
+        return QQMMTeacher
     module_name, _, class_name = (cfg.cls or "").partition(":")
     if not module_name or not class_name:
         raise ValueError(f"teacher.cls: {cfg.cls!r} must look like 'package.module:ClassName'")

@@ -56,6 +56,8 @@ class HFClipTeacher(Teacher):
 
         batch = self.processor(text=texts, padding=self.padding, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
+        if self.siglip:  # trained attending to its padding: the tokenizers return a mask that would hide it
+            batch.pop("attention_mask", None)
         with torch.inference_mode():
             return _features(self.model.get_text_features(**batch)).float().cpu().numpy()
 
@@ -83,7 +85,8 @@ class HFClipTeacher(Teacher):
 
     @classmethod
     def fingerprint_parts(cls, cfg) -> dict:
-        return {**super().fingerprint_parts(cfg), "fusion": "sum-of-unit-vectors", "dtype": cfg.dtype}
+        return {**super().fingerprint_parts(cfg), "fusion": "sum-of-unit-vectors", "dtype": cfg.dtype,
+                "siglip_text": "unmasked"}
 
     @classmethod
     def tokens_per_item(cls, cfg) -> int:

@@ -11,12 +11,19 @@ image item without a placeholder gets the image first. The vector is the hidden 
 real tokens (`pooling: mean`), L2-normalised. Text-only and image items of a batch run as separate forward passes,
 so processors that want one image per text are never handed a mixed batch.
 
+Family-specific encoding is declared in the config, never implied by the transformers version: `prompt_format:
+replace` swaps the placeholder for the image token and leaves the text byte for byte (VLM2Vec); `position_ids:
+sequential` numbers real tokens 0..n-1 in every M-RoPE section (VLM2Vec's training; transformers >= 5.3 would give
+Qwen2-VL image tokens 3-D positions); `image_resize: smart / squash` sizes images by Qwen2-VL's rule (or to a fixed
+size first) with one PIL bicubic resample, and the processor then only cuts patches.
+
 `transformers` needs torchvision for the *video* processors of Qwen2-VL and LLaVA-OneVision; where torchvision is
 missing the processor is loaded without its video part (images and text work as usual).
 """
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,13 +87,11 @@ def load_processor(path: str, trust_remote_code: bool = False):
         if base is None:
             raise
 
-        class WithoutVideo(base):
-            @classmethod
-            def get_attributes(cls):
-                return [a for a in super().get_attributes() if a != "video_processor"]
-
-        WithoutVideo.__name__ = WithoutVideo.__qualname__ = f"{base.__name__}WithoutVideo"
-        return WithoutVideo.from_pretrained(path)
+        keep = lambda names: [a for a in names if a != "video_processor"]  # noqa: E731
+        namespace = {"attributes": keep(getattr(base, "attributes", []))}  # transformers 4: a class attribute
+        if hasattr(base, "get_attributes"):  # transformers 5: a class method
+            namespace["get_attributes"] = classmethod(lambda cls: keep(base.get_attributes()))
+        return type(f"{base.__name__}WithoutVideo", (base,), namespace).from_pretrained(path)
 
 
 def load_model(path: str, model_class: str, dtype, trust_remote_code: bool, attn_implementation: Optional[str]):
@@ -121,6 +126,25 @@ def default_image_text(processor, tokenizer) -> str:
     return token
 
 
+def smart_size(width: int, height: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) by Qwen2-VL's rule: each side rounded to a multiple of `factor`, then scaled (aspect ratio
+    kept) until the pixel count lies in [min_pixels, max_pixels]. A strip longer than 200 times its width becomes a
+    square first (VLM2Vec's processor; transformers' raises)."""
+    if max(width, height) / min(width, height) > 200:
+        width = height = max(factor, width, height)
+    w = max(factor, round(width / factor) * factor)
+    h = max(factor, round(height / factor) * factor)
+    if w * h > max_pixels:
+        beta = math.sqrt(width * height / max_pixels)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+    elif w * h < min_pixels:
+        beta = math.sqrt(min_pixels / (width * height))
+        w = math.ceil(width * beta / factor) * factor
+        h = math.ceil(height * beta / factor) * factor
+    return w, h
+
+
 class VLMRunner:
     """A processor and a model on a device; turns (prompt, image) lists into model inputs. Shared by the VLM
     teacher and the VLM judge."""
@@ -140,6 +164,7 @@ class VLMRunner:
         self.model.to(self.device).eval()
         self.image_text = image_token or default_image_text(self.processor, self.tokenizer)
         self.nested_images = any(n in type(self.processor).__name__ for n in ("Idefics", "SmolVLM", "Mllama"))
+        self.processor_resizes = True  # False: images arrive sized by the teacher, the processor only patchifies
         self.torch = torch
 
     def chat(self, messages: list[dict], generation_prompt: bool) -> str:
@@ -154,6 +179,8 @@ class VLMRunner:
         kwargs = {"text": prompts, "padding": True, "return_tensors": "pt"}
         if images and any(images):
             kwargs["images"] = images if self.nested_images else [im for group in images for im in group]
+            if not self.processor_resizes:
+                kwargs["do_resize"] = False
         batch = self.processor(**kwargs)
         out = {}
         for key, value in batch.items():
@@ -209,6 +236,12 @@ class HFVLMTeacher(Teacher):
         config = model.config
         text_config = getattr(config, "text_config", None) or config
         self.dim = int(text_config.hidden_size)
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        self.mrope = bool(rope.get("mrope_section")) if isinstance(rope, dict) else False
+        image_processor = getattr(self.runner.processor, "image_processor", None)
+        # Qwen2-VL-family processors take any image whose sides are multiples of the patch grid: the teacher's own
+        # resize is then the only one (the processor would otherwise re-round and resample with its own backend).
+        self.runner.processor_resizes = cfg.image_resize == "bound" or not hasattr(image_processor, "merge_size")
 
     # -- prompts ------------------------------------------------------------------------------------------------
     def _truncate(self, text: str) -> str:
@@ -223,6 +256,8 @@ class HFVLMTeacher(Teacher):
         """The prompt of one item (before the processor expands the image token)."""
         cfg, placeholder = self.cfg, self.cfg.image_placeholder
         instruction = self.instruction_for(text, role, dataset)
+        if cfg.prompt_format == "replace":
+            return self._replace(text, instruction, has_image) + cfg.suffix
         head, sep = "", "\n"  # head: text before an image that sits inside the text
         if placeholder and placeholder in text:
             before, _, after = text.partition(placeholder)
@@ -246,12 +281,57 @@ class HFVLMTeacher(Teacher):
             return instruction + head + self.runner.image_text + text + cfg.suffix
         return self.runner.image_text + sep + instruction + text + cfg.suffix
 
+    def _replace(self, text: str, instruction: str, has_image: bool) -> str:
+        """`prompt_format: replace`: the data's text as it is, the placeholder swapped for the image token in place
+        (the instruction, where one is added, right after the image and its whitespace)."""
+        placeholder, image = self.cfg.image_placeholder, self.runner.image_text
+        if not placeholder or placeholder not in text:
+            text = self._truncate(text)
+            return image + " " + instruction + text if has_image else instruction + text
+        before, _, after = text.partition(placeholder)
+        after = after.replace(placeholder, "")  # one image per item
+        if not has_image:
+            return instruction + self._truncate(before + after)
+        rest = after.lstrip(" \t\r\n")
+        if before.strip():
+            return instruction + self._truncate(before) + image + after[:len(after) - len(rest)] + self._truncate(rest)
+        return before + image + after[:len(after) - len(rest)] + instruction + self._truncate(rest)
+
+    def prepare_image(self, image):
+        """`image_resize: bound` as every backend; `squash` to `image_size`, then (and for `smart`) Qwen2-VL's rule
+        within [min_pixels, max_pixels]; one PIL bicubic resample, as VLM2Vec's processor did."""
+        cfg = self.cfg
+        if cfg.image_resize == "bound":
+            return super().prepare_image(image)
+        from PIL import Image
+
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        factor = cfg.image_factor
+        if cfg.image_resize == "squash":
+            image = image.resize(tuple(cfg.image_size), Image.Resampling.BICUBIC)
+        elif min(image.size) < factor:  # too thin for one patch: VLM2Vec blows such images up to 2x2 patches
+            image = image.resize((2 * factor, 2 * factor), Image.Resampling.BICUBIC)
+        size = smart_size(*image.size, factor, cfg.min_pixels or 4 * factor * factor,
+                          cfg.max_pixels or self.default_max_pixels)
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
     # -- embedding ----------------------------------------------------------------------------------------------
+    def model_inputs(self, prompts: list[str], images: Optional[list]) -> dict:
+        """The model's inputs of a batch of prompts (and one image each): the processor's, plus position ids where
+        `position_ids: sequential` (0, 1, 2... over real tokens; the same in all three M-RoPE sections)."""
+        batch = self.runner.inputs(prompts, [[im] for im in images] if images else None)
+        if self.cfg.position_ids == "sequential":
+            mask = batch["attention_mask"].long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+            batch["position_ids"] = positions[None].expand(3, -1, -1) if self.mrope else positions
+        return batch
+
     def _forward(self, prompts: list[str], images: Optional[list]) -> np.ndarray:
         torch = self.runner.torch
 
         def run(rows: slice) -> np.ndarray:
-            batch = self.runner.inputs(prompts[rows], [[im] for im in images[rows]] if images else None)
+            batch = self.model_inputs(prompts[rows], images[rows] if images else None)
             with torch.inference_mode():
                 out = self.base(**batch, use_cache=False)
                 hidden = getattr(out, "last_hidden_state", None)
@@ -276,7 +356,7 @@ class HFVLMTeacher(Teacher):
     @classmethod
     def fingerprint_parts(cls, cfg) -> dict:
         keys = ("pooling", "prompt_format", "system_prompt", "generation_prompt", "suffix", "image_token", "dtype",
-                "model_class")
+                "model_class", "position_ids", "image_resize", "image_size", "image_factor")
         return {**super().fingerprint_parts(cfg), **{k: getattr(cfg, k) for k in keys}}
 
     @classmethod

@@ -8,7 +8,6 @@ mask), dropped or refused, as configured, and counted in `stats`; a warning says
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -21,6 +20,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from pipeline import blocklist
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class ShardDataset(Dataset):
         self.index = _EpochIndex(out, epoch, k, on_short, seed, rank, world_size, even)
         self.stats = self.index.stats
         self.table = self.index.read(0, self.stats.rows_this_rank)
+        self.blocklist = blocklist.Blocklist()  # what `suspects()` read: entries, and malformed lines skipped
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -176,13 +178,10 @@ class ShardDataset(Dataset):
         candidates the miner dropped as too close to the positive (`_candidates` verdicts in SUSPECT_VERDICTS)."""
         qids = self.table.column("query_id").to_pylist()
         found: dict[str, set[str]] = {q: set() for q in qids}
-        blocklist = self.index.out / "blocklist.jsonl"
-        if blocklist.exists():
-            for line in blocklist.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    if entry.get("query_id") in found:
-                        found[entry["query_id"]].add(entry["item_id"])
+        self.blocklist = blocklist.read(self.index.out / blocklist.FILENAME)  # a malformed line: skipped, counted
+        for q, items in self.blocklist.by_query().items():
+            if q in found:
+                found[q] |= items
         for path in sorted((epoch_dir(self.index.out, self.index.epoch) / "_candidates").glob("part-*.parquet")):
             cand = pq.read_table(path, columns=["query_id", "cand_item_ids", "cand_verdicts"])
             cand = cand.filter(pc.is_in(cand.column("query_id"), value_set=pa.array(qids, pa.string())))
