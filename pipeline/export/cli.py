@@ -1,8 +1,6 @@
 """`hardneg export`: registered by pipeline/cli.py like the other sub-command modules."""
 from __future__ import annotations
 
-import sys
-
 from . import FORMATS
 
 
@@ -28,16 +26,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from . import ExportError, export
+    """An ExportError is a user error: pipeline/cli.py prints it as one line and exits with 2."""
+    from . import export
 
     options = {"style": args.style, "scores": args.scores or None, "n_negatives": args.n_negatives,
                "samples_per_shard": args.samples_per_shard}
-    try:
-        record = export(args.out, args.epoch, args.fmt, args.to, overwrite=args.overwrite,
-                        progress=not args.no_progress, **options)
-    except ExportError as exc:
-        print(f"hardneg: error: {exc}", file=sys.stderr)
-        return 2
+    record = export(args.out, args.epoch, args.fmt, args.to, overwrite=args.overwrite,
+                    progress=not args.no_progress, **options)
     counts = {k: v for k, v in record["exported"].items() if not isinstance(v, dict)}
     print(f"wrote {args.fmt} export of {args.out} epoch {args.epoch} to {args.to}: {len(record['files'])} files, "
           + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, list)))

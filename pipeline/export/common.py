@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from ..errors import UserError
 from ..write import epoch_dir, sha256_file
 
 LINEAGE_FILE = "_hardneg_export.yaml"
@@ -32,7 +33,7 @@ BATCH_ROWS = 4096
 KEPT = ("negative", "unsampled")  # candidate verdicts that passed every filter
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot run as asked (no such epoch, a folder that is not ours to write, ...)."""
 
 
