@@ -12,7 +12,7 @@ from .errors import user_errors
 
 
 # Modules that add their own subcommands with `register(subparsers)`.
-SUBCOMMANDS = ("pipeline.inspector.cli", "pipeline.train.cli")
+SUBCOMMANDS = ("pipeline.inspector.cli", "pipeline.train.cli", "pipeline.export.cli")
 
 
 def cmd_mine(args) -> int:

@@ -23,6 +23,7 @@ from . import blocklist
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
+from . import input_negatives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
 from .retrieve import retrieve
@@ -49,6 +50,7 @@ class RunState:
     n_groups: int
     rejects: list[dict]
     info: dict = field(default_factory=dict)
+    from_input: np.ndarray | None = None  # (nq, k) bool: the candidate is one of the input's own negatives
 
 
 @dataclass
@@ -190,7 +192,8 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
     # Vectors per (role, dataset): with teacher.instructions an item's vector depends on its dataset's prompt.
     # One embedding pass (one actor pool, one model load) for candidates and queries.
     (cand_v, cand_stats), (qry_v, qry_stats) = embed_roles_by_dataset(
-        items, [("candidate", corpus.pools, "candidates"), ("query", _query_rows(q), "queries")], cfg)
+        items, [("candidate", input_negatives.candidate_pools(corpus.pools, q), "candidates"),
+                ("query", _query_rows(q), "queries")], cfg)
 
     cand = np.full((nq, k), -1, np.int64)
     scores = np.full((nq, k), -np.inf, np.float32)
@@ -217,13 +220,15 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
             sims = np.einsum("ikd,id->ik", cand_v.get(ds, np.maximum(block, 0)), pos_vecs[start:start + SIM_CHUNK])
             pos_sims[chunk] = np.where(block >= 0, sims, -np.inf)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
+    cand, scores, pos_sims = input_negatives.merge(q, cand, scores, pos_sims, qry_v, cand_v)
     if mix:
         scores, pos_score, pos_sims, cand = _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims,
-                                                    corpus.pools, embed_stats)
+                                                    input_negatives.candidate_pools(corpus.pools, q), embed_stats)
     queries = q.append_column("pos_score", pa.array(pos_score, pa.float32()))
     info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
             "embed": embed_stats, "retrieval": per_dataset}
-    state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects)
+    state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects,
+                     from_input=input_negatives.marks(q, cand))
     return state, info
 
 
@@ -265,6 +270,8 @@ def save_run(state: RunState, run_dir: Path) -> None:
         "cand": pa.FixedSizeListArray.from_arrays(pa.array(state.cand.ravel().astype(np.int32)), k),
         "scores": pa.FixedSizeListArray.from_arrays(pa.array(state.scores.ravel()), k),
         "pos_sims": pa.FixedSizeListArray.from_arrays(pa.array(state.pos_sims.ravel()), k),
+        **({"from_input": pa.FixedSizeListArray.from_arrays(pa.array(state.from_input.ravel()), k)}
+           if state.from_input is not None else {}),
     }), run_dir / "candidates.parquet")
     np.save(run_dir / "item_groups.npy", state.item_groups)
     write_jsonl(run_dir / "rejects.jsonl", state.rejects)
@@ -283,7 +290,8 @@ def load_run(run_dir: Path) -> RunState:
         rejects = [json.loads(line) for line in f if line.strip()]
     return RunState(pq.read_table(run_dir / "queries.parquet"), pq.read_table(run_dir / "items.parquet"),
                     matrix("cand", np.int64), matrix("scores", np.float32), matrix("pos_sims", np.float32),
-                    np.load(run_dir / "item_groups.npy"), meta["n_groups"], rejects, meta["info"])
+                    np.load(run_dir / "item_groups.npy"), meta["n_groups"], rejects, meta["info"],
+                    matrix("from_input", bool) if "from_input" in cands.column_names else None)
 
 
 def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dict, extra: dict,
@@ -295,11 +303,12 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
     blocked = blocklist.read(*blocklists)
     ctx = FilterContext(state.item_groups, state.n_groups, modality, blocked.codes(q, items),
-                        items.num_rows, cfg.retrieve.top_k)
+                        items.num_rows, max(cfg.retrieve.top_k, state.cand.shape[1]))
     keys = query_keys(q.column("query_id").to_pylist())
     folder = EpochFolder(out, epoch)
     stats = EpochStats(cfg.sample.n_negatives, state.info["rows_in"])
     rejects = list(state.rejects)
+    input_counts = input_negatives.new_counts()
     files, cand_files = [], []
     item_ids, texts, images = (items.column(c).combine_chunks() for c in ("item_id", "text", "image_path"))
     step = cfg.output.rows_per_shard
@@ -327,7 +336,10 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
                                               f"sample.min_negatives is {cfg.sample.min_negatives}"})
             else:
                 keep[:] = True
-            train, cands = _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images)
+            from_input = state.from_input[rows] if state.from_input is not None else None
+            train, cands = _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input)
+            if from_input is not None and from_input.any():
+                input_negatives.add_counts(input_counts, verdict, chosen, from_input, REASONS)
             name = f"part-{shard:05d}.parquet"
             files.append(write_table(train, folder.tmp / name, cfg.output.compression))
             cand_files.append(write_table(cands, folder.tmp / "_candidates" / name, cfg.output.compression))
@@ -339,6 +351,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     summary["embed"] = state.info.get("embed", {})
     if judge_info is not None:
         summary["judge"] = judge_info
+    if "input_neg_idx" in q.column_names:
+        summary["input_negatives"] = input_counts
     summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
     summary["blocklist"] = blocked.summary()
     summary.update(extra)
@@ -359,7 +373,7 @@ def _candidate_block(state: RunState, rows: np.ndarray) -> CandidateBlock:
                           q.column("pos_idx").to_numpy()[rows], q.column("group_code").to_numpy()[rows], rows)
 
 
-def _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images):
+def _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input=None):
     """The training rows and the candidate-verdict rows of one shard."""
     k = block.cand.shape[1]
     picked = np.take_along_axis(block.cand, np.maximum(chosen, 0), axis=1)
@@ -404,6 +418,9 @@ def _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images
         "cand_scores": pa.ListArray.from_arrays(coffsets, pa.array(block.scores[present], pa.float32())),
         "cand_ranks": pa.ListArray.from_arrays(coffsets, pa.array(ranks[present])),
         "cand_verdicts": pa.ListArray.from_arrays(coffsets, pa.array(labels[code[present]], pa.string())),
+        "cand_sources": pa.ListArray.from_arrays(coffsets, pa.array(np.where(
+            from_input[present], "input", "retrieved") if from_input is not None else
+            np.full(int(present.sum()), "retrieved"), pa.string())),
     }, schema=CANDIDATE_SCHEMA)
     return train, cands
 

@@ -330,6 +330,7 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
                        max_bytes=cfg.max_image_bytes)
     probe.run({r.get(c) for _, _, r in raw for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
+    probe.run({p for _, _, r in raw for p in _as_list(r.get("neg_image_path")) if isinstance(p, str)})
 
     items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
     queries, seen_ids, seen_content = [], {}, {}
@@ -381,7 +382,11 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         group = None if group is None else str(group)
         for iid, text, image, embed_text in sides:
             items.setdefault(iid, (text, image, embed_text))
+        negs = _input_negatives(row, probe, captions, caption_mode, path, n, qid, rejects)
+        for iid, text, image, embed_text in negs:
+            items.setdefault(iid, (text, image, embed_text))
         queries.append({"query_id": qid, "dataset": str(dataset), "qry": row.get("qry") or "",
+                        "input_neg_ids": [neg[0] for neg in negs] if _has_negatives(row) else None,
                         "qry_image_path": row.get("qry_image_path") or "", "pos_text": row.get("pos_text") or "",
                         "pos_image_path": row.get("pos_image_path") or "", "group": group,
                         "qry_item_id": sides[0][0], "pos_item_id": sides[1][0], "_order": (path, n)})
@@ -465,6 +470,40 @@ def _content(text, image, text_col, image_col, probe, captions, caption_mode):
                     "detail": f"teacher.image_mode is caption but input.captions has no caption for {image!r}"}
         embed_text = f"{caption} {text}".strip() if text.strip() else caption
     return item_id(text, digest), text, image, embed_text
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _has_negatives(row: dict) -> bool:
+    return row.get("neg_text") is not None or row.get("neg_image_path") is not None
+
+
+def _input_negatives(row, probe, captions, caption_mode, path, n, qid, rejects) -> list[tuple]:
+    """The negatives a pairs row already has (`neg_text` / `neg_image_path`, scalars or aligned lists), as items.
+    They become candidates of this query (marked `input`), scored and filtered like retrieved ones. An empty pair is
+    no negative; an unusable one is a `candidate` reject and the query keeps the rest."""
+    texts, images = _as_list(row.get("neg_text")), _as_list(row.get("neg_image_path"))
+    out = []
+    for i in range(max(len(texts), len(images))):
+        text = texts[i] if i < len(texts) else ""
+        image = images[i] if i < len(images) else ""
+        text, image = "" if text is None else text, "" if image is None else image
+        if not isinstance(text, str) or not isinstance(image, str):
+            field_name = "neg_text" if not isinstance(text, str) else "neg_image_path"
+            rejects.append(_reject(path, n, qid, field_name, "bad_type", f"negative {i}: expected a string, got "
+                                   f"{type(text if field_name == 'neg_text' else image).__name__}", kind="candidate"))
+            continue
+        if not text.strip() and not image.strip():
+            continue
+        side = _content(text, image, "neg_text", "neg_image_path", probe, captions, caption_mode)
+        if isinstance(side, dict):
+            rejects.append(_reject(path, n, qid, side["field"], side["reason"], f"negative {i}: {side['detail']}",
+                                   kind="candidate"))
+            continue
+        out.append(side)
+    return out
 
 
 def _load_captions(path: str) -> dict[str, str]:
@@ -555,6 +594,10 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
         item_groups = np.zeros(0, np.int64)
     group_code = pc.index_in(qtable.column("group"), value_set=pa.array(groups, pa.string()))
     qtable = qtable.append_column("group_code", pc.fill_null(group_code, -1).cast(pa.int32()))
+    if any(q["input_neg_ids"] is not None for q in queries):  # the input has negatives: their item rows
+        lists = pa.array([q["input_neg_ids"] or [] for q in queries], pa.list_(pa.string()))
+        qtable = qtable.append_column("input_neg_idx", pa.ListArray.from_arrays(
+            lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
     return Corpus(qtable, item_table, pools, item_groups, max(len(groups), 1), rejects, rows_in, candidate_rejects)
 
 

@@ -25,6 +25,7 @@ TRAIN_SCHEMA = pa.schema([
 CANDIDATE_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("cand_item_ids", pa.list_(pa.string())), ("cand_scores", pa.list_(pa.float32())),
     ("cand_ranks", pa.list_(pa.int32())), ("cand_verdicts", pa.list_(pa.string())),
+    ("cand_sources", pa.list_(pa.string())),
 ])
 
 
