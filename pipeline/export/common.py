@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..errors import UserError
-from ..write import epoch_dir, sha256_file
+from ..run import epoch_dir
+from ..write import sha256_file
 
 LINEAGE_FILE = "_hardneg_export.yaml"
 LOCK_FILE = ".hardneg-export.lock"
