@@ -460,8 +460,9 @@ def config_view(data: dict, classes: tuple[str, ...]) -> dict:
 
 
 def teacher_vector_keys() -> list[str]:
-    """The teacher keys that change its vectors (all but the FREE ones): the teacher fingerprint covers them."""
-    return [k.split(".", 1)[1] for k, c in KEY_CLASSES.items() if k.startswith("teacher.") and c != FREE]
+    """The teacher keys that change its vectors (all but the FREE ones; a key missing from the table counts as
+    changing them): the teacher fingerprint covers them."""
+    return [f.name for f in dataclasses.fields(TeacherConfig) if KEY_CLASSES.get(f"teacher.{f.name}") != FREE]
 
 
 def _range_of(path: str) -> Optional[Range]:
