@@ -796,7 +796,7 @@ def reference_markdown() -> str:
              "`--out`:", ""]
     lines += [f"- `{name}`: {meaning}." for name, meaning in CLASS_MEANINGS.items()]
     lines += ["", "Every `teacher` key that is not `free` is in the teacher fingerprint, the embedding cache key",
-              "(docs/teachers.md#the-fingerprint).", ""]
+              "([teachers.md](teachers.md#the-fingerprint-and-the-cache-key)).", ""]
     for section in dataclasses.fields(Config):
         if section.name == "schedule":
             continue
