@@ -641,7 +641,21 @@ def check_section(section: Any, name: str) -> None:
         _check_index(section)
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_CLASS_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _check_device(device: str, path: str) -> None:
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"{path}.device: {device!r} is not allowed; give auto, cpu, cuda, cuda:N, mps or xpu")
+
+
 def _check_teacher(t: TeacherConfig, path: str) -> None:
+    if not t.model.strip():
+        raise ConfigError(f"{path}.model: '' is not allowed; give a local folder, a hub id or pkg:MODULE")
+    if t.cls is not None and not _CLASS_PATH.fullmatch(t.cls):
+        raise ConfigError(f"{path}.cls: {t.cls!r} is not allowed; give 'package.module:ClassName'")
+    _check_device(t.device, path)
     for dataset, entry in t.instructions.items():
         unknown = sorted(set(entry) - {"query", "candidate"})
         if unknown:
@@ -654,6 +668,9 @@ def _check_teacher(t: TeacherConfig, path: str) -> None:
 def _check_judge(j: JudgeConfig) -> None:
     if j.kind == "none":
         return
+    _check_device(j.device, "judge")
+    if j.cls is not None and not _CLASS_PATH.fullmatch(j.cls):
+        raise ConfigError(f"judge.cls: {j.cls!r} is not allowed; give 'package.module:ClassName'")
     if j.kind == "custom" and not j.cls:
         raise ConfigError("judge.cls: required with judge.kind: custom (as 'module:Class')")
     if j.kind in ("cross-encoder", "vlm") and not j.model:
@@ -708,7 +725,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides never change the caller's dict
     for text in overrides:
         keys, value = parse_override(text)
         node = data

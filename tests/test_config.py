@@ -43,8 +43,10 @@ def test_cross_key_checks():
 
 
 def test_overrides_are_yaml_values():
-    cfg = config_from_dict(minimal(), ["sample.n_negatives=8", "filters.margin_rel=null", "run.progress=false"])
+    raw = minimal(sample={"n_negatives": 2})
+    cfg = config_from_dict(raw, ["sample.n_negatives=8", "filters.margin_rel=null", "run.progress=false"])
     assert cfg.sample.n_negatives == 8 and cfg.filters.margin_rel is None and cfg.run.progress is False
+    assert raw == minimal(sample={"n_negatives": 2})  # the caller's dict is left as it was
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config_from_dict(minimal(), ["sample.n_negatives"])
     with pytest.raises(ConfigError, match="sample.n_negativs: unknown key"):
@@ -106,6 +108,9 @@ BAD_VALUES = [  # (override, what the one-line error must say)
     ("judge.teacher={model: m, max_length: 0}", "judge.teacher.max_length: 0 is out of range; it must be >= 1"),
     ("input.allowed_schemes=[s3://]", "input.allowed_schemes[0]: 's3://' is not a URI scheme"),
     ("schedule={filters.margin_rel: [0.1, .nan]}", "schedule.filters.margin_rel[1]: filters.margin_rel: nan"),
+    ("teacher.device=gpu", "teacher.device: 'gpu' is not allowed; give auto, cpu, cuda, cuda:N"),
+    ("teacher.cls=mypkg.Teacher", "teacher.cls: 'mypkg.Teacher' is not allowed; give 'package.module:ClassName'"),
+    ("teacher.model=''", "teacher.model: '' is not allowed"),
     # keys that contradict each other
     ("sample.n_negatives=30", "sample.n_negatives (30) is larger than the rank window [filters.min_rank, "
                               "filters.max_rank or retrieve.top_k) = [0, 20) of 20 candidates"),
