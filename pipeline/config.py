@@ -357,9 +357,16 @@ class Range:
         return "any finite number" if self.hi is None else f"<= {self.hi}"
 
 
-def _ge(lo): return Range(lo)  # noqa: E704
-def _gt(lo): return Range(lo, lo_open=True)  # noqa: E704
-def _in(lo, hi): return Range(lo, hi)  # noqa: E704
+def _ge(lo) -> Range:
+    return Range(lo)
+
+
+def _gt(lo) -> Range:
+    return Range(lo, lo_open=True)
+
+
+def _in(lo, hi) -> Range:
+    return Range(lo, hi)
 
 
 _SEED = _in(0, 2**63 - 1)
