@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import operator
 import re
 import typing
 from dataclasses import dataclass, field
@@ -324,10 +325,14 @@ class Config:
 
 
 def check_epoch(epoch: Any) -> int:
-    """Epochs are numbered from 0."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    """Epochs are numbered from 0 (any integer type, e.g. a numpy one from a training loop)."""
+    try:
+        number = operator.index(epoch) if not isinstance(epoch, bool) else -1
+    except TypeError:
+        number = -1
+    if number < 0:
         raise ConfigError(f"--epoch: {epoch!r} is not allowed; epochs are numbered 0, 1, 2, ...")
-    return epoch
+    return number
 
 
 def _epoch_data(data: dict, epoch: int) -> dict:

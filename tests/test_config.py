@@ -245,3 +245,13 @@ def test_run_identity_and_epoch_binding_follow_the_table():
     assert epoch["mix_teacher"] == 0.5 and "margin_rel" in epoch["filters"] and "model" in epoch["teacher"]
     assert "device" not in epoch["teacher"] and "progress" not in epoch["run"]
     assert config_view(cfg.to_dict(), (FREE,))["index"]["threads"] is None
+
+
+def test_epoch_numbers_start_at_zero_for_library_callers_too():
+    import numpy as np
+
+    cfg = config_from_dict(small(schedule={"filters.min_rank": [0, 2]}))
+    assert cfg.for_epoch(np.int64(5)).filters.min_rank == 2  # a training loop's numpy counter is fine
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ConfigError, match="epochs are numbered 0, 1, 2"):
+            cfg.for_epoch(bad)
