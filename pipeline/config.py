@@ -446,7 +446,7 @@ KEY_CLASSES: dict[str, str] = {
 }
 
 
-def config_keys(cls: type = None, prefix: str = "") -> list[str]:
+def config_keys(cls: Optional[type] = None, prefix: str = "") -> list[str]:
     """Every key of the config dataclasses as `section.key` (a nested section is one key: `judge.teacher`)."""
     cls = cls or Config
     keys = []
