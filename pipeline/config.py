@@ -1,12 +1,18 @@
 """Run configuration: YAML in, validated dataclasses out.
 
-Configs are data: they are parsed with `yaml.safe_load` and checked field by field, so a typo or a bad value stops
-the run before any work with a message that names the key's path and what is allowed.
+Configs are data: they are parsed with a safe YAML loader (repeated keys refused) and checked field by field in this
+module alone (types, ranges, finite numbers, keys that contradict each other, every epoch of a schedule), so a typo or
+a bad value stops the run before any work with a message that names the key's path, its value and what is allowed.
+Every key is also classified (`KEY_CLASSES`): whether it binds the run folder, binds an epoch, or is free.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
+import operator
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,48 +344,176 @@ class Config:
 
     def for_epoch(self, epoch: int) -> "Config":
         """This config with the schedule's values for `epoch` applied (validated like any other value)."""
+        check_epoch(epoch)
         if not self.schedule:
             return self
-        data = self.to_dict()
-        for key, values in self.schedule.items():
-            section, name = key.split(".", 1)
-            data[section][name] = values[min(epoch, len(values) - 1)]
-        return config_from_dict(data)
+        return config_from_dict(_epoch_data(self.to_dict(), epoch))
 
 
-_RANGES = {
-    "teacher.batch_size": (1, None),
-    "teacher.max_length": (1, None),
-    "teacher.batch_tokens": (1, None),
-    "teacher.min_pixels": (1, None),
-    "teacher.max_pixels": (1, None),
-    "teacher.image_factor": (1, None),
-    "judge.batch_size": (1, None),
-    "judge.num_actors": (0, None),
-    "judge.margin": (0, None),
-    "embed.num_actors": (0, None),
-    "embed.cpus_per_actor": (0, None),
-    "embed.threads_per_actor": (0, None),
-    "embed.num_blocks": (0, None),
-    "retrieve.top_k": (1, None),
-    "filters.min_rank": (0, None),
-    "filters.max_rank": (1, None),
-    "filters.margin_rel": (0, 1),
-    "filters.near_duplicate": (-1, 1),
-    "sample.n_negatives": (1, None),
-    "sample.temperature": (1e-6, None),
-    "sample.min_negatives": (0, None),
-    "output.rows_per_shard": (1, None),
-    "input.max_image_pixels": (1, None),
-    "input.max_reject_fraction": (0, 1),
-    "input.max_rejects": (0, None),
-    "input.max_image_bytes": (1, None),
-    "run.max_errored_blocks": (0, None),
+def check_epoch(epoch: Any) -> int:
+    """Epochs are numbered from 0 (any integer type, e.g. a numpy one from a training loop)."""
+    try:
+        number = operator.index(epoch) if not isinstance(epoch, bool) else -1
+    except TypeError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"--epoch: {epoch!r} is not allowed; epochs are numbered 0, 1, 2, ...")
+    return number
+
+
+def _epoch_data(data: dict, epoch: int) -> dict:
+    """A config dict with the schedule's values for `epoch` applied."""
+    for key, values in data.get("schedule", {}).items():
+        section, name = key.split(".", 1)
+        data[section][name] = values[min(epoch, len(values) - 1)]
+    return data
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key allows (None: unbounded); `lo_open` excludes `lo` itself."""
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((self.lo is None or v > self.lo or (v == self.lo and not self.lo_open))
+                and (self.hi is None or v <= self.hi))
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"between {self.lo} and {self.hi}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return "any finite number" if self.hi is None else f"<= {self.hi}"
+
+
+def _ge(lo) -> Range:
+    return Range(lo)
+
+
+def _gt(lo) -> Range:
+    return Range(lo, lo_open=True)
+
+
+def _in(lo, hi) -> Range:
+    return Range(lo, hi)
+
+
+_SEED = _in(0, 2**63 - 1)
+# Every int and float key with the numbers it allows (tests/test_config.py fails on a numeric key missing here).
+# NaN and infinity are refused everywhere. `judge.teacher.*` uses the `teacher.*` entries.
+_RANGES: dict[str, Range] = {
+    "input.max_image_pixels": _ge(1), "input.max_reject_fraction": _in(0, 1), "input.max_rejects": _ge(0),
+    "input.max_image_bytes": _ge(1),
+    "teacher.batch_size": _ge(1), "teacher.batch_tokens": _ge(1), "teacher.max_length": _ge(1),
+    "teacher.min_pixels": _ge(1), "teacher.max_pixels": _ge(1), "teacher.image_factor": _ge(1),
+    "judge.threshold": Range(), "judge.margin": _ge(0), "judge.batch_size": _ge(1), "judge.num_actors": _ge(0),
+    "judge.max_length": _ge(1),
+    "embed.num_actors": _ge(0), "embed.cpus_per_actor": _ge(0), "embed.threads_per_actor": _ge(0),
+    "embed.num_blocks": _ge(0),
+    "index.exact_below": _ge(0), "index.hnsw_below": _ge(0), "index.memory_budget_gb": _gt(0),
+    "index.nlist": _ge(1), "index.nprobe": _ge(1), "index.ef_search": _ge(1), "index.hnsw_m": _ge(2),
+    "index.ef_construction": _ge(1), "index.pq_m": _ge(1), "index.refine_factor": _ge(1), "index.train_size": _ge(1),
+    "index.add_batch": _ge(1), "index.recall_floor": _in(0, 1), "index.recall_sample": _ge(0),
+    "index.ray_above": _ge(0), "index.num_shards": _ge(1), "index.actor_cpus": _ge(0), "index.client_cpus": _ge(0),
+    "index.search_clients": _ge(1), "index.query_batch": _ge(1), "index.threads": _ge(1), "index.seed": _SEED,
+    "retrieve.top_k": _ge(1),
+    "filters.min_rank": _ge(0), "filters.max_rank": _ge(1), "filters.min_score": _in(-1, 1),
+    "filters.max_score": _in(-1, 1), "filters.margin_abs": _in(-2, 2), "filters.margin_rel": _in(0, 1),
+    "filters.near_duplicate": _in(-1, 1),
+    "sample.n_negatives": _ge(1), "sample.temperature": _ge(1e-6), "sample.seed": _SEED, "sample.min_negatives": _ge(0),
+    "output.rows_per_shard": _ge(1),
+    "run.max_errored_blocks": _ge(0),
 }
+
+# What each key binds (docs/configuration.md shows it; tests/test_config.py fails on a key missing here):
+RUN = "run"              # changes retrieval results: the run folder (OUT/_run/run.json) is bound to its value
+RETRIEVAL = "retrieval"  # changes the teacher's vectors: a run keeps one retrieval per value (OUT/_run/<id>/)
+EPOCH = "epoch"          # changes an epoch's output (filters, sampling, shards): binds OUT/epoch=NNNN
+FREE = "free"            # runtime only (batch sizes, workers, threads, device, progress): binds nothing
+CLASS_MEANINGS = {
+    RUN: "binds the run folder: another value needs another `--out` (or `--overwrite`)",
+    RETRIEVAL: "changes the vectors, not the run folder: a run keeps one retrieval per value (e.g. each epoch's "
+               "`--teacher-checkpoint`); an epoch already written with another value is refused",
+    EPOCH: "binds an epoch: an epoch already written with another value is refused (another `--epoch` or "
+           "`--overwrite`); other epochs of the run are free to differ",
+    FREE: "binds nothing: a rerun with another value reuses (skips) what was written",
+}
+KEY_CLASSES: dict[str, str] = {
+    **{f"input.{k}": RUN for k in ("pairs", "image_root", "allowed_schemes", "dataset", "group_key", "candidates",
+                                   "captions", "max_image_pixels", "max_image_bytes")},
+    "input.max_reject_fraction": FREE, "input.max_rejects": FREE,  # guards: stop a broken run, change no result
+    # teacher: every key that is not FREE is in the teacher fingerprint (the embedding cache key)
+    **{f"teacher.{k}": RUN for k in ("kind", "cls", "image_mode", "query_prompt", "candidate_prompt", "instructions",
+                                     "skip_present_instructions", "image_placeholder", "max_length", "min_pixels",
+                                     "max_pixels", "pooling", "prompt_format", "system_prompt", "generation_prompt",
+                                     "suffix", "image_token", "model_class", "position_ids",
+                                     "image_resize", "image_size", "image_factor")},
+    **{f"teacher.{k}": RETRIEVAL for k in ("model", "tokenizer", "dtype", "trust_remote_code")},
+    **{f"teacher.{k}": FREE for k in ("batch_size", "batch_tokens", "device", "padding_side", "attn_implementation")},
+    **{f"judge.{k}": EPOCH for k in ("kind", "model", "cls", "teacher", "rule", "threshold", "margin", "prompt",
+                                     "yes_token", "no_token", "dtype", "max_length", "trust_remote_code")},
+    **{f"judge.{k}": FREE for k in ("batch_size", "num_actors", "device")},
+    **{f"embed.{k}": FREE for k in ("num_actors", "cpus_per_actor", "threads_per_actor", "cache_dir", "num_blocks")},
+    # index: Flat and IVF results do not depend on sharding, threads or batching (docs/scale.md)
+    **{f"index.{k}": RUN for k in ("kind", "exact_below", "hnsw_below", "memory_budget_gb", "nlist", "nprobe",
+                                   "ef_search", "hnsw_m", "ef_construction", "pq_m", "opq", "refine_factor",
+                                   "train_size", "recall_floor", "recall_sample", "auto_tune", "gpu", "seed")},
+    **{f"index.{k}": FREE for k in ("add_batch", "distributed", "ray_above", "num_shards", "actor_cpus",
+                                    "client_cpus", "search_clients", "query_batch", "threads")},
+    "retrieve.top_k": RUN,
+    **{f"filters.{k}": EPOCH for k in ("min_rank", "max_rank", "min_score", "max_score", "margin_abs", "margin_rel",
+                                       "near_duplicate", "same_group", "modality", "blocklist")},
+    **{f"sample.{k}": EPOCH for k in ("n_negatives", "strategy", "temperature", "seed", "min_negatives",
+                                      "on_shortfall")},
+    "output.rows_per_shard": EPOCH, "output.compression": EPOCH,
+    **{f"run.{k}": FREE for k in ("ray_address", "progress", "max_errored_blocks")},
+    "schedule": EPOCH,
+}
+
+
+def config_keys(cls: Optional[type] = None, prefix: str = "") -> list[str]:
+    """Every key of the config dataclasses as `section.key` (a nested section is one key: `judge.teacher`)."""
+    cls = cls or Config
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if cls is Config and dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def config_view(data: dict, classes: tuple[str, ...]) -> dict:
+    """The keys of a config dict (`Config.to_dict()`, or a manifest's `config`) whose class is in `classes`;
+    entries that are not config keys (e.g. `mix_teacher`) are kept."""
+    out = {}
+    for name, value in (data or {}).items():
+        if isinstance(value, dict) and name != "schedule" and any(k.startswith(name + ".") for k in KEY_CLASSES):
+            out[name] = {k: v for k, v in value.items() if KEY_CLASSES.get(f"{name}.{k}", RUN) in classes}
+        elif KEY_CLASSES.get(name, RUN) in classes:
+            out[name] = value
+    return out
+
+
+def teacher_vector_keys() -> list[str]:
+    """The teacher keys that change its vectors (all but the FREE ones; a key missing from the table counts as
+    changing them): the teacher fingerprint covers them."""
+    return [f.name for f in dataclasses.fields(TeacherConfig) if KEY_CLASSES.get(f"teacher.{f.name}") != FREE]
+
+
+def _range_of(path: str) -> Optional[Range]:
+    return _RANGES.get(path[len("judge."):] if path.startswith("judge.teacher.") else path)
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`, converting where YAML or `--set` gives a compatible type."""
+    if isinstance(value, float) and not math.isfinite(value):  # `.nan` would turn a filter or a guard off
+        allowed = _range_of(path)
+        raise ConfigError(f"{path}: {value!r} is not allowed; give a finite number"
+                          + (f" ({allowed})" if allowed is not None else ""))
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X], or X | Y: the first type the value converts to
@@ -464,33 +598,103 @@ def _build(cls: type, data: dict, path: str) -> Any:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: unknown key.{hint} Allowed keys here: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], where)
-        if where in _RANGES and isinstance(kwargs[key], (int, float)) and not isinstance(kwargs[key], bool):
-            lo, hi = _RANGES[where]
-            if (lo is not None and kwargs[key] < lo) or (hi is not None and kwargs[key] > hi):
-                bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-                raise ConfigError(f"{where}: {kwargs[key]!r} is out of range; it must be {bounds}")
+        allowed = _range_of(where)
+        value = kwargs[key]
+        if allowed is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is out of range; it must be {allowed}")
     return cls(**kwargs)
 
 
 def _check(cfg: Config) -> None:
-    """Constraints between keys."""
-    f = cfg.filters
-    if f.max_rank is not None and f.max_rank <= f.min_rank:
-        raise ConfigError(f"filters.max_rank ({f.max_rank}) must be greater than filters.min_rank ({f.min_rank})")
-    if f.max_rank is not None and f.max_rank > cfg.retrieve.top_k:
-        raise ConfigError(f"filters.max_rank ({f.max_rank}) exceeds retrieve.top_k ({cfg.retrieve.top_k}): "
-                          "raise retrieve.top_k or lower filters.max_rank")
+    """Constraints between keys; those of filters and sampling hold for every epoch of the schedule."""
+    if cfg.schedule:
+        data = cfg.to_dict()
+        for epoch in range(max(len(v) for v in cfg.schedule.values())):
+            at = _build(Config, {k: v for k, v in _epoch_data(copy.deepcopy(data), epoch).items() if k != "schedule"},
+                        "")
+            try:
+                _check_window(at)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (in epoch {epoch} of the schedule)") from None
+    _check_window(cfg)
     if cfg.teacher.kind == "custom" and not cfg.teacher.cls:
         raise ConfigError("teacher.cls: required with teacher.kind: custom (as 'module:Class')")
     if cfg.teacher.image_mode == "caption" and not cfg.input.captions:
         raise ConfigError("input.captions: required with teacher.image_mode: caption (a table image_path -> caption)")
     if not cfg.input.pairs:
         raise ConfigError("input.pairs: give at least one Parquet or JSONL file of (query, positive) pairs")
+    for i, scheme in enumerate(cfg.input.allowed_schemes):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+            raise ConfigError(f"input.allowed_schemes[{i}]: {scheme!r} is not a URI scheme; give names such as "
+                              "s3, gs, https (no '://')")
     _check_teacher(cfg.teacher, "teacher")
     _check_judge(cfg.judge)
+    _check_index(cfg.index)
+
+
+def _check_window(cfg: Config) -> None:
+    """The rank window, score bounds and sampling counts must leave room for negatives."""
+    f, s, top_k = cfg.filters, cfg.sample, cfg.retrieve.top_k
+    if f.max_rank is not None and f.max_rank <= f.min_rank:
+        raise ConfigError(f"filters.max_rank ({f.max_rank}) must be greater than filters.min_rank ({f.min_rank})")
+    if f.max_rank is not None and f.max_rank > top_k:
+        raise ConfigError(f"filters.max_rank ({f.max_rank}) exceeds retrieve.top_k ({top_k}): "
+                          "raise retrieve.top_k or lower filters.max_rank")
+    if f.min_rank >= top_k:
+        raise ConfigError(f"filters.min_rank ({f.min_rank}) must be below retrieve.top_k ({top_k}): no candidate "
+                          "would be left")
+    window = (f.max_rank if f.max_rank is not None else top_k) - f.min_rank
+    if s.n_negatives > window:
+        raise ConfigError(f"sample.n_negatives ({s.n_negatives}) is larger than the rank window [filters.min_rank, "
+                          f"filters.max_rank or retrieve.top_k) = [{f.min_rank}, {f.min_rank + window}) of {window} "
+                          "candidates: lower sample.n_negatives or widen the window")
+    if s.min_negatives > s.n_negatives:
+        raise ConfigError(f"sample.min_negatives ({s.min_negatives}) is larger than sample.n_negatives "
+                          f"({s.n_negatives}): no query could have enough")
+    if f.min_score is not None and f.max_score is not None and f.min_score >= f.max_score:
+        raise ConfigError(f"filters.min_score ({f.min_score}) must be below filters.max_score ({f.max_score}): "
+                          "no candidate would pass")
+
+
+def _check_index(ix: IndexConfig) -> None:
+    if not ix.kind.strip():
+        raise ConfigError("index.kind: '' is not allowed; give auto, flat, hnsw, ivf_flat, ivf_sq8, ivf_pq or a "
+                          "FAISS factory string")
+    if ix.nlist is not None and ix.nprobe is not None and ix.nprobe > ix.nlist:
+        raise ConfigError(f"index.nprobe ({ix.nprobe}) exceeds index.nlist ({ix.nlist}): at most nlist lists "
+                          "can be searched")
+    if ix.nlist is not None and ix.train_size is not None and ix.train_size < ix.nlist:
+        raise ConfigError(f"index.train_size ({ix.train_size}) is below index.nlist ({ix.nlist}): IVF training "
+                          "needs at least one vector per list (40 per list is recommended)")
+    if ix.hnsw_below and ix.hnsw_below <= ix.exact_below:
+        raise ConfigError(f"index.hnsw_below ({ix.hnsw_below}) must be above index.exact_below ({ix.exact_below}) "
+                          "or 0 (no HNSW band)")
+
+
+def check_section(section: Any, name: str) -> None:
+    """Check one section object built in code (e.g. an `IndexConfig` handed to pipeline.index) like a loaded one."""
+    for f in dataclasses.fields(section):
+        _build(type(section), {f.name: getattr(section, f.name)}, name)
+    if name == "index":
+        _check_index(section)
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_CLASS_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _check_device(device: str, path: str) -> None:
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"{path}.device: {device!r} is not allowed; give auto, cpu, cuda, cuda:N, mps or xpu")
 
 
 def _check_teacher(t: TeacherConfig, path: str) -> None:
+    if not t.model.strip():
+        raise ConfigError(f"{path}.model: '' is not allowed; give a local folder, a hub id or pkg:MODULE")
+    if t.cls is not None and not _CLASS_PATH.fullmatch(t.cls):
+        raise ConfigError(f"{path}.cls: {t.cls!r} is not allowed; give 'package.module:ClassName'")
+    _check_device(t.device, path)
     for dataset, entry in t.instructions.items():
         unknown = sorted(set(entry) - {"query", "candidate"})
         if unknown:
@@ -506,6 +710,9 @@ def _check_teacher(t: TeacherConfig, path: str) -> None:
 def _check_judge(j: JudgeConfig) -> None:
     if j.kind == "none":
         return
+    _check_device(j.device, "judge")
+    if j.cls is not None and not _CLASS_PATH.fullmatch(j.cls):
+        raise ConfigError(f"judge.cls: {j.cls!r} is not allowed; give 'package.module:ClassName'")
     if j.kind == "custom" and not j.cls:
         raise ConfigError("judge.cls: required with judge.kind: custom (as 'module:Class')")
     if j.kind in ("cross-encoder", "vlm") and not j.model:
@@ -522,20 +729,45 @@ def _check_judge(j: JudgeConfig) -> None:
         raise ConfigError("judge.threshold: required with judge.rule: threshold")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if first != line:
+                raise ConfigError(f"line {line}: key {key!r} is given twice in one mapping (first on line {first}); "
+                                  "keep one")
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as data (safe loader), refusing repeated keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=VALUE` from the command line; VALUE is read as YAML so numbers, booleans, null and lists work."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set sample.n_negatives=8")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
     return key.strip().split("."), value
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides never change the caller's dict
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -555,9 +787,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path} {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
@@ -612,7 +846,16 @@ def reference_markdown() -> str:
              "`--set section.key=VALUE` (VALUE is read as YAML). Unknown keys and values outside the allowed ones stop",
              "the run before any work, naming the key. Relative paths are relative to the config file.",
              "Generated from `pipeline/config.py` by `python -c 'from pipeline.config import reference_markdown as r;"
-             " print(r(), end=\"\")' > docs/configuration.md`.", ""]
+             " print(r(), end=\"\")' > docs/configuration.md`.", "",
+             "Checked before any work: types, the range after each type (NaN and infinity are refused everywhere),",
+             "keys that contradict each other (e.g. `sample.n_negatives` above the rank window, `filters.min_score`",
+             "above `filters.max_score`, `index.nprobe` above `index.nlist`; for every epoch of a `schedule`), and a",
+             "key given twice in the YAML file.", "",
+             "The **binds** column says what a key's value is bound to when `hardneg mine` runs again on the same",
+             "`--out`:", ""]
+    lines += [f"- `{name}`: {meaning}." for name, meaning in CLASS_MEANINGS.items()]
+    lines += ["", "Every `teacher` key that is not `free` is in the teacher fingerprint, the embedding cache key",
+              "([teachers.md](teachers.md#the-fingerprint-and-the-cache-key)).", ""]
     for section in dataclasses.fields(Config):
         if section.name == "schedule":
             continue
@@ -621,7 +864,7 @@ def reference_markdown() -> str:
         doc = ast.get_docstring(node)
         if doc:
             lines += [doc, ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += ["| key | type | default | binds | meaning |", "|---|---|---|---|---|"]
         body = node.body
         for i, stmt in enumerate(body):
             if not isinstance(stmt, ast.AnnAssign):
@@ -632,11 +875,14 @@ def reference_markdown() -> str:
             if default.startswith("field("):
                 default = "{}" if "dict" in default else "[]"
             text = " ".join(text.split()).replace("|", "\\|")
-            lines.append(f"| `{stmt.target.id}` | `{ast.unparse(stmt.annotation)}` | `{default}` | {text} |")
+            key = f"{section.name}.{stmt.target.id}"
+            allowed = _range_of(key)
+            kind = f"`{ast.unparse(stmt.annotation)}`" + (f" ({allowed})" if allowed is not None else "")
+            lines.append(f"| `{stmt.target.id}` | {kind} | `{default}` | {KEY_CLASSES[key]} | {text} |")
         lines.append("")
     lines += ["## `schedule`", "",
               "Per-epoch values of `filters.*` and `sample.*` keys: `{KEY: [epoch 0, epoch 1, ...]}`; epochs past the",
               "end of a list keep its last value. Example: `schedule: {filters.min_rank: [0, 2, 4]}` moves the",
               "sampling window down the ranking as training goes on (harder negatives later is the other way round).",
-              ""]
+              f"Binds: {KEY_CLASSES['schedule']}.", ""]
     return "\n".join(lines)

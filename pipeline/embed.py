@@ -7,6 +7,7 @@ cache as they stream back, so an interrupted run keeps what it embedded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from functools import lru_cache
@@ -27,8 +28,19 @@ CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long on the driver before they are written to the cache
 
 
+def input_keys(items: pa.Table) -> pa.Array:
+    """Each item's cache key within a teacher fingerprint: a hash of exactly what the teacher is given, the item's
+    content id (its normalised text and image bytes) and the text it embeds (`embed_text`: with
+    `teacher.image_mode: caption` the image's caption, which the content id does not cover)."""
+    ids = items.column("item_id").to_pylist()
+    texts = items.column("embed_text").to_pylist()
+    return pa.array([hashlib.blake2b(f"{i}\0{t or ''}".encode(), digest_size=16).hexdigest()
+                     for i, t in zip(ids, texts)], pa.string())
+
+
 class EmbeddingCache:
-    """Parquet parts of (item_id, vector) under `root/<fingerprint>/`; written atomically, read with a filter."""
+    """Parquet parts of (key, vector) under `root/<teacher fingerprint>/`, `key` from `input_keys`; written
+    atomically, read with a filter."""
 
     def __init__(self, root: str, fingerprint: str):
         self.dir = Path(root) / fingerprint
@@ -38,20 +50,20 @@ class EmbeddingCache:
         return sorted(self.dir.glob("part-*.parquet")) if self.dir.exists() else []
 
     def lookup(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
-        """(found mask, vectors of the found ids in the order of `ids`)."""
+        """(found mask, vectors of the found keys in the order of `ids`, the items' `input_keys`)."""
         found = np.zeros(len(ids), dtype=bool)
         parts = self.parts()
         if not parts:
             return found, None
-        table = pq.read_table(parts, filters=pc.field("item_id").isin(ids))
+        table = pq.read_table(parts, filters=pc.field("key").isin(ids))
         if table.num_rows == 0:
             return found, None
-        pos = pc.index_in(ids, value_set=table.column("item_id"))
+        pos = pc.index_in(ids, value_set=table.column("key"))
         found = pos.is_valid().to_numpy(zero_copy_only=False)
         return found, _to_numpy(table.column("vector"))[pos.drop_null().to_numpy()]
 
     def write(self, table: pa.Table) -> None:
-        write_new_part(self.dir, table)
+        write_new_part(self.dir, table.rename_columns(["key", "vector"]))
 
 
 def _to_numpy(column) -> np.ndarray:
@@ -317,6 +329,8 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     """
     import ray
 
+    item_ids = items.column("item_id")
+    items = items.set_column(items.schema.get_field_index("item_id"), "item_id", input_keys(items))  # cache keys
     groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles if roles is None else list(roles))
     caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp) for fp in groups}
     stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups))}
@@ -424,7 +438,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
                                "after embedding (blocks that failed within run.max_errored_blocks?)")
         if vectors is None:
             vectors = np.zeros((items.num_rows, 1), np.float32)
-        stats["failed_item_ids"] = sorted(set(items.column("item_id").filter(pa.array(~found_all)).to_pylist()))
+        stats["failed_item_ids"] = sorted(set(item_ids.filter(pa.array(~found_all)).to_pylist()))
     if vectors is None:
         vectors = np.zeros((0, 1), np.float32)
     return vectors, stats

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import blocklist
-from .config import Config
+from .config import EPOCH, RETRIEVAL, RUN, Config, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
 from . import input_negatives
@@ -34,6 +34,7 @@ from .run import EpochFolder, RunFolder, RunMismatch, claim, epoch_dir, is_run_f
 from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
 
 RUN_VERSION = 1
+BINDS_EPOCH = (RUN, RETRIEVAL, EPOCH)  # what an epoch already written must match to be reused; `free` keys need not
 SIM_CHUNK = 2048
 
 
@@ -69,18 +70,12 @@ def ensure_ray(cfg: Config) -> None:
     start_ray(cfg.run.ray_address)
 
 
-# Teacher settings that change neither which vectors come out nor their meaning: a run folder is not bound to them.
-RUN_FREE_TEACHER_KEYS = ("model", "device", "batch_size", "dtype", "padding_side", "attn_implementation",
-                         "trust_remote_code")
-
-
 def run_identity(cfg: Config) -> dict:
-    """What a run folder is bound to: the input and how it is retrieved. The teacher's weights are left out (each
-    epoch may re-mine with a new checkpoint), and so are filters and sampling (each epoch may change them)."""
+    """What a run folder is bound to: the input files' bytes and the keys classified `run` in pipeline/config.py
+    (KEY_CLASSES). The teacher's weights are left out (each epoch may re-mine with a new checkpoint), and so are
+    filters and sampling (each epoch may change them) and runtime settings."""
     digests = {p: _file_digest(p) for p in [*cfg.input.pairs, cfg.input.candidates, cfg.input.captions] if p}
-    teacher = {k: v for k, v in vars(cfg.teacher).items() if k not in RUN_FREE_TEACHER_KEYS}
-    return _jsonable({"version": RUN_VERSION, "input": vars(cfg.input), "inputs_sha": digests, "teacher": teacher,
-                      "index": vars(cfg.index), "top_k": cfg.retrieve.top_k})
+    return _jsonable({"version": RUN_VERSION, "config": config_view(cfg.to_dict(), (RUN,)), "inputs_sha": digests})
 
 
 def retrieval_id(cfg: Config, base: Config | None, mix: float) -> str:
@@ -147,7 +142,7 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
     config = _jsonable({**cfg.to_dict(), "mix_teacher": mix_teacher})
     if final.exists() and not overwrite:
         manifest = _read_json(final / "_manifest.json") or {}
-        if manifest.get("config") == config:
+        if config_view(manifest.get("config"), BINDS_EPOCH) == config_view(config, BINDS_EPOCH):
             return MineResult(out, final, _read_json(final / "_stats.json") or {}, True, skipped=True)
         raise RunMismatch(f"{final} was written with a different filter, sampling or teacher config; use "
                           "--overwrite to replace it or another --epoch")

@@ -125,6 +125,25 @@ def test_another_epoch_resamples_from_kept_candidates_reproducibly(mined):
         mine(changed, out, epoch=0)
 
 
+def test_runtime_keys_never_refuse_a_rerun_and_keys_that_change_results_do(mined):
+    """KEY_CLASSES decides: `free` keys (batch sizes, threads, workers, progress) neither refuse nor redo a run."""
+    result, _, raw, _ = mined
+    runtime = ["teacher.batch_tokens=300", "teacher.batch_size=8", "index.threads=1", "index.search_clients=2",
+               "index.num_shards=2", "embed.num_actors=1", "embed.num_blocks=3", "run.progress=true",
+               "input.max_reject_fraction=0.9"]
+    again = mine(config_from_dict(raw, runtime), result.out, epoch=0)
+    assert again.skipped and again.epoch_dir == result.epoch_dir  # the epoch written is reused as it is
+    later = mine(config_from_dict(raw, runtime), result.out, epoch=7)
+    assert later.reused_retrieval and not later.skipped  # a new epoch re-samples the kept retrieval, no embedding
+    assert later.stats["embed"] == result.stats["embed"]
+    with pytest.raises(RunMismatch, match="different input, teacher or index config"):  # `run`: retrieval results
+        mine(config_from_dict(raw, ["index.nprobe=8"]), result.out, epoch=0)
+    with pytest.raises(RunMismatch, match="different filter, sampling or teacher config"):  # `epoch`: its output
+        mine(config_from_dict(raw, ["filters.min_rank=1"]), result.out, epoch=0)
+    with pytest.raises(RunMismatch, match="different filter, sampling or teacher config"):  # `retrieval`: vectors
+        mine(config_from_dict(raw, ["teacher.dtype=bfloat16"]), result.out, epoch=0)
+
+
 def test_second_run_embeds_nothing(mined, tmp_path):
     _, _, raw, _ = mined
     result = mine(config_from_dict(raw), tmp_path / "again")
@@ -165,7 +184,7 @@ def test_token_budget_changes_the_batches_not_the_negatives(mined, tmp_path):
 def test_too_few_negatives_go_to_rejects_when_asked(mined, tmp_path):
     _, pairs, raw, _ = mined
     strict = {**raw, "filters": {**raw["filters"], "max_rank": 3},
-              "sample": {"n_negatives": 4, "min_negatives": 3, "on_shortfall": "reject"}}
+              "sample": {"n_negatives": 3, "min_negatives": 3, "on_shortfall": "reject"}}
     result = mine(config_from_dict(strict), tmp_path / "strict")
     stats = result.stats
     assert stats["rejects_by_reason"].get("too_few_negatives", 0) > 0

@@ -11,7 +11,8 @@ What every backend shares lives here:
 * the image placeholder of the data (`<|image_1|>` in MMEB / VLM2Vec files), removed by text and dual encoders and
   mapped to the model's own image token by decoder VLMs;
 * image size bounds (`min_pixels` / `max_pixels`), applied in the CPU decode stage and again (a no-op then) here;
-* the fingerprint: weights, preprocessing and prompt; never batch size, device, padding side or worker counts.
+* the fingerprint: weights, prompt and every teacher option that is not `free` (pipeline/config.py
+  KEY_CLASSES); never batch size, device, padding side or worker counts.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import TeacherConfig
+from ..config import TeacherConfig, teacher_vector_keys
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 ROLES = ("query", "candidate")
 # Files of a model folder that do not change what the model computes.
 _IGNORED = re.compile(r"(^|/)(\.[^/]*|README[^/]*|[^/]*\.md|LICENSE[^/]*|NOTICE[^/]*)$", re.IGNORECASE)
@@ -196,13 +197,11 @@ class Teacher(ABC):
 
     @classmethod
     def fingerprint_parts(cls, cfg: TeacherConfig) -> dict:
-        """What, besides the prompt, changes the vectors: the model's files and the preprocessing settings.
-        Subclasses add their own keys (call super())."""
+        """What changes the vectors besides the teacher options (which `teacher_fingerprint` adds by itself): the
+        model's files. Subclasses add what else their vectors depend on (call super() to keep the weights)."""
         path = resolve_model_path(cfg.model)
         weights = weights_digest(path)
-        return {"weights": weights, "model": cfg.model if weights.startswith("hub:") else None,
-                "max_length": cfg.max_length, "image_mode": cfg.image_mode, "placeholder": cfg.image_placeholder,
-                "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels or cls.default_max_pixels}
+        return {"weights": weights, "model": cfg.model if weights.startswith("hub:") else None}
 
     @classmethod
     def tokens_per_item(cls, cfg: TeacherConfig) -> int:
@@ -284,15 +283,23 @@ def teacher_class(cfg: TeacherConfig) -> type[Teacher]:
     return cls
 
 
+# Teacher options the fingerprint holds in a derived form: the model by its files (fingerprint_parts), the prompts as
+# the one prompt of the (role, dataset), so datasets and roles with equal prompts share vectors.
+_DERIVED = ("model", "query_prompt", "candidate_prompt", "instructions")
+
+
 def teacher_fingerprint(cfg: TeacherConfig, role: str, dataset: Optional[str] = None) -> str:
-    """Keys the embedding cache: equal for equal vectors (same weights, preprocessing and prompt of this role and
-    dataset), different otherwise. Batch size, device, padding side, trust_remote_code and worker counts are not in
-    it: they do not change the vectors (beyond float rounding)."""
+    """Keys the embedding cache (with each item's input key, pipeline/embed.py): equal for equal vectors, different
+    otherwise. It holds every teacher option that is not `free` in pipeline/config.py KEY_CLASSES (a new option is
+    in it without being named here), the model's files, the prompt of this role and dataset and the backend's
+    version. Batch size, device, padding side, attention kernel and worker counts are `free`: they do not change the
+    vectors (beyond float rounding)."""
     cls = teacher_class(cfg)
+    options = {k: getattr(cfg, k) for k in teacher_vector_keys() if k not in _DERIVED}
+    options["max_pixels"] = cfg.max_pixels or cls.default_max_pixels
     parts = cls.fingerprint_parts(cfg)
-    parts.update(kind=cfg.kind, cls=cfg.cls, impl=f"{cls.__module__}.{cls.__qualname__}/{cls.version}",
-                 role_prompt=resolve_instruction(cfg, role, dataset),
-                 skip_present=cfg.skip_present_instructions, version=FINGERPRINT_VERSION)
+    parts.update(options=options, impl=f"{cls.__module__}.{cls.__qualname__}/{cls.version}",
+                 role_prompt=resolve_instruction(cfg, role, dataset), version=FINGERPRINT_VERSION)
     if cls.role_in_fingerprint:
         parts["role"] = role
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
