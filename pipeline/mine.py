@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import blocklist
-from .config import EPOCH, RETRIEVAL, RUN, Config, config_view
+from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
 from . import input_negatives
@@ -112,6 +112,7 @@ def mine(cfg: Config, out: str | Path, epoch: int = 0, overwrite: bool = False, 
     `mix_teacher` in [0, 1] blends the configured teacher's scores into the checkpoint's. OUT is locked for the
     whole call: another writer makes it refuse at once, or wait up to `wait_lock` seconds (math.inf: no limit).
     """
+    check_epoch(epoch)  # before the folder is claimed: a bad epoch creates nothing
     if resume and not is_run_folder(out):
         raise RunMismatch(f"{out} holds no run to resume; drop --resume to start one")
     with claim(out, wait_lock) as run:
