@@ -251,11 +251,14 @@ class FilterConfig:
     margin_abs: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - margin_abs."""
     margin_rel: Optional[float] = 0.05
-    """Drop a candidate when s_neg > (1 - margin_rel) * s_pos (TopK-PercPos; 0.05 = 95% of the positive)."""
+    """Drop a candidate when s_neg > s_pos - |s_pos| * margin_rel (TopK-PercPos, sign-safe: with a negative positive
+    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score)."""
     near_duplicate: Optional[float] = 0.98
     """Drop a candidate whose cosine to the positive is above this (a near copy of the positive)."""
     same_group: bool = True
     """Drop candidates that share the query's group key."""
+    other_positive: bool = True
+    """Drop the positives of other rows whose query has the same content (rows sharing a query share positives)."""
     modality: bool = False
     """Drop candidates whose modality (text / image / text+image) differs from the positive's."""
     blocklist: Optional[str] = None

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
-from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
+from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
 from .retrieve import retrieve
@@ -325,7 +325,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
     blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
     ctx = FilterContext(state.item_groups, state.n_groups, modality, load_blocklist(blocklists, q, items),
-                        items.num_rows, cfg.retrieve.top_k)
+                        items.num_rows, state.cand.shape[1],
+                        query_positives(q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy(), items.num_rows))
     keys = query_keys(q.column("query_id").to_pylist())
     folder = EpochFolder(out, epoch)
     stats = EpochStats(cfg.sample.n_negatives, state.info["rows_in"])
