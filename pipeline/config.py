@@ -268,8 +268,12 @@ class FilterConfig:
 @dataclass
 class SampleConfig:
     n_negatives: int = 4
-    strategy: Literal["top", "uniform", "weighted"] = "top"
-    """`top`: the hardest survivors; `uniform`: any survivor; `weighted`: softmax(score / temperature)."""
+    strategy: Literal["hardest", "top", "uniform", "weighted"] = "hardest"
+    """`hardest`: n_negatives at random among the hardest `hardest_pool * n_negatives` survivors (another sample each
+    epoch); `top`: the hardest survivors (the same every epoch); `uniform`: any survivor; `weighted`:
+    softmax(score / temperature)."""
+    hardest_pool: float = 2.0
+    """For `strategy: hardest`: how many survivors, as a multiple of n_negatives, the sample is drawn from."""
     temperature: float = 0.05
     seed: int = 0
     min_negatives: int = 1
@@ -344,6 +348,7 @@ _RANGES = {
     "filters.near_duplicate": (-1, 1),
     "sample.n_negatives": (1, None),
     "sample.temperature": (1e-6, None),
+    "sample.hardest_pool": (1, None),
     "sample.min_negatives": (0, None),
     "output.rows_per_shard": (1, None),
     "input.max_image_pixels": (1, None),

@@ -65,9 +65,9 @@ def test_first_reason_wins():
 
 def test_top_takes_the_hardest_survivors_in_rank_order():
     verdict = np.array([[1, 0, 0, 4, 0, 0]], np.int8)
-    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=3), 0)
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=3, strategy="top"), 0)
     assert chosen.tolist() == [[1, 2, 4]]
-    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=5), 0)
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=5, strategy="top"), 0)
     assert chosen.tolist() == [[1, 2, 4, 5, -1]]
 
 
@@ -128,3 +128,20 @@ def test_rows_with_the_same_query_share_positives():
                           [KEPT, KEPT, KEPT]]
     f.other_positive = False
     assert filter_candidates(b, f, c)[0].tolist() == [KEPT, KEPT, KEPT]
+
+
+def test_hardest_gives_each_epoch_another_sample_among_the_hardest():
+    verdict = np.zeros((200, 30), np.int8)
+    verdict[:, 3] = reason("margin_rel")
+    scores = np.sort(np.random.default_rng(1).random((200, 30)))[:, ::-1]
+    keys = query_keys([f"q{i}" for i in range(200)])
+    cfg = SampleConfig(n_negatives=4, strategy="hardest", hardest_pool=2.0)
+    e0, e1 = (sample_negatives(verdict, scores, keys, cfg, epoch) for epoch in (0, 1))
+    # only the 8 hardest survivors (ranks 0-2 and 4-8) can be drawn, hardest first, never a dropped one
+    assert set(np.unique(e0)) <= {0, 1, 2, 4, 5, 6, 7, 8} and (np.diff(e0, axis=1) > 0).all()
+    assert (e0 != e1).any(axis=1).mean() > 0.9  # another sample for (nearly) every query
+    assert (sample_negatives(verdict, scores, keys, cfg, 0) == e0).all()
+    # a query with at most n survivors gets all of them
+    few = np.full((1, 30), reason("rank_window"), np.int8)
+    few[0, [2, 5, 9]] = KEPT
+    assert sample_negatives(few, scores[:1], keys[:1], cfg, 3).tolist() == [[2, 5, 9, -1]]
