@@ -238,6 +238,9 @@ class IndexConfig:
 class RetrieveConfig:
     top_k: int = 50
     """Candidates retrieved per query before filtering."""
+    deepen_factor: int = 8
+    """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
+    candidates, up to deepen_factor * top_k (1: never; only without filters.max_rank)."""
 
 
 @dataclass
@@ -263,6 +266,12 @@ class FilterConfig:
     """Drop candidates whose modality (text / image / text+image) differs from the positive's."""
     blocklist: Optional[str] = None
     """Extra JSONL of known false negatives (query_id, item_id); OUT/blocklist.jsonl is always honoured."""
+    calibrate: Literal["auto", "off"] = "auto"
+    """`auto`: per dataset with evidence of true matches (group key, repeated queries, blocklist marks, judge), choose
+    min_rank, margin_rel, margin_abs and near_duplicate to meet target_fn_rate (docs/false-negatives.md); `off`: the
+    configured thresholds. The estimated FN rate is reported either way."""
+    target_fn_rate: float = 0.01
+    """False-negative rate among sampled negatives that calibration aims for."""
 
 
 @dataclass
@@ -342,9 +351,11 @@ _RANGES = {
     "embed.threads_per_actor": (0, None),
     "embed.num_blocks": (0, None),
     "retrieve.top_k": (1, None),
+    "retrieve.deepen_factor": (1, None),
     "filters.min_rank": (0, None),
     "filters.max_rank": (1, None),
     "filters.margin_rel": (0, 1),
+    "filters.target_fn_rate": (0, 1),
     "filters.near_duplicate": (-1, 1),
     "sample.n_negatives": (1, None),
     "sample.temperature": (1e-6, None),

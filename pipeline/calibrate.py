@@ -1,0 +1,296 @@
+"""Calibrate the false-negative filters on evidence found in the data, and estimate the false-negative rate.
+
+Evidence is a label per retrieved candidate of some queries: 1 = a known true match (a false negative if it were
+sampled), 0 = a known negative, -1 = unknown. It comes from the data itself, no person needed:
+- `group`: items sharing the query's group key (held out: the filter that removes them is switched off here);
+- `multi_positive`: the positives of other rows that ask the same query;
+- `blocklist`: a query with at least one blocklist line was reviewed: marked candidates are true matches, its other
+  retrieved candidates confirmed negatives;
+- `judge`: the judge's verdicts on the candidates it saw.
+Group and multi-positive evidence treats the query's other candidates as negatives: the known true matches stand in
+for the unknown ones. Per dataset, each threshold setting on a small grid is scored by the expected share of true
+matches among the negatives it would sample (the estimated FN rate), the share of queries it keeps full and the mean
+score of those negatives; the setting that meets `filters.target_fn_rate` with the most full queries (then the
+hardest negatives) wins. Everything is a pure function of the arrays, so a calibrated run stays byte-deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional
+
+import numpy as np
+
+from .config import FilterConfig, SampleConfig
+from .filters import KEPT, CandidateBlock, FilterContext, _isin_sorted, filter_candidates
+from .sample import hardest_pool_size, sample_negatives
+
+EVIDENCE_KINDS = ("group", "multi_positive", "blocklist", "judge")
+MARGINS = ((None, None), ("margin_rel", 0.0), ("margin_rel", 0.02), ("margin_rel", 0.05), ("margin_rel", 0.1),
+           ("margin_abs", -0.1), ("margin_abs", -0.05), ("margin_abs", 0.0), ("margin_abs", 0.05), ("margin_abs", 0.1))
+NEAR_DUPLICATE = (None, 0.98, 0.95, 0.92, 0.9, 0.87, 0.85, 0.82, 0.8, 0.75, 0.7)
+MIN_RANK = (0, 1, 2, 3, 5)
+THRESHOLD_KEYS = ("min_rank", "margin_rel", "margin_abs", "near_duplicate")
+MAX_QUERIES = 4000  # queries per dataset that score a setting's coverage (a fixed, key-ordered subset)
+Z95 = 1.959963984540054
+
+
+def evidence_labels(block: CandidateBlock, ctx: FilterContext, judge_seen: Optional[np.ndarray] = None,
+                    reviewed: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(nq, k) int8 labels 1 / 0 / -1 and, per kind of evidence, a (nq, k) bool of its true matches.
+
+    `reviewed`: query rows a person looked at (any blocklist line, also one with no item: nothing to mark)."""
+    cand = block.cand
+    safe = np.maximum(cand, 0)
+    present = (cand >= 0) & (cand != block.qry_idx[:, None]) & (cand != block.pos_idx[:, None])
+    found: dict[str, np.ndarray] = {}
+    complete = np.zeros(len(cand), bool)  # queries whose other candidates count as negatives
+    if len(ctx.item_groups):
+        has = block.group_code >= 0
+        found["group"] = has[:, None] & _isin_sorted(safe * ctx.n_groups + block.group_code[:, None], ctx.item_groups)
+        complete |= has
+    if len(ctx.positives):
+        found["multi_positive"] = _isin_sorted(block.qry_idx[:, None].astype(np.int64) * ctx.n_items + safe,
+                                               ctx.positives)
+        qry, n_pos = np.unique(ctx.positives // ctx.n_items, return_counts=True)
+        complete |= np.isin(block.qry_idx, qry[n_pos > 1])  # asked with more than one positive
+    looked = np.unique(np.concatenate([ctx.blocked // ctx.n_items, [] if reviewed is None else reviewed]))
+    if len(looked):
+        looked_at = np.isin(block.query_row, looked)
+        found["blocklist"] = looked_at[:, None] & _isin_sorted(block.query_row[:, None] * ctx.n_items + safe,
+                                                               ctx.blocked) if len(ctx.blocked) else \
+            np.zeros(cand.shape, bool)
+        complete |= looked_at
+    labels = np.full(cand.shape, -1, np.int8)
+    labels[complete[:, None] & present] = 0
+    if judge_seen is not None and block.judge_drop is not None:  # the judge's verdicts on what it saw
+        found["judge"] = block.judge_drop & judge_seen
+        labels[judge_seen & present & (labels < 0)] = 0
+    for kind in found:
+        found[kind] &= present
+        labels[found[kind]] = 1
+    return labels, found
+
+
+def with_thresholds(cfg: FilterConfig, thresholds: dict) -> FilterConfig:
+    return dataclasses.replace(cfg, **{k: thresholds.get(k) if k != "min_rank" else thresholds.get(k, 0)
+                                       for k in THRESHOLD_KEYS})
+
+
+def grid(cfg: FilterConfig) -> list[dict]:
+    """Threshold settings to try: the configured one first, then margin x near-duplicate cap x rank-window start."""
+    configured = {k: getattr(cfg, k) for k in THRESHOLD_KEYS}
+    out = [configured]
+    for (margin, value), near, lo in itertools.product(MARGINS, NEAR_DUPLICATE, MIN_RANK):
+        setting = {"min_rank": lo, "margin_rel": None, "margin_abs": None, "near_duplicate": near}
+        if margin:
+            setting[margin] = value
+        if setting != configured:
+            out.append(setting)
+    return out
+
+
+def selection_weights(kept: np.ndarray, scores: np.ndarray, keys: np.ndarray, cfg: SampleConfig,
+                      epoch: int) -> np.ndarray:
+    """(nq, k) probability that each candidate is among the sampled negatives (exact for top / hardest /
+    uniform; the drawn sample itself for weighted)."""
+    n = cfg.n_negatives
+    if cfg.strategy == "weighted":
+        chosen = sample_negatives(np.where(kept, KEPT, 1).astype(np.int8), scores, keys, cfg, epoch)
+        w = np.zeros(kept.shape)
+        np.put_along_axis(w, np.maximum(chosen, 0), (chosen >= 0).astype(float), axis=1)
+        return w
+    order = np.cumsum(kept, axis=1)
+    if cfg.strategy == "top":
+        return (kept & (order <= n)).astype(float)
+    pool = kept & (order <= hardest_pool_size(cfg)) if cfg.strategy == "hardest" else kept
+    size = pool.sum(axis=1, keepdims=True)
+    return pool * np.minimum(1.0, n / np.maximum(size, 1))
+
+
+def wilson(x: float, n: float, n_eff: float) -> tuple[float, float]:
+    """95% Wilson interval of the rate x / n, with the sample size deflated to n_eff for clustered pairs."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, m = x / n, max(n_eff, 1.0)
+    centre = (p + Z95 ** 2 / (2 * m)) / (1 + Z95 ** 2 / m)
+    half = Z95 * math.sqrt(p * (1 - p) / m + Z95 ** 2 / (4 * m * m)) / (1 + Z95 ** 2 / m)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate(fn: np.ndarray, total: np.ndarray) -> dict:
+    """FN rate of the sampled negatives from per-query expected counts, with a 95% interval.
+
+    Negatives of one query are not independent draws, so the interval uses the ratio estimator's cluster variance
+    (effective sample size r(1-r)/var, at most the number of pairs; the number of queries when no FN was seen)."""
+    x, n, nq = float(fn.sum()), float(total.sum()), int((total > 0).sum())
+    if n <= 0:
+        return {"fn_rate": None, "low": None, "high": None, "pairs": 0, "queries": 0}
+    r = x / n
+    n_eff = float(nq)
+    if 0 < r < 1 and nq > 1:
+        mean = n / nq
+        var = float(((fn - r * total)[total > 0] ** 2).sum()) / (nq - 1) / (nq * mean * mean)
+        n_eff = min(n, r * (1 - r) / var) if var > 0 else n
+    low, high = wilson(x, n, n_eff)
+    return {"fn_rate": round(r, 6), "low": round(low, 6), "high": round(high, 6), "pairs": int(round(n)),
+            "queries": nq}
+
+
+@dataclasses.dataclass
+class DatasetEvidence:
+    """One dataset's candidates as calibration sees them (a fixed subset of queries for coverage)."""
+
+    block: CandidateBlock     # evidence-free view: the filters that reveal evidence are off
+    labels: np.ndarray        # (nq, k) int8
+    keys: np.ndarray
+    counts: dict              # pairs of true matches per kind of evidence
+    evidence_rows: np.ndarray  # rows of `block` that carry evidence
+
+
+def score_setting(ev: DatasetEvidence, base: FilterConfig, thresholds: dict, ctx: FilterContext,
+                  sample: SampleConfig, epoch: int) -> dict:
+    """Estimated FN rate, share of queries full and mean sampled-negative score of one threshold setting."""
+    cfg = with_thresholds(base, thresholds)
+    kept = filter_candidates(ev.block, cfg, ctx) == KEPT
+    w = selection_weights(kept, ev.block.scores, ev.keys, sample, epoch)
+    full = float((kept.sum(axis=1) >= sample.n_negatives).mean()) if len(kept) else 0.0
+    mean_neg = float((w * np.where(kept, ev.block.scores, 0)).sum() / w.sum()) if w.sum() else 0.0
+    lab = ev.labels[ev.evidence_rows]
+    we = w[ev.evidence_rows] * (lab >= 0)
+    est = estimate((we * (lab == 1)).sum(axis=1), we.sum(axis=1))
+    return {**thresholds, **est, "queries_full": round(full, 6), "mean_neg_score": round(mean_neg, 6)}
+
+
+def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContext, sample: SampleConfig,
+                      epoch: int, target: float, search: bool) -> dict:
+    """The chosen thresholds (searched when `search`, else the configured ones), their estimate and the curve."""
+    settings = grid(base) if search else grid(base)[:1]
+    scored = [score_setting(ev, base, s, ctx, sample, epoch) for s in settings]
+    configured = scored[0]
+    ok = [s for s in scored if s["fn_rate"] is not None and s["fn_rate"] <= target]
+    if not search:
+        chosen = configured
+    elif ok:
+        chosen = max(ok, key=lambda s: (s["queries_full"], s["mean_neg_score"]))
+    else:  # the target cannot be met on this grid: the lowest estimated FN rate, then the most full queries
+        chosen = min(scored, key=lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]))
+    return {"evidence": {**ev.counts, "queries": int(len(ev.evidence_rows)),
+                         "true_match_pairs": int((ev.labels[ev.evidence_rows] == 1).sum()),
+                         "negative_pairs": int((ev.labels[ev.evidence_rows] == 0).sum())},
+            "calibrated": search, "target_fn_rate": target, "target_met": bool(chosen["fn_rate"] is not None
+                                                                                 and chosen["fn_rate"] <= target),
+            "thresholds": {k: chosen[k] for k in THRESHOLD_KEYS},
+            "estimate": {k: chosen[k] for k in ("fn_rate", "low", "high", "pairs", "queries")},
+            "queries_full": chosen["queries_full"], "mean_neg_score": chosen["mean_neg_score"],
+            "configured": {k: configured[k] for k in ("fn_rate", "queries_full", "mean_neg_score")},
+            "curve": pareto(scored)}
+
+
+def pareto(scored: list[dict]) -> list[dict]:
+    """The trade-off curve: settings no other setting beats on FN rate, queries full and negative hardness at once."""
+    pts = [s for s in scored if s["fn_rate"] is not None]
+    front = [s for s in pts if not any(o["fn_rate"] <= s["fn_rate"] and o["queries_full"] >= s["queries_full"]
+                                       and o["mean_neg_score"] >= s["mean_neg_score"] and o != s
+                                       and (o["fn_rate"], -o["queries_full"], -o["mean_neg_score"])
+                                       != (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]) for o in pts)]
+    keys = ("fn_rate", "queries_full", "mean_neg_score", *THRESHOLD_KEYS)
+    metrics = lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"])  # noqa: E731
+    curve, seen = [], set()
+    for s in sorted(front, key=lambda s: (metrics(s), repr(s))):
+        if metrics(s) not in seen:
+            seen.add(metrics(s))
+            curve.append({k: s[k] for k in keys})
+    return curve
+
+
+def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx: FilterContext,
+              filters: FilterConfig, sample: SampleConfig, epoch: int,
+              judge_seen: Optional[np.ndarray] = None, reviewed: Optional[np.ndarray] = None
+              ) -> tuple[dict[str, FilterConfig], dict]:
+    """Per dataset: the filter config to mine with and what `_stats.json` says under `false_negatives`.
+
+    `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
+    `reviewed` the query rows a person reviewed."""
+    labels, found = evidence_labels(block, ctx, judge_seen, reviewed)
+    bare = dataclasses.replace(filters, same_group=False, other_positive=False)
+    bare_ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
+                                   blocked=np.zeros(0, np.int64))
+    plain = dataclasses.replace(block, judge_drop=None)
+    search = filters.calibrate == "auto"
+    configs, report = {}, {}
+    for ds in sorted(np.unique(datasets).tolist()):
+        rows = np.flatnonzero(datasets == ds)
+        rows = rows[np.argsort(keys[rows], kind="stable")]  # a fixed order: the same subset whatever the workers
+        has = (labels[rows] >= 0).any(axis=1)  # labelled queries, whether a true match was retrieved or not
+        evidence = np.concatenate([rows[has][:MAX_QUERIES], rows[~has][:MAX_QUERIES]])
+        n_ev = int(min(has.sum(), MAX_QUERIES))
+        counts = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found
+                  and found[kind][rows].any()}
+        if not n_ev:
+            configs[ds] = filters
+            report[ds] = {"evidence": None, "calibrated": False,
+                          "note": "no evidence of true matches in this dataset: the configured thresholds apply",
+                          "thresholds": {k: getattr(filters, k) for k in THRESHOLD_KEYS}}
+            continue
+        sub = CandidateBlock(*(getattr(plain, f.name)[evidence] for f in dataclasses.fields(CandidateBlock)
+                               if f.name != "judge_drop"))
+        ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev))
+        report[ds] = calibrate_dataset(ev, bare, bare_ctx, sample, epoch, filters.target_fn_rate, search)
+        configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if search else filters
+    return configs, report
+
+
+def reviewed_rows(paths, query_ids) -> np.ndarray:
+    """Sorted query rows with at least one line in the blocklist files (a line without an item, e.g.
+    `{"query_id": "q7", "item_id": null}`, says the query was reviewed and had nothing to mark)."""
+    import json
+
+    wanted = set()
+    for path in paths:
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for line in f:
+                try:
+                    wanted.add(str(json.loads(line)["query_id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # load_blocklist reports malformed lines
+    return np.array([i for i, q in enumerate(query_ids) if q in wanted], np.int64)
+
+
+def filter_by_dataset(block: CandidateBlock, datasets: np.ndarray, configs: dict[str, FilterConfig],
+                      ctx: FilterContext) -> np.ndarray:
+    """filter_candidates with each dataset's own (calibrated) thresholds."""
+    names = np.unique(datasets)
+    if len(names) == 1:
+        return filter_candidates(block, configs[str(names[0])], ctx)
+    verdict = np.empty(block.cand.shape, np.int8)
+    for ds in names:
+        rows = np.flatnonzero(datasets == ds)
+        part = CandidateBlock(*(None if v is None else v[rows]
+                                for v in (getattr(block, f.name) for f in dataclasses.fields(CandidateBlock))))
+        verdict[rows] = filter_candidates(part, configs[str(ds)], ctx)
+    return verdict
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The run summary's lines on false negatives, one per dataset."""
+    lines = []
+    for ds, r in sorted(report.items()):
+        if r.get("evidence") is None:
+            lines.append(f"  {ds}: no evidence of false negatives (no group key, repeated queries, marks or judge);"
+                         " configured thresholds apply, FN rate not estimated")
+            continue
+        e, est = r["evidence"], r["estimate"]
+        kinds = ", ".join(f"{k} {v}" for k, v in e.items() if k in EVIDENCE_KINDS)
+        chosen = ", ".join(f"{k}={v}" for k, v in r["thresholds"].items() if v not in (None, 0))
+        rate = "n/a" if est["fn_rate"] is None else (f"{100 * est['fn_rate']:.2f}% "
+                                                     f"[{100 * est['low']:.2f}, {100 * est['high']:.2f}]")
+        lines.append(f"  {ds}: estimated FN rate {rate} on {est['pairs']} pairs of {e['queries']} queries "
+                     f"(evidence: {kinds}); {'calibrated' if r['calibrated'] else 'configured'}: {chosen or 'none'}; "
+                     f"{100 * r['queries_full']:.1f}% of queries full"
+                     + ("" if r["target_met"] or not r["calibrated"] else
+                        f"; target {100 * r['target_fn_rate']:.1f}% not met on this grid"))
+    return lines
