@@ -79,6 +79,7 @@ class EpochStats:
     drops: dict[str, int] = field(default_factory=dict)
     rejects: Counter = field(default_factory=Counter)
     run_counts: dict[str, int] = field(default_factory=dict)
+    false_negatives: dict = field(default_factory=dict)  # `_stats.json` false_negatives.per_dataset
 
     @property
     def mean_negatives(self) -> float | None:
@@ -93,6 +94,8 @@ def compute(epoch: Epoch) -> EpochStats:
     out.drops = {str(k): int(v) for k, v in (epoch.stats.get("drops") or {}).items()}
     out.run_counts = {k: epoch.stats[k] for k in ("queries_in", "queries_written", "queries_rejected")
                       if isinstance(epoch.stats.get(k), int)}
+    fn = epoch.stats.get("false_negatives")
+    out.false_negatives = fn.get("per_dataset", {}) if isinstance(fn, dict) else {}
     rejects = epoch.dir / "_rejects.jsonl"
     if rejects.is_file():
         with rejects.open(encoding="utf-8") as f:
