@@ -142,23 +142,32 @@ def estimate(fn: np.ndarray, total: np.ndarray) -> dict:
 class DatasetEvidence:
     """One dataset's candidates as calibration sees them (a fixed subset of queries for coverage)."""
 
-    block: CandidateBlock     # evidence-free view: the filters that reveal evidence are off
+    block: CandidateBlock     # evidence queries first, then others (for coverage)
     labels: np.ndarray        # (nq, k) int8
     keys: np.ndarray
     counts: dict              # pairs of true matches per kind of evidence
     evidence_rows: np.ndarray  # rows of `block` that carry evidence
 
 
-def score_setting(ev: DatasetEvidence, base: FilterConfig, thresholds: dict, ctx: FilterContext,
+def score_setting(ev: DatasetEvidence, filters: FilterConfig, thresholds: dict, ctx: FilterContext,
                   sample: SampleConfig, epoch: int) -> dict:
-    """Estimated FN rate, share of queries full and mean sampled-negative score of one threshold setting."""
-    cfg = with_thresholds(base, thresholds)
-    kept = filter_candidates(ev.block, cfg, ctx) == KEPT
-    w = selection_weights(kept, ev.block.scores, ev.keys, sample, epoch)
-    full = float((kept.sum(axis=1) >= sample.n_negatives).mean()) if len(kept) else 0.0
-    mean_neg = float((w * np.where(kept, ev.block.scores, 0)).sum() / w.sum()) if w.sum() else 0.0
-    lab = ev.labels[ev.evidence_rows]
-    we = w[ev.evidence_rows] * (lab >= 0)
+    """Estimated FN rate, share of queries full and mean sampled-negative score of one threshold setting.
+
+    Coverage and hardness come from every filter as the run applies it; the FN rate from the same thresholds with
+    the filters that would remove the evidence (group, other positives, blocklist, judge) switched off."""
+    real = filter_candidates(ev.block, with_thresholds(filters, thresholds), ctx) == KEPT
+    w = selection_weights(real, ev.block.scores, ev.keys, sample, epoch)
+    full = float((real.sum(axis=1) >= sample.n_negatives).mean()) if len(real) else 0.0
+    mean_neg = float((w * np.where(real, ev.block.scores, 0)).sum() / w.sum()) if w.sum() else 0.0
+    bare = dataclasses.replace(filters, same_group=False, other_positive=False)
+    bare_ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
+                                   blocked=np.zeros(0, np.int64))
+    rows = ev.evidence_rows
+    part = CandidateBlock(*(getattr(ev.block, f.name)[rows] for f in dataclasses.fields(CandidateBlock)
+                            if f.name != "judge_drop"))
+    kept = filter_candidates(part, with_thresholds(bare, thresholds), bare_ctx) == KEPT
+    lab = ev.labels[rows]
+    we = selection_weights(kept, part.scores, ev.keys[rows], sample, epoch) * (lab >= 0)
     est = estimate((we * (lab == 1)).sum(axis=1), we.sum(axis=1))
     return {**thresholds, **est, "queries_full": round(full, 6), "mean_neg_score": round(mean_neg, 6)}
 
@@ -214,10 +223,6 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
     `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
     `reviewed` the query rows a person reviewed."""
     labels, found = evidence_labels(block, ctx, judge_seen, reviewed)
-    bare = dataclasses.replace(filters, same_group=False, other_positive=False)
-    bare_ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
-                                   blocked=np.zeros(0, np.int64))
-    plain = dataclasses.replace(block, judge_drop=None)
     search = filters.calibrate == "auto"
     configs, report = {}, {}
     for ds in sorted(np.unique(datasets).tolist()):
@@ -234,10 +239,10 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
                           "note": "no evidence of true matches in this dataset: the configured thresholds apply",
                           "thresholds": {k: getattr(filters, k) for k in THRESHOLD_KEYS}}
             continue
-        sub = CandidateBlock(*(getattr(plain, f.name)[evidence] for f in dataclasses.fields(CandidateBlock)
-                               if f.name != "judge_drop"))
+        sub = CandidateBlock(*(None if v is None else v[evidence]
+                               for v in (getattr(block, f.name) for f in dataclasses.fields(CandidateBlock))))
         ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev))
-        report[ds] = calibrate_dataset(ev, bare, bare_ctx, sample, epoch, filters.target_fn_rate, search)
+        report[ds] = calibrate_dataset(ev, filters, ctx, sample, epoch, filters.target_fn_rate, search)
         configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if search else filters
     return configs, report
 
