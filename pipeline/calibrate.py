@@ -37,8 +37,10 @@ Z95 = 1.959963984540054
 
 
 def evidence_labels(block: CandidateBlock, ctx: FilterContext, judge_seen: Optional[np.ndarray] = None,
-                    reviewed: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(nq, k) int8 labels 1 / 0 / -1 and, per kind of evidence, a (nq, k) bool of its true matches.
+                    reviewed: Optional[np.ndarray] = None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(nq, k) int8 labels 1 / 0 / -1, per kind of evidence a (nq, k) bool of its true matches, and per query the
+    strength of its labels (0 none, 1 known matches only: group / multi-positive, 2 judged, 3 reviewed by a person).
 
     `reviewed`: query rows a person looked at (any blocklist line, also one with no item: nothing to mark)."""
     cand = block.cand
@@ -62,15 +64,19 @@ def evidence_labels(block: CandidateBlock, ctx: FilterContext, judge_seen: Optio
                                                                ctx.blocked) if len(ctx.blocked) else \
             np.zeros(cand.shape, bool)
         complete |= looked_at
+    strength = complete.astype(np.int8)
     labels = np.full(cand.shape, -1, np.int8)
     labels[complete[:, None] & present] = 0
     if judge_seen is not None and block.judge_drop is not None:  # the judge's verdicts on what it saw
         found["judge"] = block.judge_drop & judge_seen
         labels[judge_seen & present & (labels < 0)] = 0
+        strength[(judge_seen & present).any(axis=1)] = 2
+    if len(looked):
+        strength[looked_at] = 3
     for kind in found:
         found[kind] &= present
         labels[found[kind]] = 1
-    return labels, found
+    return labels, found, strength
 
 
 def with_thresholds(cfg: FilterConfig, thresholds: dict) -> FilterConfig:
@@ -147,6 +153,7 @@ class DatasetEvidence:
     keys: np.ndarray
     counts: dict              # pairs of true matches per kind of evidence
     evidence_rows: np.ndarray  # rows of `block` that carry evidence
+    source: str = "group/multi_positive"  # which labels the estimate rests on
 
 
 def score_setting(ev: DatasetEvidence, filters: FilterConfig, thresholds: dict, ctx: FilterContext,
@@ -178,14 +185,16 @@ def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContex
     settings = grid(base) if search else grid(base)[:1]
     scored = [score_setting(ev, base, s, ctx, sample, epoch) for s in settings]
     configured = scored[0]
-    ok = [s for s in scored if s["fn_rate"] is not None and s["fn_rate"] <= target]
+    sure = [s for s in scored if s["high"] is not None and s["high"] <= target]
     if not search:
         chosen = configured
-    elif ok:
-        chosen = max(ok, key=lambda s: (s["queries_full"], s["mean_neg_score"]))
-    else:  # the target cannot be met on this grid: the lowest estimated FN rate, then the most full queries
+    elif sure:  # the evidence shows the target met (the interval's upper end): the most full queries, hardest
+        chosen = max(sure, key=lambda s: (s["queries_full"], s["mean_neg_score"]))
+    elif configured["fn_rate"] is not None and configured["fn_rate"] <= target:
+        chosen = configured  # too little evidence to loosen the configured thresholds safely
+    else:  # the configured thresholds miss the target: the lowest estimated FN rate, then the most full queries
         chosen = min(scored, key=lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]))
-    return {"evidence": {**ev.counts, "queries": int(len(ev.evidence_rows)),
+    return {"evidence": {**ev.counts, "queries": int(len(ev.evidence_rows)), "estimated_from": ev.source,
                          "true_match_pairs": int((ev.labels[ev.evidence_rows] == 1).sum()),
                          "negative_pairs": int((ev.labels[ev.evidence_rows] == 0).sum())},
             "calibrated": search, "target_fn_rate": target, "target_met": bool(chosen["fn_rate"] is not None
@@ -222,13 +231,16 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
 
     `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
     `reviewed` the query rows a person reviewed."""
-    labels, found = evidence_labels(block, ctx, judge_seen, reviewed)
+    labels, found, strength = evidence_labels(block, ctx, judge_seen, reviewed)
     search = filters.calibrate == "auto"
     configs, report = {}, {}
     for ds in sorted(np.unique(datasets).tolist()):
         rows = np.flatnonzero(datasets == ds)
         rows = rows[np.argsort(keys[rows], kind="stable")]  # a fixed order: the same subset whatever the workers
-        has = (labels[rows] >= 0).any(axis=1)  # labelled queries, whether a true match was retrieved or not
+        # the queries with the most complete labels: reviewed by a person, else judged, else known matches only
+        # (group / multi-positive evidence calls every other candidate a negative, which holds for fewer data sets)
+        has = strength[rows] == strength[rows].max() if len(rows) else np.zeros(0, bool)
+        has &= strength[rows] > 0
         evidence = np.concatenate([rows[has][:MAX_QUERIES], rows[~has][:MAX_QUERIES]])
         n_ev = int(min(has.sum(), MAX_QUERIES))
         counts = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found
@@ -241,7 +253,8 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
             continue
         sub = CandidateBlock(*(None if v is None else v[evidence]
                                for v in (getattr(block, f.name) for f in dataclasses.fields(CandidateBlock))))
-        ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev))
+        source = ("group/multi_positive", "judge", "blocklist")[int(strength[rows].max()) - 1]
+        ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev), source)
         report[ds] = calibrate_dataset(ev, filters, ctx, sample, epoch, filters.target_fn_rate, search)
         configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if search else filters
     return configs, report
