@@ -232,7 +232,8 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
     `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
     `reviewed` the query rows a person reviewed."""
     labels, found, strength = evidence_labels(block, ctx, judge_seen, reviewed)
-    search = filters.calibrate == "auto"
+    # with a judge, the thresholds stay as configured (the judge saw what they keep): its verdicts give the estimate
+    search = filters.calibrate == "auto" and judge_seen is None
     configs, report = {}, {}
     for ds in sorted(np.unique(datasets).tolist()):
         rows = np.flatnonzero(datasets == ds)

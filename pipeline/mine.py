@@ -402,10 +402,6 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     filter_cfgs, fn_report = calibrate(every, datasets, keys, ctx, cfg.filters, cfg.sample, epoch,
                                        None if judge_drop is None else judged == KEPT,
                                        reviewed_rows(blocklists, q.column("query_id").to_pylist()))
-    if judge_drop is not None and any(c is not cfg.filters for c in filter_cfgs.values()):
-        every.judge_drop = None  # the judge sees what the calibrated filters keep (pairs it scored are cached)
-        judge_drop, judge_info = judge_drops(state, filter_by_dataset(every, datasets, filter_cfgs, ctx), cfg,
-                                             out / "_run")
     del every
     with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
         for shard, start in enumerate(range(0, nq, step)):
