@@ -32,6 +32,7 @@ MARGINS = ((None, None), ("margin_rel", 0.0), ("margin_rel", 0.02), ("margin_rel
 NEAR_DUPLICATE = (None, 0.98, 0.95, 0.92, 0.9, 0.87, 0.85, 0.82, 0.8, 0.75, 0.7)
 MIN_RANK = (0, 1, 2, 3, 5)
 THRESHOLD_KEYS = ("min_rank", "margin_rel", "margin_abs", "near_duplicate")
+MIN_EVIDENCE_QUERIES = 20  # fewer labelled queries than this estimate the FN rate but do not move thresholds
 MAX_QUERIES = 4000  # queries per dataset that score a setting's coverage (a fixed, key-ordered subset)
 Z95 = 1.959963984540054
 
@@ -89,6 +90,8 @@ def grid(cfg: FilterConfig) -> list[dict]:
     configured = {k: getattr(cfg, k) for k in THRESHOLD_KEYS}
     out = [configured]
     for (margin, value), near, lo in itertools.product(MARGINS, NEAR_DUPLICATE, MIN_RANK):
+        if lo < cfg.min_rank:  # a configured (or scheduled) rank-window start is a floor
+            continue
         setting = {"min_rank": lo, "margin_rel": None, "margin_abs": None, "near_duplicate": near}
         if margin:
             setting[margin] = value
@@ -238,10 +241,11 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
     for ds in sorted(np.unique(datasets).tolist()):
         rows = np.flatnonzero(datasets == ds)
         rows = rows[np.argsort(keys[rows], kind="stable")]  # a fixed order: the same subset whatever the workers
-        # the queries with the most complete labels: reviewed by a person, else judged, else known matches only
-        # (group / multi-positive evidence calls every other candidate a negative, which holds for fewer data sets)
-        has = strength[rows] == strength[rows].max() if len(rows) else np.zeros(0, bool)
-        has &= strength[rows] > 0
+        # the most complete labels that enough queries have: reviewed by a person, else judged, else known matches
+        # only (group / multi-positive evidence calls every other candidate a negative, true of fewer data sets)
+        levels = [lv for lv in (3, 2, 1) if (strength[rows] >= lv).sum() >= MIN_EVIDENCE_QUERIES] or \
+            [int(strength[rows].max()) if len(rows) else 0]
+        has = (strength[rows] >= levels[0]) & (strength[rows] > 0)
         evidence = np.concatenate([rows[has][:MAX_QUERIES], rows[~has][:MAX_QUERIES]])
         n_ev = int(min(has.sum(), MAX_QUERIES))
         counts = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found
@@ -254,10 +258,14 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
             continue
         sub = CandidateBlock(*(None if v is None else v[evidence]
                                for v in (getattr(block, f.name) for f in dataclasses.fields(CandidateBlock))))
-        source = ("group/multi_positive", "judge", "blocklist")[int(strength[rows].max()) - 1]
+        source = ("group/multi_positive", "judge", "blocklist")[levels[0] - 1]
         ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev), source)
-        report[ds] = calibrate_dataset(ev, filters, ctx, sample, epoch, filters.target_fn_rate, search)
-        configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if search else filters
+        enough = n_ev >= MIN_EVIDENCE_QUERIES  # a handful of queries estimates, but does not move thresholds
+        report[ds] = calibrate_dataset(ev, filters, ctx, sample, epoch, filters.target_fn_rate, search and enough)
+        if search and not enough:
+            report[ds]["note"] = (f"{n_ev} queries of evidence: fewer than {MIN_EVIDENCE_QUERIES}, the configured "
+                                  "thresholds stay")
+        configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if report[ds]["calibrated"] else filters
     return configs, report
 
 
