@@ -21,9 +21,10 @@ import math
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from .config import FilterConfig, SampleConfig
-from .filters import KEPT, CandidateBlock, FilterContext, _isin_sorted, filter_candidates
+from .filters import KEPT, REASONS, CandidateBlock, FilterContext, _isin_sorted, filter_candidates
 from .sample import hardest_pool_size, sample_negatives
 
 EVIDENCE_KINDS = ("group", "multi_positive", "blocklist", "judge")
@@ -321,3 +322,21 @@ def summary_lines(report: dict) -> list[str]:
                      + ("" if r["target_met"] or not r["calibrated"] else
                         f"; target {100 * r['target_fn_rate']:.1f}% not met on this grid"))
     return lines
+
+
+RELABEL_REASONS = ("other_positive", "same_group", "blocklist", "judge")  # drops the evidence calls true matches
+
+
+def with_extra_positives(train: pa.Table, verdict: np.ndarray, block: CandidateBlock, keep: np.ndarray,
+                         item_ids: pa.Array, texts: pa.Array, images: pa.Array) -> pa.Table:
+    """`filters.relabel`: the candidates dropped as known true matches become the row's extra positives
+    (`pos_extra_item_ids`, `pos_extra_text`, `pos_extra_image_path`, `pos_extra_scores`: teacher scores)."""
+    sel = np.isin(verdict, [REASONS.index(r) + 1 for r in RELABEL_REASONS])[keep]
+    flat = pa.array(block.cand[keep][sel])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sel.sum(axis=1))]).astype(np.int32))
+    columns = {"pos_extra_item_ids": item_ids.take(flat), "pos_extra_text": texts.take(flat),
+               "pos_extra_image_path": images.take(flat),
+               "pos_extra_scores": pa.array(block.scores[keep][sel], pa.float32())}
+    for name, values in columns.items():
+        train = train.append_column(name, pa.ListArray.from_arrays(offsets, values))
+    return train

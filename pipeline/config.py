@@ -272,6 +272,9 @@ class FilterConfig:
     configured thresholds. The estimated FN rate is reported either way."""
     target_fn_rate: float = 0.01
     """False-negative rate among sampled negatives that calibration aims for."""
+    relabel: bool = False
+    """Write the candidates dropped as known true matches (other_positive, same_group, blocklist, judge) as the
+    row's extra positives: list columns pos_extra_item_ids, pos_extra_text, pos_extra_image_path, pos_extra_scores."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from .config import Config
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import KEPT, REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
-from .calibrate import calibrate, filter_by_dataset, reviewed_rows
+from .calibrate import calibrate, filter_by_dataset, reviewed_rows, with_extra_positives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
 from .retrieve import retrieve
@@ -421,6 +421,8 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
             else:
                 keep[:] = True
             train, cands = _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images)
+            if cfg.filters.relabel:
+                train = with_extra_positives(train, verdict, block, keep, item_ids, texts, images)
             name = f"part-{shard:05d}.parquet"
             files.append(write_table(train, folder.tmp / name, cfg.output.compression))
             cand_files.append(write_table(cands, folder.tmp / "_candidates" / name, cfg.output.compression))

@@ -107,3 +107,24 @@ def test_marks_are_evidence_and_calibration_is_deterministic(calibrated, shared_
     a = pd.read_parquet(again.epoch_dir).set_index("query_id").sort_index()
     b = pd.read_parquet(marked.epoch_dir).set_index("query_id").sort_index()
     assert (a.neg_item_ids.map(tuple) == b.neg_item_ids.map(tuple)).all()
+
+
+def test_relabel_writes_known_true_matches_as_extra_positives(calibrated):
+    """filters.relabel: other rows' positives and group members become extra positives; the training dataset reads
+    them (the EGA side: tests/test_train_ega.py)."""
+    from pipeline.train.dataset import ShardDataset
+
+    raw, tmp, plain = calibrated
+    assert "pos_extra_text" not in pd.read_parquet(plain.epoch_dir).columns  # off by default
+    result = mine(config_from_dict({**raw, "filters": {"relabel": True}}), tmp / "relabel")
+    df = pd.read_parquet(result.epoch_dir)
+    cands = pd.read_parquet(result.epoch_dir / "_candidates").set_index("query_id")
+    for row in df.itertuples():
+        c = cands.loc[row.query_id]
+        known = [i for i, v in zip(c.cand_item_ids, c.cand_verdicts) if v in ("other_positive", "same_group")]
+        assert list(row.pos_extra_item_ids) == known and len(row.pos_extra_text) == len(known)
+    positives = df.groupby("qry").pos_item_id.agg(set)
+    twice = df[df.qry.map(positives.map(len)) > 1]
+    assert any(positives[r.qry] - {r.pos_item_id} <= set(r.pos_extra_item_ids) for r in twice.itertuples())
+    rows = [r for r in ShardDataset(tmp / "relabel", 0, k=4)]
+    assert sum(len(r["pos_extra_text"]) for r in rows) == df.pos_extra_text.map(len).sum() > 0
