@@ -212,7 +212,8 @@ def table(results: dict) -> str:
     head = ("| set | tool | measured FN rate | estimated FN rate [95%] | queries full | mean neg score | wall s |\n"
             "|---|---|---:|---:|---:|---:|---:|")
     lines = [head]
-    names = {"st_rm_0.05": "sentence-transformers, relative margin 0.05", "st_rm_None": "sentence-transformers, no margin",
+    names = {"st_rm_0.05": "sentence-transformers, relative margin 0.05",
+             "st_rm_None": "sentence-transformers, no margin",
              "hardneg_defaults": "hardneg defaults, no evidence",
              "hardneg_marks_5pct": "hardneg, marks on 5% (other 95%)",
              "hardneg_marks_5pct_calibrate_off": "hardneg, marks on 5%, calibrate off"}
@@ -225,7 +226,8 @@ def table(results: dict) -> str:
             wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
             lines.append(f"| {set_name} | {label} | {100 * r['measured_fn_rate']:.2f}% | {e} | "
                          f"{r['queries_full']} of {r['queries']} | {r['mean_neg_score']} | {wall} |")
-    lines += ["", "Candidate defaults without evidence (the same kept candidates re-filtered, measured on the 95%):", "",
+    lines += ["", "Candidate defaults without evidence (the same kept candidates re-filtered, measured on the 95%):",
+              "",
               "| set | filters (over the defaults) | measured FN rate | queries full | mean neg score |",
               "|---|---|---:|---:|---:|"]
     for set_name, res in results["sets"].items():

@@ -12,8 +12,8 @@ import numpy as np
 
 from .config import FilterConfig
 
-REASONS = ("same_as_query", "same_as_positive", "other_positive", "same_group", "rank_window", "score_bounds", "margin_abs",
-           "margin_rel", "near_duplicate", "modality", "blocklist", "judge")
+REASONS = ("same_as_query", "same_as_positive", "other_positive", "same_group", "rank_window", "score_bounds",
+           "margin_abs", "margin_rel", "near_duplicate", "modality", "blocklist", "judge")
 KEPT = 0
 PAD = -1  # no candidate at this rank (the pool is smaller than top_k)
 
