@@ -197,7 +197,8 @@ def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContex
     elif configured["fn_rate"] is not None and configured["fn_rate"] <= target:
         chosen = configured  # too little evidence to loosen the configured thresholds safely
     else:  # the configured thresholds miss the target: the lowest estimated FN rate, then the most full queries
-        chosen = min(scored, key=lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]))
+        chosen = min((s for s in scored if s["fn_rate"] is not None), default=configured,
+                     key=lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]))
     return {"evidence": {**ev.counts, "queries": int(len(ev.evidence_rows)), "estimated_from": ev.source,
                          "true_match_pairs": int((ev.labels[ev.evidence_rows] == 1).sum()),
                          "negative_pairs": int((ev.labels[ev.evidence_rows] == 0).sum())},

@@ -85,3 +85,13 @@ def test_interval_covers_the_truth_through_the_filters():
         covered += est["low"] <= truths[-1] <= est["high"]
     assert 0.02 < np.mean(truths) < 0.2
     assert covered >= 0.9 * 200
+
+
+def test_settings_that_sample_nothing_are_never_chosen():
+    """A rank window that leaves no candidate (min_rank past max_rank) has no estimate; calibration skips it."""
+    rng = np.random.default_rng(4)
+    block, ctx, truth, reviewed = synthetic(200, 6, rng, lambda s, p, ps: s > p - 0.05)
+    keys = query_keys([f"q{i}" for i in range(200)])
+    _, report = calibrate(block, np.array(["a"] * 200), keys, ctx, FilterConfig(max_rank=3), SampleConfig(), 0,
+                          reviewed=reviewed)
+    assert report["a"]["estimate"]["fn_rate"] is not None and report["a"]["thresholds"]["min_rank"] < 3
