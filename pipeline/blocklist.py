@@ -30,15 +30,18 @@ log = logging.getLogger(__name__)
 
 
 def parse_line(raw: bytes) -> dict | None:
-    """The entry on one line, or None when it is not a JSON object with non-empty `query_id` and `item_id`."""
+    """The entry on one line, or None when it is not a JSON object with a non-empty `query_id` and an `item_id`
+    that is non-empty or null (null: the query was reviewed and had nothing to mark)."""
     try:
         e = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(e, dict):
+    if not isinstance(e, dict) or "item_id" not in e:
         return None
     for key in ("query_id", "item_id"):
         v = e.get(key)
+        if key == "item_id" and v is None:
+            continue
         if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
             return None
         e[key] = str(v)
@@ -49,8 +52,13 @@ def parse_line(raw: bytes) -> dict | None:
 class Blocklist:
     """The readable entries of one or more blocklist files, and where the malformed lines were."""
 
-    entries: list[dict] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)  # marked (query_id, item_id) pairs
     skipped: list[str] = field(default_factory=list)  # "path:line" of each malformed line
+    reviewed: set[str] = field(default_factory=set)  # query ids with any line: a person looked at them
+
+    def reviewed_rows(self, query_ids: list[str]) -> np.ndarray:
+        """Rows of `query_ids` that a person reviewed (calibration counts their unmarked candidates as negatives)."""
+        return np.array([i for i, q in enumerate(query_ids) if q in self.reviewed], np.int64)
 
     def for_query(self, query_id: str) -> dict[str, dict]:
         """item_id -> entry for one query."""
@@ -100,7 +108,9 @@ def read(*paths: str | Path) -> Blocklist:
             e = parse_line(raw)
             if e is None:
                 out.skipped.append(f"{path}:{n}")
-            else:
+                continue
+            out.reviewed.add(e["query_id"])
+            if e["item_id"] is not None:
                 out.entries.append(e)
     if out.skipped:
         log.warning("blocklist: skipped %d malformed line(s) (not a JSON object with query_id and item_id): %s",

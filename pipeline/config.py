@@ -270,6 +270,9 @@ class IndexConfig:
 class RetrieveConfig:
     top_k: int = 50
     """Candidates retrieved per query before filtering."""
+    deepen_factor: int = 8
+    """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
+    candidates, up to deepen_factor * top_k (1: never; only without filters.max_rank)."""
 
 
 @dataclass
@@ -283,22 +286,38 @@ class FilterConfig:
     margin_abs: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - margin_abs."""
     margin_rel: Optional[float] = 0.05
-    """Drop a candidate when s_neg > (1 - margin_rel) * s_pos (TopK-PercPos; 0.05 = 95% of the positive)."""
+    """Drop a candidate when s_neg > s_pos - |s_pos| * margin_rel (TopK-PercPos, sign-safe: with a negative positive
+    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score)."""
     near_duplicate: Optional[float] = 0.98
     """Drop a candidate whose cosine to the positive is above this (a near copy of the positive)."""
     same_group: bool = True
     """Drop candidates that share the query's group key."""
+    other_positive: bool = True
+    """Drop the positives of other rows whose query has the same content (rows sharing a query share positives)."""
     modality: bool = False
     """Drop candidates whose modality (text / image / text+image) differs from the positive's."""
     blocklist: Optional[str] = None
     """Extra JSONL of known false negatives (query_id, item_id); OUT/blocklist.jsonl is always honoured."""
+    calibrate: Literal["auto", "off"] = "auto"
+    """`auto`: per dataset with evidence of true matches (group key, repeated queries, blocklist marks, judge), choose
+    min_rank, margin_rel, margin_abs and near_duplicate to meet target_fn_rate (docs/false-negatives.md); `off`: the
+    configured thresholds. The estimated FN rate is reported either way."""
+    target_fn_rate: float = 0.01
+    """False-negative rate among sampled negatives that calibration aims for."""
+    relabel: bool = False
+    """Write the candidates dropped as known true matches (other_positive, same_group, blocklist, judge) as the
+    row's extra positives: list columns pos_extra_item_ids, pos_extra_text, pos_extra_image_path, pos_extra_scores."""
 
 
 @dataclass
 class SampleConfig:
     n_negatives: int = 4
-    strategy: Literal["top", "uniform", "weighted"] = "top"
-    """`top`: the hardest survivors; `uniform`: any survivor; `weighted`: softmax(score / temperature)."""
+    strategy: Literal["hardest", "top", "uniform", "weighted"] = "hardest"
+    """`hardest`: n_negatives at random among the hardest `hardest_pool * n_negatives` survivors (another sample each
+    epoch); `top`: the hardest survivors (the same every epoch); `uniform`: any survivor; `weighted`:
+    softmax(score / temperature)."""
+    hardest_pool: float = 2.0
+    """For `strategy: hardest`: how many survivors, as a multiple of n_negatives, the sample is drawn from."""
     temperature: float = 0.05
     seed: int = 0
     min_negatives: int = 1
@@ -418,11 +437,12 @@ _RANGES: dict[str, Range] = {
     "index.add_batch": _ge(1), "index.recall_floor": _in(0, 1), "index.recall_sample": _ge(0),
     "index.ray_above": _ge(0), "index.num_shards": _ge(1), "index.actor_cpus": _ge(0), "index.client_cpus": _ge(0),
     "index.search_clients": _ge(1), "index.query_batch": _ge(1), "index.threads": _ge(1), "index.seed": _SEED,
-    "retrieve.top_k": _ge(1),
+    "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1),
     "filters.min_rank": _ge(0), "filters.max_rank": _ge(1), "filters.min_score": _in(-1, 1),
     "filters.max_score": _in(-1, 1), "filters.margin_abs": _in(-2, 2), "filters.margin_rel": _in(0, 1),
-    "filters.near_duplicate": _in(-1, 1),
+    "filters.near_duplicate": _in(-1, 1), "filters.target_fn_rate": _in(0, 1),
     "sample.n_negatives": _ge(1), "sample.temperature": _ge(1e-6), "sample.seed": _SEED, "sample.min_negatives": _ge(0),
+    "sample.hardest_pool": _ge(1),
     "output.rows_per_shard": _ge(1),
     "run.max_errored_blocks": _ge(0),
 }
@@ -462,11 +482,12 @@ KEY_CLASSES: dict[str, str] = {
                                    "train_size", "recall_floor", "recall_sample", "auto_tune", "gpu", "seed")},
     **{f"index.{k}": FREE for k in ("add_batch", "distributed", "ray_above", "num_shards", "actor_cpus",
                                     "client_cpus", "search_clients", "query_batch", "threads")},
-    "retrieve.top_k": RUN,
+    "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN,
     **{f"filters.{k}": EPOCH for k in ("min_rank", "max_rank", "min_score", "max_score", "margin_abs", "margin_rel",
-                                       "near_duplicate", "same_group", "modality", "blocklist")},
+                                       "near_duplicate", "same_group", "modality", "blocklist", "other_positive",
+                                       "calibrate", "target_fn_rate", "relabel")},
     **{f"sample.{k}": EPOCH for k in ("n_negatives", "strategy", "temperature", "seed", "min_negatives",
-                                      "on_shortfall")},
+                                      "on_shortfall", "hardest_pool")},
     "output.rows_per_shard": EPOCH, "output.compression": EPOCH,
     **{f"run.{k}": FREE for k in ("ray_address", "progress", "max_errored_blocks")},
     "schedule": EPOCH,

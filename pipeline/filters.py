@@ -5,15 +5,15 @@ number of dropped candidates and each reason can be read on its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from .config import FilterConfig
 
-REASONS = ("same_as_query", "same_as_positive", "same_group", "rank_window", "score_bounds", "margin_abs",
-           "margin_rel", "near_duplicate", "modality", "blocklist", "judge")
+REASONS = ("same_as_query", "same_as_positive", "other_positive", "same_group", "rank_window", "score_bounds",
+           "margin_abs", "margin_rel", "near_duplicate", "modality", "blocklist", "judge")
 KEPT = 0
 PAD = -1  # no candidate at this rank (the pool is smaller than top_k)
 
@@ -43,6 +43,8 @@ class FilterContext:
     blocked: np.ndarray        # sorted codes query_row * n_items + item_row
     n_items: int
     top_k: int
+    positives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Sorted codes qry_item * n_items + pos_item: every positive of every query content (`query_positives`)."""
 
 
 def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterContext) -> np.ndarray:
@@ -60,6 +62,9 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
 
     drop("same_as_query", cand == block.qry_idx[:, None])
     drop("same_as_positive", cand == block.pos_idx[:, None])
+    if cfg.other_positive and len(ctx.positives):
+        drop("other_positive", _isin_sorted(block.qry_idx[:, None].astype(np.int64) * ctx.n_items + safe,
+                                            ctx.positives))
     if cfg.same_group and len(ctx.item_groups):
         codes = safe * ctx.n_groups + block.group_code[:, None]
         drop("same_group", (block.group_code[:, None] >= 0) & _isin_sorted(codes, ctx.item_groups))
@@ -71,7 +76,7 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
     if cfg.margin_abs is not None:
         drop("margin_abs", scores > pos - cfg.margin_abs)
     if cfg.margin_rel is not None:
-        drop("margin_rel", scores > (1.0 - cfg.margin_rel) * pos)
+        drop("margin_rel", scores > pos - np.abs(pos) * cfg.margin_rel)  # sign-safe: never above the positive
     if cfg.near_duplicate is not None:
         drop("near_duplicate", block.pos_sims > cfg.near_duplicate)
     if cfg.modality:
@@ -81,6 +86,17 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
     if block.judge_drop is not None:  # last: the judge only sees what every other filter kept
         drop("judge", block.judge_drop)
     return verdict
+
+
+def query_positives(qry_idx: np.ndarray, pos_idx: np.ndarray, n_items: int,
+                    extra: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Sorted codes of (query content, positive) pairs: rows whose queries have the same content share positives.
+
+    `extra` adds (query item rows, positive item rows) pairs, e.g. extra positives an input row carries."""
+    q, p = np.asarray(qry_idx, np.int64), np.asarray(pos_idx, np.int64)
+    if extra is not None:
+        q, p = np.concatenate([q, np.asarray(extra[0], np.int64)]), np.concatenate([p, np.asarray(extra[1], np.int64)])
+    return np.unique(q * n_items + p)
 
 
 def _isin_sorted(values: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:

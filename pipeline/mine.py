@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from . import blocklist
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
-from .filters import REASONS, CandidateBlock, FilterContext, filter_candidates
+from .filters import KEPT, REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
+from .calibrate import calibrate, filter_by_dataset, with_extra_positives
 from . import input_negatives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
@@ -210,11 +211,8 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
         cand[rows, :kk] = np.where(ids >= 0, pool[np.maximum(ids, 0)], -1)
         scores[rows, :kk] = s
         per_dataset[ds] = {"queries": int(len(rows)), "pool": int(len(pool)), "k": kk, "index": index_info}
-        for start in range(0, len(rows), SIM_CHUNK):
-            chunk = rows[start:start + SIM_CHUNK]
-            block = cand[chunk]
-            sims = np.einsum("ikd,id->ik", cand_v.get(ds, np.maximum(block, 0)), pos_vecs[start:start + SIM_CHUNK])
-            pos_sims[chunk] = np.where(block >= 0, sims, -np.inf)
+        pos_sims[rows] = _pos_sims(cand_v, ds, cand[rows], pos_vecs)
+    cand, scores, pos_sims = _deepen(cfg, corpus, pos_score, cand, scores, pos_sims, cand_v, qry_v, per_dataset)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
     cand, scores, pos_sims = input_negatives.merge(q, cand, scores, pos_sims, qry_v, cand_v)
     if mix:
@@ -226,6 +224,66 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
     state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects,
                      from_input=input_negatives.marks(q, cand))
     return state, info
+
+
+def _pos_sims(cand_v, ds: str, block: np.ndarray, pos_vecs: np.ndarray) -> np.ndarray:
+    """Candidate-positive cosines of a block of retrieved candidates (-inf where none)."""
+    out = np.full(block.shape, -np.inf, np.float32)
+    for start in range(0, len(block), SIM_CHUNK):
+        part = block[start:start + SIM_CHUNK]
+        sims = np.einsum("ikd,id->ik", cand_v.get(ds, np.maximum(part, 0)), pos_vecs[start:start + SIM_CHUNK])
+        out[start:start + SIM_CHUNK] = np.where(part >= 0, sims, -np.inf)
+    return out
+
+
+def _deepen(cfg: Config, corpus: Corpus, pos_score, cand, scores, pos_sims, cand_v, qry_v, per_dataset):
+    """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
+    candidates, up to `retrieve.deepen_factor * top_k` (only those queries); counted per dataset."""
+    q = corpus.queries
+    k = cand.shape[1]
+    if cfg.retrieve.deepen_factor <= 1 or cfg.filters.max_rank is not None or not q.num_rows:
+        return cand, scores, pos_sims
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
+    width = k
+    while width < k * cfg.retrieve.deepen_factor:
+        ctx = filter_context(corpus.items, corpus.item_groups, corpus.n_groups, q, np.zeros(0, np.int64), width)
+        rows = np.arange(q.num_rows)
+        block = CandidateBlock(cand, scores, pos_sims, pos_score, qry_idx, pos_idx,
+                               q.column("group_code").to_numpy(), rows)
+        survivors = (filter_candidates(block, cfg.filters, ctx) == KEPT).sum(axis=1)
+        width = min(2 * width, k * cfg.retrieve.deepen_factor)
+        todo = {}
+        for ds in sorted(corpus.pools):
+            pool = corpus.pools[ds]
+            # short, and the pool holds more than was retrieved for them
+            short = rows[(datasets == ds) & (survivors < cfg.sample.n_negatives) & (cand[:, -1] >= 0)]
+            if len(short) and len(pool) > cand.shape[1]:
+                todo[ds] = (short, pool)
+        if not todo:
+            break
+        pad = width - cand.shape[1]
+        cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
+        scores, pos_sims = (np.pad(m, ((0, 0), (0, pad)), constant_values=-np.inf) for m in (scores, pos_sims))
+        for ds, (short, pool) in todo.items():
+            kk = min(width, len(pool))
+            s, ids, _ = retrieve(cand_v.get(ds, pool), qry_v.get(ds, qry_idx[short]), kk, cfg.index)
+            cand[short, :kk] = np.where(ids >= 0, pool[np.maximum(ids, 0)], -1)
+            scores[short, :kk] = s
+            pos_sims[short, :kk] = _pos_sims(cand_v, ds, cand[short, :kk], cand_v.get(ds, pos_idx[short]))
+            deep = per_dataset[ds].setdefault("deepened", {"queries": 0, "by_k": {}})
+            deep["by_k"][str(kk)] = int(len(short))
+            deep["queries"] = max(deep["queries"], int(len(short)))
+    return cand, scores, pos_sims
+
+
+def filter_context(items: pa.Table, item_groups: np.ndarray, n_groups: int, queries: pa.Table, blocked: np.ndarray,
+                   width: int) -> FilterContext:
+    """What the filters look up, for `width` retrieved candidates per query."""
+    modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
+    positives = query_positives(queries.column("qry_idx").to_numpy(), queries.column("pos_idx").to_numpy(),
+                                items.num_rows)
+    return FilterContext(item_groups, n_groups, modality, blocked, items.num_rows, width, positives)
 
 
 def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, pools, embed_stats):
@@ -295,11 +353,9 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     """Filter, sample and write one epoch from the kept retrieval results; the manifest goes in last."""
     q, items = state.queries, state.items
     nq = q.num_rows
-    modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
     blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
     blocked = blocklist.read(*blocklists)
-    ctx = FilterContext(state.item_groups, state.n_groups, modality, blocked.codes(q, items),
-                        items.num_rows, max(cfg.retrieve.top_k, state.cand.shape[1]))
+    ctx = filter_context(items, state.item_groups, state.n_groups, q, blocked.codes(q, items), state.cand.shape[1])
     keys = query_keys(q.column("query_id").to_pylist())
     folder = EpochFolder(out, epoch)
     stats = EpochStats(cfg.sample.n_negatives, state.info["rows_in"])
@@ -308,19 +364,25 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     files, cand_files = [], []
     item_ids, texts, images = (items.column(c).combine_chunks() for c in ("item_id", "text", "image_path"))
     step = cfg.output.rows_per_shard
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
     judge_drop, judge_info = None, None
+    every = _candidate_block(state, np.arange(nq))
     if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
         from .judge import judge_drops
 
-        survivors = np.concatenate([filter_candidates(_candidate_block(state, np.arange(s, min(s + step, nq))),
-                                                      cfg.filters, ctx) for s in range(0, nq, step)])
-        judge_drop, judge_info = judge_drops(state, survivors, cfg, out / "_run")
+        judged = filter_candidates(every, cfg.filters, ctx)
+        judge_drop, judge_info = judge_drops(state, judged, cfg, out / "_run")
+        every.judge_drop = judge_drop
+    filter_cfgs, fn_report = calibrate(every, datasets, keys, ctx, cfg.filters, cfg.sample, epoch,
+                                       None if judge_drop is None else judged == KEPT,
+                                       blocked.reviewed_rows(q.column("query_id").to_pylist()))
+    del every
     with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
         for shard, start in enumerate(range(0, nq, step)):
             rows = np.arange(start, min(start + step, nq))
             block = _candidate_block(state, rows)
             block.judge_drop = judge_drop[rows] if judge_drop is not None else None
-            verdict = filter_candidates(block, cfg.filters, ctx)
+            verdict = filter_by_dataset(block, datasets[rows], filter_cfgs, ctx)
             chosen = sample_negatives(verdict, block.scores, keys[rows], cfg.sample, epoch)
             found = (chosen >= 0).sum(axis=1)
             keep = found >= cfg.sample.min_negatives
@@ -336,10 +398,12 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
             train, cands = _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input)
             if from_input is not None and from_input.any():
                 input_negatives.add_counts(input_counts, verdict, chosen, from_input, REASONS)
+            if cfg.filters.relabel:
+                train = with_extra_positives(train, verdict, block, keep, item_ids, texts, images)
             name = f"part-{shard:05d}.parquet"
             files.append(write_table(train, folder.tmp / name, cfg.output.compression))
             cand_files.append(write_table(cands, folder.tmp / "_candidates" / name, cfg.output.compression))
-            stats.add(train, verdict, keep, q.column("dataset").to_numpy(zero_copy_only=False)[rows])
+            stats.add(train, verdict, keep, datasets[rows])
             bar.update(len(rows))
     write_jsonl(folder.tmp / "_rejects.jsonl", rejects)
     summary = stats.finish(rejects)
@@ -349,6 +413,9 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
         summary["judge"] = judge_info
     if "input_neg_idx" in q.column_names:
         summary["input_negatives"] = input_counts
+    summary["false_negatives"] = {"calibrate": cfg.filters.calibrate, "target_fn_rate": cfg.filters.target_fn_rate,
+                                  "per_dataset": fn_report}
+    summary["deepened_queries"] = sum(r.get("deepened", {}).get("queries", 0) for r in summary["retrieval"].values())
     summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
     summary["blocklist"] = blocked.summary()
     summary.update(extra)

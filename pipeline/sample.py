@@ -39,16 +39,23 @@ def uniforms(keys: np.ndarray, seed: int, epoch: int, k: int) -> np.ndarray:
     return (bits.astype(np.float64) + 0.5) / float(1 << 53)
 
 
+def hardest_pool_size(cfg: SampleConfig) -> int:
+    return int(np.ceil(cfg.hardest_pool * cfg.n_negatives))
+
+
 def sample_negatives(verdict: np.ndarray, scores: np.ndarray, keys: np.ndarray, cfg: SampleConfig,
                      epoch: int) -> np.ndarray:
     """(nq, n_negatives) candidate positions (ranks), hardest first; -1 where fewer survived."""
     nq, k = verdict.shape
+    kept = verdict == KEPT
     if cfg.strategy == "top":
         priority = -np.broadcast_to(np.arange(k, dtype=np.float64), (nq, k))
     else:
         gumbel = -np.log(-np.log(uniforms(keys, cfg.seed, epoch, k)))
-        priority = gumbel if cfg.strategy == "uniform" else scores.astype(np.float64) / cfg.temperature + gumbel
-    priority = np.where(verdict == KEPT, priority, -np.inf)
+        priority = scores.astype(np.float64) / cfg.temperature + gumbel if cfg.strategy == "weighted" else gumbel
+        if cfg.strategy == "hardest":  # uniform among the hardest ceil(pool * n) survivors
+            kept = kept & (np.cumsum(kept, axis=1) <= hardest_pool_size(cfg))
+    priority = np.where(kept, priority, -np.inf)
     n = min(cfg.n_negatives, k)
     top = np.argsort(-priority, axis=1, kind="stable")[:, :n]
     valid = np.take_along_axis(priority, top, axis=1) > -np.inf

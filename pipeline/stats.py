@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from .calibrate import summary_lines
 from .filters import REASONS, count_drops
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -95,4 +96,10 @@ class EpochStats:
         for ds, entry in sorted(stats["per_dataset"].items()):
             lines.append(f"  {ds}: {entry['written']}/{entry['queries']} queries, "
                          f"{entry['negatives'] / max(entry['written'], 1):.2f} negatives each")
+        if stats.get("deepened_queries"):
+            lines.append(f"retrieved deeper: {stats['deepened_queries']} queries left short by the filters")
+        fn = stats.get("false_negatives")
+        if fn:
+            lines.append(f"false negatives (target {100 * fn['target_fn_rate']:.1f}%, calibrate {fn['calibrate']}):")
+            lines += summary_lines(fn["per_dataset"])
         return "\n".join(lines)

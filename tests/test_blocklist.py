@@ -20,7 +20,7 @@ from pipeline.mine import mine
 from pipeline.train import ShardDataset
 
 TORN = '{"query_id": "t2i-0'  # what a crash or a killed editor leaves at the end of the file
-BAD_LINES = [TORN, "not json", "[1, 2]", '{"query_id": "q"}', '{"query_id": "q", "item_id": null}',
+BAD_LINES = [TORN, "not json", "[1, 2]", '{"query_id": "q"}',
              '{"query_id": true, "item_id": "i"}', '{"query_id": "", "item_id": "i"}']
 
 
@@ -72,7 +72,15 @@ def test_every_kind_of_malformed_line_is_skipped_and_counted(tmp_path, caplog):
     assert [(e["query_id"], e["item_id"]) for e in got.entries] == [("q1", "i1"), ("7", "i7")]
     assert got.skipped == [f"{a}:{n}" for n in range(2, 2 + len(BAD_LINES))] + [f"{b}:2"]
     assert got.summary()["skipped_lines"] == len(BAD_LINES) + 1
-    assert "skipped 8 malformed line(s)" in caplog.text
+    assert "skipped 7 malformed line(s)" in caplog.text
+
+
+def test_a_line_with_a_null_item_marks_the_query_reviewed_and_blocks_nothing(tmp_path):
+    path = tmp_path / "blocklist.jsonl"
+    path.write_text('{"query_id": "q1", "item_id": "i1"}\n{"query_id": "q2", "item_id": null}\n')
+    got = blocklist.read(path)
+    assert got.skipped == [] and [(e["query_id"], e["item_id"]) for e in got.entries] == [("q1", "i1")]
+    assert got.reviewed_rows(["q0", "q1", "q2", "q3"]).tolist() == [1, 2]
 
 
 @pytest.fixture(scope="module")

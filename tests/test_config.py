@@ -20,8 +20,8 @@ def test_unknown_section_lists_allowed_sections():
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match=r"sample.strategy: 'hardest' is not allowed; choose one of 'top', 'uniform'"):
-        config_from_dict(minimal(sample={"strategy": "hardest"}))
+    with pytest.raises(ConfigError, match=r"sample.strategy: 'best' is not allowed; choose one of 'hardest', 'top'"):
+        config_from_dict(minimal(sample={"strategy": "best"}))
 
 
 def test_bad_type_and_range():

@@ -15,8 +15,9 @@ from pipeline.refresh import Refresher
 def run(ray_session, shared_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("epochs")
     pairs = write_jsonl(tmp / "pairs.jsonl", text_pairs(100))
+    # calibration off: these tests pin thresholds (calibration: tests/test_false_negatives.py)
     raw = base_config(pairs, shared_cache, sample={"n_negatives": 3, "strategy": "top"},
-                      schedule={"filters.min_rank": [0, 3]})
+                      schedule={"filters.min_rank": [0, 3]}, filters={"calibrate": "off"})
     return raw, tmp
 
 
@@ -83,3 +84,26 @@ def test_resume_refuses_an_empty_folder_and_a_changed_input(run, tmp_path):
     cfg = config_from_dict({**raw, "schedule": {}})
     with pytest.raises(RunMismatch, match="no run to resume"):
         mine(cfg, tmp_path / "empty", resume=True)
+
+
+def test_readme_epoch_1_is_another_sample_of_the_demo(ray_session, shared_cache, tmp_path):
+    """README: `hardneg mine --config configs/demo.yaml --out out/demo --epoch 1` is "another sample"."""
+    from pathlib import Path
+
+    from pipeline.cli import main as cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    common = ["--config", str(config), "--out", str(tmp_path / "demo"), "--set", f"embed.cache_dir={shared_cache}",
+              "--no-progress"]
+    assert cli_main(["mine", *common]) == 0
+    assert cli_main(["mine", *common, "--epoch", "1"]) == 0
+    e0 = pd.read_parquet(tmp_path / "demo" / "epoch=0000").set_index("query_id")
+    e1 = pd.read_parquet(tmp_path / "demo" / "epoch=0001").set_index("query_id").loc[e0.index]
+    differs = [set(a) != set(b) for a, b in zip(e0.neg_item_ids, e1.neg_item_ids)]
+    assert np.mean(differs) > 0.8
+    # still among the hardest: every sampled negative is one of the 2 * n_negatives hardest survivors
+    cands = pd.read_parquet(tmp_path / "demo" / "epoch=0001" / "_candidates").set_index("query_id")
+    for qid, negs in zip(e1.index, e1.neg_item_ids):
+        c = cands.loc[qid]
+        survivors = [i for i, v in zip(c.cand_item_ids, c.cand_verdicts) if v in ("negative", "unsampled")]
+        assert set(negs) <= set(survivors[:8])

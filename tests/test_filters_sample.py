@@ -65,9 +65,9 @@ def test_first_reason_wins():
 
 def test_top_takes_the_hardest_survivors_in_rank_order():
     verdict = np.array([[1, 0, 0, 4, 0, 0]], np.int8)
-    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=3), 0)
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=3, strategy="top"), 0)
     assert chosen.tolist() == [[1, 2, 4]]
-    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=5), 0)
+    chosen = sample_negatives(verdict, np.zeros((1, 6)), query_keys(["q"]), SampleConfig(n_negatives=5, strategy="top"), 0)
     assert chosen.tolist() == [[1, 2, 4, 5, -1]]
 
 
@@ -101,3 +101,47 @@ def test_weighted_prefers_high_scores_and_uniform_does_not():
     expected = np.exp(scores[0] / 0.1) / np.exp(scores[0] / 0.1).sum()
     assert np.abs(w_hist - expected).max() < 0.03
     assert np.abs(u_hist - 0.1).max() < 0.03
+
+
+def test_relative_margin_is_sign_safe():
+    """s_neg > s_pos - |s_pos| * m: with a negative positive score, a candidate above the positive is dropped."""
+    f = FilterConfig(margin_rel=0.1, near_duplicate=None)
+    v = filter_candidates(block([10, 11, 12], [-0.1, -0.2, -0.25], pos_score=-0.2), f, ctx(k=3))
+    # threshold -0.2 - 0.02 = -0.22: -0.1 and -0.2 are at or above the positive, -0.25 is a fair negative
+    assert v[0].tolist() == [reason("margin_rel"), reason("margin_rel"), KEPT]
+    v = filter_candidates(block([10, 11, 12], [0.9, 0.75, 0.7], pos_score=0.8), f, ctx(k=3))
+    assert v[0].tolist() == [reason("margin_rel"), reason("margin_rel"), KEPT]  # 0.72 threshold, as before
+
+
+def test_rows_with_the_same_query_share_positives():
+    from pipeline.filters import query_positives
+    # rows 0 and 1 ask the same query (item 100) with positives 101 and 102; row 2 asks another query (item 50)
+    positives = query_positives(np.array([100, 100, 50]), np.array([101, 102, 103]), 200)
+    c = FilterContext(np.zeros(0, np.int64), 1, np.zeros(200, np.int8), np.zeros(0, np.int64), 200, 3, positives)
+    b = CandidateBlock(np.array([[102, 103, 7], [101, 102, 7], [101, 102, 7]]), np.full((3, 3), 0.1, np.float32),
+                       np.zeros((3, 3), np.float32), np.full(3, 0.8, np.float32), np.array([100, 100, 50]),
+                       np.array([101, 102, 103]), np.full(3, -1), np.arange(3))
+    f = FilterConfig(margin_rel=None, near_duplicate=None)
+    v = filter_candidates(b, f, c)
+    assert v.tolist() == [[reason("other_positive"), KEPT, KEPT],
+                          [reason("other_positive"), reason("same_as_positive"), KEPT],
+                          [KEPT, KEPT, KEPT]]
+    f.other_positive = False
+    assert filter_candidates(b, f, c)[0].tolist() == [KEPT, KEPT, KEPT]
+
+
+def test_hardest_gives_each_epoch_another_sample_among_the_hardest():
+    verdict = np.zeros((200, 30), np.int8)
+    verdict[:, 3] = reason("margin_rel")
+    scores = np.sort(np.random.default_rng(1).random((200, 30)))[:, ::-1]
+    keys = query_keys([f"q{i}" for i in range(200)])
+    cfg = SampleConfig(n_negatives=4, strategy="hardest", hardest_pool=2.0)
+    e0, e1 = (sample_negatives(verdict, scores, keys, cfg, epoch) for epoch in (0, 1))
+    # only the 8 hardest survivors (ranks 0-2 and 4-8) can be drawn, hardest first, never a dropped one
+    assert set(np.unique(e0)) <= {0, 1, 2, 4, 5, 6, 7, 8} and (np.diff(e0, axis=1) > 0).all()
+    assert (e0 != e1).any(axis=1).mean() > 0.9  # another sample for (nearly) every query
+    assert (sample_negatives(verdict, scores, keys, cfg, 0) == e0).all()
+    # a query with at most n survivors gets all of them
+    few = np.full((1, 30), reason("rank_window"), np.int8)
+    few[0, [2, 5, 9]] = KEPT
+    assert sample_negatives(few, scores[:1], keys[:1], cfg, 3).tolist() == [[2, 5, 9, -1]]

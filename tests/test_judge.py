@@ -97,6 +97,10 @@ def test_judge_drops_counted_and_scores_kept_per_run(ray_session, tmp_path, shar
     assert judge["rule"] == "positive" and judge["actors"] == 2 and judge["scored"] == judge["pairs"] > 0
     assert stats["drops"]["judge"] == judge["dropped"] > 0
     assert sum(d["drops"]["judge"] for d in stats["per_dataset"].values()) == judge["dropped"]
+    # the judge's verdicts are evidence: they give the estimated FN rate (thresholds stay as configured)
+    fn = stats["false_negatives"]["per_dataset"]["cls"]
+    assert fn["evidence"]["judge"] == judge["dropped"] and fn["evidence"]["estimated_from"] == "judge"
+    assert not fn["calibrated"] and fn["estimate"]["fn_rate"] > 0
 
     # the kept scores are MiniLM's cosines, and the verdicts follow the rule exactly
     kept = pq.read_table(sorted((tmp_path / "out" / "_run" / "judge" / judge["fingerprint"]).glob("*.parquet")))

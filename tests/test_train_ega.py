@@ -215,3 +215,22 @@ def test_gather_across_two_gloo_ranks_matches_one_big_batch():
                             beta=0.1)
     local.backward()
     torch.testing.assert_close(torch.from_numpy(result[0][2]), pr.grad[:4])
+
+
+def test_extra_positives_are_positives_not_negatives():
+    """filters.relabel: a row's extra positives each count as a positive against the same candidates."""
+    g = torch.Generator().manual_seed(3)
+    q, pos, neg = (F.normalize(torch.randn(*shape, generator=g), dim=-1) for shape in ((4, 8), (4, 8), (4, 3, 8)))
+    loss = EGALoss(tau=0.05, alpha=1.0)
+    base = loss(q, pos, neg)
+    # an extra positive equal to the positive: the same loss; a padded one (mask False) changes nothing
+    assert torch.allclose(loss(q, pos, neg, extra_pos=pos[:, None]), base)
+    assert torch.allclose(loss(q, pos, neg, extra_pos=neg[:, :1], extra_mask=torch.zeros(4, 1, dtype=torch.bool)),
+                          base)
+    # the first mined negative relabelled as an extra positive: the gradient now pulls the query towards it
+    q1 = q.clone().requires_grad_(True)
+    loss(q1, pos, neg, extra_pos=neg[:, :1]).backward()
+    toward = -(q1.grad * neg[:, 0]).sum(dim=1)
+    q2 = q.clone().requires_grad_(True)
+    loss(q2, pos, neg).backward()
+    assert (toward > -(q2.grad * neg[:, 0]).sum(dim=1)).all()

@@ -319,6 +319,9 @@ def stats_section(st: EpochStats, history: list[EpochStats]) -> str:
                             [(k, d.margin_sum / d.negatives if d.negatives else 0) for k, d in ds])]
     if st.rejects:
         figs.append(plots.bars("Rejected rows per reason", st.rejects.most_common(), "rows"))
+    figs += [plots.tradeoff(f"False negatives, {k}: {plots.fn_estimate(r['estimate'])}", r.get("curve", []),
+                            r["estimate"]["fn_rate"]) for k, r in sorted(st.false_negatives.items())
+             if isinstance(r, dict) and r.get("evidence")]
     out.append('<div class="grid">' + "".join(f'<div class="figure">{f}</div>' for f in figs) + "</div>")
     if ds:
         rows = "".join(f'<tr><td>{esc(k)}</td><td class="num">{num(d.queries)}</td>'

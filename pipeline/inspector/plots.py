@@ -147,5 +147,38 @@ def lines(title: str, xs: list[int], series: list[tuple[str, list[float | None]]
     return _frame(title, body, legend)
 
 
+def tradeoff(title: str, curve: list[dict], chosen: float | None) -> str:
+    """The false-negative trade-off of one dataset: as the estimated FN rate (x) goes down, how many queries stay
+    full and how hard their negatives are; the dashed line marks the thresholds in use."""
+    pts = sorted((100 * c["fn_rate"], c["queries_full"], c["mean_neg_score"]) for c in curve
+                 if c.get("fn_rate") is not None)
+    if not pts:
+        return empty(title)
+    xhi = max(max(p[0] for p in pts), 100 * (chosen or 0), 1.0)
+    ylo = min(0.0, min(p[2] for p in pts))
+    body, sx, sy = _axes(0, xhi * 1.05, ylo, 1.0, "estimated false-negative rate (%)", "share / score")
+    legend = []
+    for k, (label, col) in enumerate((("queries full", 1), ("mean negative score", 2))):
+        color = PALETTE[k]
+        body.append(f'<polyline points="{" ".join(f"{sx(p[0]):.1f},{sy(p[col]):.1f}" for p in pts)}" fill="none" '
+                    f'stroke="{color}" stroke-width="2"/>')
+        body += [f'<circle cx="{sx(p[0]):.1f}" cy="{sy(p[col]):.1f}" r="2.5" fill="{color}"/>' for p in pts]
+        legend.append((label, color))
+    if chosen is not None:
+        x = sx(100 * chosen)
+        body.append(f'<line x1="{x:.1f}" y1="{sy(1.0):.1f}" x2="{x:.1f}" y2="{sy(ylo):.1f}" stroke="#444" '
+                    f'stroke-dasharray="4 3"/>')
+        legend.append(("in use", "#444"))
+    return _frame(title, body, legend)
+
+
+def fn_estimate(est: dict) -> str:
+    """'2.10% [1.20, 3.40] on 812 pairs': an estimated FN rate with its 95% interval."""
+    if est.get("fn_rate") is None:
+        return "no estimate"
+    return (f"{100 * est['fn_rate']:.2f}% [{100 * est['low']:.2f}, {100 * est['high']:.2f}] "
+            f"on {est['pairs']} pairs")
+
+
 def empty(title: str) -> str:
     return _frame(title, [f'<text x="{W / 2}" y="{H / 2}" class="tk" text-anchor="middle">no data</text>'])

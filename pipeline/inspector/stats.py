@@ -80,6 +80,7 @@ class EpochStats:
     rejects: Counter = field(default_factory=Counter)
     run_counts: dict[str, int] = field(default_factory=dict)
     blocklist: dict = field(default_factory=dict)  # entries / skipped_lines the miner read (`_stats.json`)
+    false_negatives: dict = field(default_factory=dict)  # `_stats.json` false_negatives.per_dataset
 
     @property
     def mean_negatives(self) -> float | None:
@@ -95,6 +96,8 @@ def compute(epoch: Epoch) -> EpochStats:
     out.run_counts = {k: epoch.stats[k] for k in ("queries_in", "queries_written", "queries_rejected")
                       if isinstance(epoch.stats.get(k), int)}
     out.blocklist = epoch.stats.get("blocklist") if isinstance(epoch.stats.get("blocklist"), dict) else {}
+    fn = epoch.stats.get("false_negatives")
+    out.false_negatives = fn.get("per_dataset", {}) if isinstance(fn, dict) else {}
     rejects = epoch.dir / "_rejects.jsonl"
     if rejects.is_file():
         with rejects.open(encoding="utf-8") as f:

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 COLUMNS = ["query_id", "dataset", "qry", "qry_image_path", "pos_text", "pos_image_path", "group", "qry_item_id",
            "pos_item_id", "pos_score", "neg_text", "neg_image_path", "neg_item_ids", "neg_scores", "neg_rel_scores",
            "num_negatives"]
+EXTRA_POSITIVES = ["pos_extra_text", "pos_extra_image_path", "pos_extra_item_ids", "pos_extra_scores"]  # relabel
 # `_candidates` verdicts that mean "too close to the positive to be a safe negative": such an item must not be an
 # in-batch negative of that query either (the hard-batch sampler reads them).
-SUSPECT_VERDICTS = ("same_as_positive", "same_group", "margin_abs", "margin_rel", "near_duplicate", "blocklist")
+SUSPECT_VERDICTS = ("same_as_positive", "other_positive", "same_group", "margin_abs", "margin_rel", "near_duplicate",
+                    "blocklist")
 
 
 @dataclass
@@ -131,7 +133,9 @@ class _EpochIndex:
         parts = []
         for f in dict.fromkeys(files.tolist()):  # files in order of first appearance (contiguous runs)
             sel = rows[files == f]
-            parts.append(pq.read_table(self.shards[f], columns=COLUMNS).take(pa.array(sel)))
+            names = pq.read_schema(self.shards[f]).names
+            parts.append(pq.read_table(self.shards[f], columns=COLUMNS + [c for c in EXTRA_POSITIVES if c in names])
+                         .take(pa.array(sel)))
         return pa.concat_tables(parts) if parts else pa.table({c: [] for c in COLUMNS})
 
     def row_dict(self, table: pa.Table, i: int) -> dict:
@@ -148,6 +152,9 @@ class _EpochIndex:
         for c in ("neg_scores", "neg_rel_scores"):
             out[c] = np.asarray(list(r[c][:n]) + [0.0] * pad, dtype=np.float32)
         out["neg_mask"] = mask
+        for c in EXTRA_POSITIVES:  # a run mined with filters.relabel: a list per row (lengths differ)
+            if c in table.column_names:
+                out[c] = list(table.column(c)[i].as_py())
         return out
 
 

@@ -102,10 +102,13 @@ class EGALoss(nn.Module):
 
     def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = None,
                 neg_mask: Optional[torch.Tensor] = None, pos_keys: Optional[torch.Tensor] = None,
-                neg_keys: Optional[torch.Tensor] = None, group_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+                neg_keys: Optional[torch.Tensor] = None, group_keys: Optional[torch.Tensor] = None,
+                extra_pos: Optional[torch.Tensor] = None, extra_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q, pos: (B, d) L2-normalised embeddings; neg: (B, k, d) mined negatives; neg_mask: (B, k), False on
         padding. Optional int64 content keys (`content_key`) mask false negatives: a candidate whose key equals
-        the query's positive key, and (group_keys, -1 = none) another query's positive of the same group."""
+        the query's positive key, and (group_keys, -1 = none) another query's positive of the same group.
+        extra_pos: (B, m, d) the query's extra positives (`pos_extra_*`, filters.relabel), extra_mask (B, m) False on
+        padding: each is a positive against the same candidates, the loss averaged over all positives."""
         distributed = self.gather and dist.is_available() and dist.is_initialized()
         gather = gather_with_grad if distributed else (lambda t: t)
         b = q.shape[0]
@@ -132,7 +135,19 @@ class EGALoss(nn.Module):
         if group_keys is not None:
             same = (gather(group_keys)[None, :] == group_keys[:, None]) & (group_keys[:, None] >= 0)
             valid[:, :n_pos] &= ~(same & not_target[:, :n_pos])
-        return ega_from_scores(scores, target, valid, self.tau, self.alpha, self.beta, self.reduction)
+        if extra_pos is None or extra_pos.shape[1] == 0:
+            return ega_from_scores(scores, target, valid, self.tau, self.alpha, self.beta, self.reduction)
+        emask = extra_mask if extra_mask is not None else torch.ones(extra_pos.shape[:2], dtype=torch.bool,
+                                                                    device=q.device)
+        extra_scores = torch.einsum("bd,bmd->bm", q, extra_pos)
+        total = ega_from_scores(scores, target, valid, self.tau, self.alpha, self.beta, "sum")
+        for j in range(extra_pos.shape[1]):  # extra positive j in the positive's column, same candidates
+            rows = emask[:, j]
+            if rows.any():
+                swapped = scores.scatter(1, target[:, None], extra_scores[:, j:j + 1])
+                total = total + ega_from_scores(swapped[rows], target[rows], valid[rows], self.tau, self.alpha,
+                                                self.beta, "sum")
+        return total / (b + emask.sum()) if self.reduction == "mean" else total
 
 
 def content_key(item_id: str) -> int:
