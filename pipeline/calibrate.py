@@ -295,7 +295,8 @@ def summary_lines(report: dict) -> list[str]:
                          " configured thresholds apply, FN rate not estimated")
             continue
         e, est = r["evidence"], r["estimate"]
-        kinds = ", ".join(f"{k} {v}" for k, v in e.items() if k in EVIDENCE_KINDS)
+        kinds = ", ".join(f"{k} {v}" for k, v in e.items() if k in EVIDENCE_KINDS) or (
+            f"{e.get('estimated_from', 'the evidence')}: no true match among the retrieved candidates")
         chosen = ", ".join(f"{k}={v}" for k, v in r["thresholds"].items() if v not in (None, 0))
         rate = "n/a" if est["fn_rate"] is None else (f"{100 * est['fn_rate']:.2f}% "
                                                      f"[{100 * est['low']:.2f}, {100 * est['high']:.2f}]")
