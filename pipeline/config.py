@@ -750,7 +750,7 @@ def _check_judge(j: JudgeConfig) -> None:
         raise ConfigError("judge.threshold: required with judge.rule: threshold")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -772,7 +772,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """YAML as data (safe loader), refusing repeated keys."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
+    return yaml.load(text, Loader=_UniqueKeySafeLoader)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

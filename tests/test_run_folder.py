@@ -100,7 +100,7 @@ def test_overwrite_deletes_only_what_hardneg_wrote(ray_session, shared_cache, pa
         assert (out / name).read_bytes() == data
     assert not (out / "epoch=0001").exists() and not (out / "_checkpoints").exists()
     assert json.loads((result.epoch_dir / "_manifest.json").read_text())["config"]["retrieve"]["top_k"] == 12
-    assert json.loads((out / "_run" / "run.json").read_text())["identity"]["top_k"] == 12
+    assert json.loads((out / "_run" / "run.json").read_text())["identity"]["config"]["retrieve"]["top_k"] == 12
     assert sorted(p.name for p in out.iterdir()) == ["_run", "blocklist.jsonl", "epoch=0000", "notes.md", "sub"]
     verify_epoch(result.epoch_dir)
     # the refusal said what changed, and what --overwrite deletes and keeps
