@@ -155,3 +155,33 @@ def test_driver_killed_mid_embedding_resumes_and_embeds_only_the_rest(corpus, s3
     done, cached = embedded(result)
     assert cached >= kept and done == total - cached and done > 0  # only what the bucket lacked
     assert digests(result.epoch_dir) == digests(first.epoch_dir)
+
+
+WRITE_AND_READ = """
+import numpy as np, pyarrow as pa
+from pipeline.embed import EmbeddingCache
+cache = EmbeddingCache("s3://%s/env-%s", "fp")
+vectors = np.eye(3, 4, dtype=np.float32)
+cache.write(pa.table({"key": ["a", "b", "c"], "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), 4)}))
+found, got = cache.lookup(pa.array(["c", "x", "a"]))
+assert found.tolist() == [True, False, True] and np.array_equal(got, vectors[[2, 0]]), (found, got)
+print(len(cache.parts()))
+"""
+
+
+@pytest.mark.parametrize("style", ["aws", "fsspec"])
+def test_the_endpoint_and_credentials_may_come_from_the_usual_env_vars(s3, style):
+    """What docs/cluster.md promises: without `embed.storage_options`, botocore's AWS_* or fsspec's FSSPEC_S3_*
+    env vars (read by each process that opens the cache) reach the bucket."""
+    options, fs = s3
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
+    if style == "aws":
+        env.update(AWS_ENDPOINT_URL=options["endpoint_url"], AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    else:
+        env.update(FSSPEC_S3_ENDPOINT_URL=options["endpoint_url"], FSSPEC_S3_KEY="testing",
+                   FSSPEC_S3_SECRET="testing")
+    proc = subprocess.run([sys.executable, "-c", WRITE_AND_READ % (BUCKET, style)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "1" and len(bucket_parts(fs, f"env-{style}")) == 1
