@@ -46,10 +46,11 @@ class EmbeddingCache:
     reads and writes: the embedding actors append parts, the driver looks keys up."""
 
     def __init__(self, root: str, fingerprint: str, storage_options: dict | None = None):
-        import fsspec
+        from fsspec.core import url_to_fs
+        from fsspec.implementations.local import LocalFileSystem
 
-        self.fs, base = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
-        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.fs, base = url_to_fs(str(root), **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
         self.dir = f"{base.rstrip('/')}/{fingerprint}"
         self.fingerprint = fingerprint
 
@@ -385,9 +386,9 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
 
     Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
     tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
-    only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose model code
-    raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such blocks
-    get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
+    only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose
+    model code raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such
+    blocks get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
     """
     import ray
 
