@@ -192,7 +192,12 @@ class EmbedConfig:
     threads_per_actor: int = 0
     """torch threads in each actor; 0 = derived from cpus_per_actor. Results do not depend on it."""
     cache_dir: str = "~/.cache/hardneg"
-    """Embedding cache, keyed by (teacher fingerprint, content hash); shared by runs; relative to the config."""
+    """Embedding cache, keyed by (teacher fingerprint, content hash); shared by runs; relative to the config. A local
+    path (a shared mount on a cluster) or an fsspec URI (`s3://bucket/cache`, `gs://...`) every node reaches: the
+    embedding actors write to it."""
+    storage_options: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
+    """fsspec options for a `cache_dir` URI (e.g. `endpoint_url` for s3fs), passed to the driver and every actor;
+    credentials are better left to the nodes' usual env vars or profiles (this lands in the run's manifest)."""
     num_blocks: int = 0
     """Ray Data blocks for the embedding stage; 0 = derived from the number of batches and actors."""
 
@@ -475,7 +480,8 @@ KEY_CLASSES: dict[str, str] = {
     **{f"judge.{k}": EPOCH for k in ("kind", "model", "cls", "teacher", "rule", "threshold", "margin", "prompt",
                                      "yes_token", "no_token", "dtype", "max_length", "trust_remote_code")},
     **{f"judge.{k}": FREE for k in ("batch_size", "num_actors", "device")},
-    **{f"embed.{k}": FREE for k in ("num_actors", "cpus_per_actor", "threads_per_actor", "cache_dir", "num_blocks")},
+    **{f"embed.{k}": FREE for k in ("num_actors", "cpus_per_actor", "threads_per_actor", "cache_dir", "num_blocks",
+                                     "storage_options")},
     # index: Flat and IVF results do not depend on sharding, threads or batching (docs/scale.md)
     **{f"index.{k}": RUN for k in ("kind", "exact_below", "hnsw_below", "memory_budget_gb", "nlist", "nprobe",
                                    "ef_search", "hnsw_m", "ef_construction", "pq_m", "opq", "refine_factor",
@@ -825,7 +831,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     for name in ("candidates", "captions"):
         if getattr(cfg.input, name):
             setattr(cfg.input, name, _resolve(base, getattr(cfg.input, name)))
-    cfg.embed.cache_dir = _resolve(base, str(Path(cfg.embed.cache_dir).expanduser()))
+    if "://" not in cfg.embed.cache_dir:  # a URI stays as it is (Path would fold its `//`)
+        cfg.embed.cache_dir = _resolve(base, str(Path(cfg.embed.cache_dir).expanduser()))
     if cfg.filters.blocklist:
         cfg.filters.blocklist = _resolve(base, cfg.filters.blocklist)
     return cfg

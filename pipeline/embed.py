@@ -2,14 +2,16 @@
 
 Batches are planned on the driver (items sorted by text length, in the model's tokens where its fast tokenizer is at
 hand, else in characters, then by id, and cut into `batch_size`), and each planned batch travels as one row, so a
-vector never depends on how many actors or blocks ran: the same config gives the same bytes. Vectors land in the
-cache as they stream back, so an interrupted run keeps what it embedded.
+vector never depends on how many actors or blocks ran: the same config gives the same bytes. The actors write the
+vectors to the cache themselves (a local path or an fsspec URI every node reaches) as each block finishes, so an
+interrupted run keeps what it embedded and no vector passes through the driver on its way to the cache.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from .teachers.base import decode_bounds, resolve_model_path
 from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
-CACHE_FLUSH_S = 30.0  # vectors wait at most this long on the driver before they are written to the cache
+CACHE_FLUSH_S = 30.0  # vectors wait at most this long in an actor before they are written to the cache
 
 
 def input_keys(items: pa.Table) -> pa.Array:
@@ -40,30 +42,61 @@ def input_keys(items: pa.Table) -> pa.Array:
 
 class EmbeddingCache:
     """Parquet parts of (key, vector) under `root/<teacher fingerprint>/`, `key` from `input_keys`; written
-    atomically, read with a filter."""
+    atomically, read with a filter. `root` is a local path or an fsspec URI (`s3://`, `gs://`, ...) that every node
+    reads and writes: the embedding actors append parts, the driver looks keys up."""
 
-    def __init__(self, root: str, fingerprint: str):
-        self.dir = Path(root) / fingerprint
+    def __init__(self, root: str, fingerprint: str, storage_options: dict | None = None):
+        from fsspec.core import url_to_fs
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.fs, base = url_to_fs(str(root), **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.dir = f"{base.rstrip('/')}/{fingerprint}"
         self.fingerprint = fingerprint
 
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet")) if self.dir.exists() else []
+    def parts(self) -> list[str]:
+        self.fs.invalidate_cache(self.dir)  # other processes (the actors) add parts: never trust a cached listing
+        return sorted(self.fs.glob(f"{self.dir}/part-*.parquet"))
+
+    def _read(self, columns: list[str], ids: pa.Array) -> pa.Table | None:
+        parts = self.parts()
+        if not parts:
+            return None
+        filesystem = None
+        if not self.local:
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+            filesystem = PyFileSystem(FSSpecHandler(self.fs))
+        return pq.read_table(parts, columns=columns, filters=pc.field("key").isin(ids), filesystem=filesystem)
+
+    def contains(self, ids: pa.Array) -> np.ndarray:
+        """Which of `ids` (the items' `input_keys`) have a vector; reads the keys only."""
+        table = self._read(["key"], ids)
+        if table is None or table.num_rows == 0:
+            return np.zeros(len(ids), dtype=bool)
+        return pc.is_in(ids, value_set=table.column("key")).to_numpy(zero_copy_only=False)
 
     def lookup(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
         """(found mask, vectors of the found keys in the order of `ids`, the items' `input_keys`)."""
         found = np.zeros(len(ids), dtype=bool)
-        parts = self.parts()
-        if not parts:
-            return found, None
-        table = pq.read_table(parts, filters=pc.field("key").isin(ids))
-        if table.num_rows == 0:
+        table = self._read(["key", "vector"], ids)
+        if table is None or table.num_rows == 0:
             return found, None
         pos = pc.index_in(ids, value_set=table.column("key"))
         found = pos.is_valid().to_numpy(zero_copy_only=False)
         return found, _to_numpy(table.column("vector"))[pos.drop_null().to_numpy()]
 
-    def write(self, table: pa.Table) -> None:
-        write_new_part(self.dir, table.rename_columns(["key", "vector"]))
+    def write(self, table: pa.Table) -> str:
+        """Add one uniquely named part. Local (a shared mount too): a temporary file renamed into place. An object
+        store: one PUT of the final name, atomic per object, so a listing never shows a partial part."""
+        table = table.rename_columns(["key", "vector"])
+        if self.local:
+            return str(write_new_part(Path(self.dir), table))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path = f"{self.dir}/part-{uuid.uuid4().hex}.parquet"
+        self.fs.pipe_file(path, sink.getvalue().to_pybytes())
+        return path
 
 
 def _to_numpy(column) -> np.ndarray:
@@ -193,12 +226,20 @@ def decode_stage(ds, cfg: Config, columns: dict, min_pixels=None, max_pixels=Non
                                          min_pixels=min_pixels, max_pixels=max_pixels))
 
 
+PARTS_SCHEMA = pa.schema([("fingerprint", pa.string()), ("part", pa.string()), ("rows", pa.int64())])
+
+
 class EmbedActor:
-    """Holds one teacher; called with one planned batch at a time (its role and dataset travel with the batch)."""
+    """Holds one teacher; called with one block of planned batches (each batch's role, dataset and fingerprint
+    travel with it). Writes the block's vectors to the cache itself, a part per fingerprint when `part_rows` are
+    buffered, when `flush_s` have passed since its last part, and at the block's end, and returns only what it wrote
+    (`PARTS_SCHEMA`: fingerprint, part, rows): no vector travels back to the driver. A block's rows are in the cache
+    before Ray Data sees the block done, so a restarted actor only re-embeds blocks whose output never came back."""
 
     def __init__(self, teacher_cfg, role: str | None = None, image_root: str = ".", max_pixels: int = 64_000_000,
                  native_images: bool = True, threads: int = 0, max_bytes: int | None = None,
-                 allowed_schemes: tuple = ()):
+                 allowed_schemes: tuple = (), cache_dir: str = "", storage_options: dict | None = None,
+                 part_rows: int = CACHE_PART_ROWS, flush_s: float = CACHE_FLUSH_S):
         import sys
 
         from .teachers import load_teacher
@@ -212,6 +253,9 @@ class EmbedActor:
         self.max_bytes = max_bytes
         self.allowed_schemes = allowed_schemes
         self.native_images = native_images
+        self.cache_dir, self.storage_options = cache_dir, storage_options
+        self.part_rows, self.flush_s = part_rows, flush_s
+        self.caches: dict[str, EmbeddingCache] = {}
 
     def _images(self, row: dict) -> list:
         if not self.native_images:
@@ -223,20 +267,39 @@ class EmbedActor:
         return [open_image(self.image_root, p, self.max_pixels, self.max_bytes, self.allowed_schemes) if p else None
                 for p in row["image_paths"]]
 
+    def _flush(self, fp: str, pending: list, written: list) -> None:
+        ids = [i for part_ids, _ in pending for i in part_ids]
+        matrix = np.concatenate([m for _, m in pending]).astype(np.float32)
+        flat = pa.array(matrix.reshape(-1), pa.float32())
+        if fp not in self.caches:
+            self.caches[fp] = EmbeddingCache(self.cache_dir, fp, self.storage_options)
+        path = self.caches[fp].write(pa.table({"key": pa.array(ids, pa.string()),
+                                               "vector": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])}))
+        written.append({"fingerprint": fp, "part": path, "rows": len(ids)})
+        pending.clear()
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .teachers.base import call_embed
 
-        ids, vectors, fps = [], [], []
+        pending: dict[str, list] = {}
+        written: list[dict] = []
+        last = time.monotonic()
         for row in batch.to_pylist():
             role = row.get("role") or self.role
-            vectors.append(call_embed(self.teacher, row["texts"], self._images(row), role, row.get("dataset")))
-            ids.extend(row["item_ids"])
-            fps.extend([row.get("fingerprint") or ""] * len(row["item_ids"]))
-        matrix = np.concatenate(vectors).astype(np.float32)
-        flat = pa.array(matrix.reshape(-1), pa.float32())
-        return pa.table({"item_id": pa.array(ids, pa.string()),
-                         "vector": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1]),
-                         "fingerprint": pa.array(fps, pa.string())})
+            vectors = call_embed(self.teacher, row["texts"], self._images(row), role, row.get("dataset"))
+            fp = row.get("fingerprint") or ""
+            pending.setdefault(fp, []).append((row["item_ids"], vectors))
+            if sum(len(ids) for ids, _ in pending[fp]) >= self.part_rows:
+                self._flush(fp, pending[fp], written)
+            if time.monotonic() - last > self.flush_s:  # an interrupted run loses little more than in flight
+                for key, rows in pending.items():
+                    if rows:
+                        self._flush(key, rows, written)
+                last = time.monotonic()
+        for key, rows in pending.items():
+            if rows:
+                self._flush(key, rows, written)
+        return pa.Table.from_pylist(written, schema=PARTS_SCHEMA)
 
 
 def pool_shape(cfg: Config) -> dict:
@@ -323,16 +386,16 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
 
     Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
     tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
-    only its in-flight blocks run again; what was already returned reaches the cache. A block whose model code
-    raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such blocks
-    get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
+    only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose
+    model code raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such
+    blocks get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
     """
     import ray
 
     item_ids = items.column("item_id")
     items = items.set_column(items.schema.get_field_index("item_id"), "item_id", input_keys(items))  # cache keys
     groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles if roles is None else list(roles))
-    caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp) for fp in groups}
+    caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp, cfg.embed.storage_options) for fp in groups}
     stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups))}
     if len(groups) > 1 and roles is None:
         stats["fingerprints"] = by_dataset  # every dataset's; datasets with equal prompts share one
@@ -340,7 +403,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     missing_parts, counted = [], {"embedded": [], "found": [], "cross": []}
     for fp, (rep, rows, rep_role) in groups.items():
         sub = items.take(pa.array(rows, pa.int64()))
-        found, _ = caches[fp].lookup(sub.column("item_id"))
+        found = caches[fp].contains(sub.column("item_id"))
         stats["cached"] += int(found.sum())
         kept = np.flatnonzero(~found)
         if len(kept) and (datasets is not None or roles is not None):  # an item under two names of one prompt: once
@@ -371,77 +434,70 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         actors = min(shape["actors"], plan.num_rows)
         blocks = cfg.embed.num_blocks or min(plan.num_rows, max(8, 4 * actors))
         step = -(-plan.num_rows // blocks)
-        native = cfg.teacher.image_mode == "native"
-        # A block never spans two parts, so a part's vectors reach the cache as soon as its last block is back.
+        images = cfg.teacher.image_mode == "native" and any(p for paths in plan.column("image_paths").to_pylist()
+                                                            for p in paths)
+        # A block holds the batches of one part (one role) only.
         slices, start = [], 0
         for part in plans:
             slices += [plan.slice(start + i, min(step, part.num_rows - i)) for i in range(0, part.num_rows, step)]
             start += part.num_rows
-        ds = ray.data.from_arrow(slices)
-        if native and any(p for paths in plan.column("image_paths").to_pylist() for p in paths):
-            ds = decode_stage(ds, cfg, {"image_paths": "images"}, *decode_bounds(cfg.teacher))
-        ds = ds.map_batches(
-            EmbedActor, batch_size=1, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],
-            # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for fractions): torch's kernels then run ~20%
-            # slower than with the threads the actor was given (benchmarks/overhead.py)
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(shape["threads"])}},
-            fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
-                                       max_pixels=cfg.input.max_image_pixels, native_images=native,
-                                       threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,
-                                       allowed_schemes=tuple(cfg.input.allowed_schemes)))
-        ds.context.max_errored_blocks = cfg.run.max_errored_blocks
-        pending: dict[str, list] = {fp: [] for fp in groups}
+        ds = embed_stage(ray.data.from_arrow(slices), cfg, role, shape, actors, images)
         total = sum(m.num_rows for _, _, m, _ in missing_parts)
-        # rows of a fingerprint received when each of its parts is complete: the cache is written then too
-        marks: dict[str, list] = {}
-        for fp, _, m, _ in missing_parts:
-            marks.setdefault(fp, []).append((marks[fp][-1] if marks.get(fp) else 0) + m.num_rows)
-        received = dict.fromkeys(groups, 0)
-        flushed = time.monotonic()
         with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for fp in pc.unique(out.column("fingerprint")).to_pylist():
-                    part = out.filter(pc.equal(out.column("fingerprint"), fp)).select(["item_id", "vector"])
-                    pending[fp].append(part)
-                    before, received[fp] = received[fp], received[fp] + part.num_rows
-                    completes = any(before < m <= received[fp] for m in marks.get(fp, ()))
-                    if completes or sum(t.num_rows for t in pending[fp]) >= CACHE_PART_ROWS:
-                        caches[fp].write(pa.concat_tables(pending[fp]))
-                        pending[fp] = []
-                if time.monotonic() - flushed > CACHE_FLUSH_S:  # an interrupted run loses little more than in flight
-                    for fp in pending:
-                        if pending[fp]:
-                            caches[fp].write(pa.concat_tables(pending[fp]))
-                            pending[fp] = []
-                    flushed = time.monotonic()
-                bar.update(out.num_rows)
-        for fp, parts in pending.items():
-            if parts:
-                caches[fp].write(pa.concat_tables(parts))
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # what the actors wrote, no vectors
+                bar.update(int(pc.sum(out.column("rows")).as_py() or 0))
         stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
                      blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=plan.num_rows)
     if roles is not None:
         stats["by_role"] = _role_stats(groups, by_dataset, role_of, counted, stats)
-    vectors, found_all = None, np.zeros(items.num_rows, bool)
-    for fp, (_, rows, _) in groups.items():
-        found, cached = caches[fp].lookup(items.column("item_id").take(pa.array(rows, pa.int64())))
-        if cached is None:
-            continue
-        if vectors is None:
-            vectors = np.zeros((items.num_rows, cached.shape[1]), np.float32)
-        vectors[rows[found]] = cached
-        found_all[rows[found]] = True
+    vectors, found_all = gather_vectors(caches, groups, items.column("item_id"))
     if not found_all.all():
         if not allow_failed:
             raise RuntimeError(f"embedding cache {cfg.embed.cache_dir} is missing {int((~found_all).sum())} vectors "
                                "after embedding (blocks that failed within run.max_errored_blocks?)")
-        if vectors is None:
-            vectors = np.zeros((items.num_rows, 1), np.float32)
         stats["failed_item_ids"] = sorted(set(item_ids.filter(pa.array(~found_all)).to_pylist()))
-    if vectors is None:
-        vectors = np.zeros((0, 1), np.float32)
     return vectors, stats
+
+
+def embed_stage(ds, cfg: Config, role: str, shape: dict, actors: int, images: bool = False):
+    """The embedding stage over a dataset of planned batches: the image decoding tasks (with `images`), then the
+    actor pool, which writes the vectors to the cache; its output is `PARTS_SCHEMA`, no vectors."""
+    import ray
+
+    native = cfg.teacher.image_mode == "native"
+    if images:
+        ds = decode_stage(ds, cfg, {"image_paths": "images"}, *decode_bounds(cfg.teacher))
+    ds = ds.map_batches(
+        EmbedActor, batch_size=None, batch_format="pyarrow",  # a whole block per call: parts of up to a block
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=shape["num_cpus"], num_gpus=shape["num_gpus"],
+        # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for fractions): torch's kernels then run ~20%
+        # slower than with the threads the actor was given (benchmarks/overhead.py)
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(shape["threads"])}},
+        fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
+                                   max_pixels=cfg.input.max_image_pixels, native_images=native,
+                                   threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,
+                                   allowed_schemes=tuple(cfg.input.allowed_schemes), cache_dir=cfg.embed.cache_dir,
+                                   storage_options=cfg.embed.storage_options, part_rows=CACHE_PART_ROWS,
+                                   flush_s=CACHE_FLUSH_S))
+    ds.context.max_errored_blocks = cfg.run.max_errored_blocks
+    return ds
+
+
+def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(n x d vectors of the items with cache keys `keys`, found mask) read back from the cache into one driver
+    array; rows not found are zeros. The one place the driver holds vectors (issue 15 item 2 replaces it)."""
+    vectors, found_all = None, np.zeros(len(keys), bool)
+    for fp, (_, rows, _) in groups.items():
+        found, cached = caches[fp].lookup(keys.take(pa.array(rows, pa.int64())))
+        if cached is None:
+            continue
+        if vectors is None:
+            vectors = np.zeros((len(keys), cached.shape[1]), np.float32)
+        vectors[rows[found]] = cached
+        found_all[rows[found]] = True
+    if vectors is None:
+        vectors = np.zeros((len(keys), 1) if len(keys) else (0, 1), np.float32)
+    return vectors, found_all
 
 
 POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size", "batch_tokens", "batches")

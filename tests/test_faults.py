@@ -294,7 +294,16 @@ def _scenarios(cluster, workers, work: Path, marks: dict, pairs: Path, timings: 
     visible = (work / "out-C" / "epoch=0000").exists()
     import pyarrow.parquet as pq
 
-    kept = sum(pq.ParquetFile(p).metadata.num_rows for p in cache.glob("*/part-*.parquet"))
+    def in_cache():
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in cache.glob("*/part-*.parquet"))
+
+    # the actors write the cache: the dead driver's actor may add a part before Ray ends it (one every 0.5 s alive)
+    kept, settle = in_cache(), time.time() + 30
+    while time.time() < settle:
+        time.sleep(1.5)
+        if in_cache() == kept:
+            break
+        kept = in_cache()
     timings["C_killed_s"] = round(time.time() - t, 1)
     connect("C")
     try:
