@@ -778,7 +778,11 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """YAML as data (safe loader), refusing repeated keys."""
-    return yaml.load(text, Loader=_UniqueKeySafeLoader)
+    loader = _UniqueKeySafeLoader(text)  # what yaml.load does, with our SafeLoader subclass
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

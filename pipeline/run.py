@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import blocklist
 from .write import write_json
 
 RUN_DIR = "_run"
@@ -67,13 +68,14 @@ def is_run_folder(out: str | Path) -> bool:
 
 
 def check_ownable(out: str | Path) -> None:
-    """Raise NotARunFolder unless OUT is missing, empty or a run folder: hardneg never mixes into a user's folder."""
+    """Raise NotARunFolder unless OUT is missing, empty (but for a `blocklist.jsonl` of known false negatives, which
+    a user may bring to a new run) or a run folder: hardneg never mixes into a user's folder."""
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise NotARunFolder(f"--out {out} is a file, not a folder; give a new or empty folder")
-    entries = sorted(os.listdir(out))
+    entries = sorted(e for e in os.listdir(out) if e != blocklist.FILENAME)
     if entries == [RUN_DIR] and not is_run_folder(out):
         time.sleep(1.0)  # another hardneg is claiming this new folder right now: its marker follows in a moment
     if not entries or is_run_folder(out):
@@ -233,19 +235,20 @@ def _remove(path: Path, keep: list[Path]) -> None:
         path.unlink(missing_ok=True)
 
 
-def _changed_keys(saved: dict, identity: dict) -> list[str]:
+def _changed_keys(saved: dict, identity: dict, prefix: str = "") -> list[str]:
+    """The dotted config keys (and input files) whose values differ, e.g. `retrieve.top_k`."""
     changed = []
     for key in sorted(set(saved) | set(identity)):
         a, b = saved.get(key), identity.get(key)
         if a == b:
             continue
-        if key == "inputs_sha" and isinstance(a, dict) and isinstance(b, dict):
+        if key == "inputs_sha" and not prefix and isinstance(a, dict) and isinstance(b, dict):
             changed += [f"content of {p}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p)]
         elif isinstance(a, dict) and isinstance(b, dict):
-            changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            changed += _changed_keys(a, b, "" if key == "config" and not prefix else f"{prefix}{key}.")
         else:
-            changed.append(key)
-    return changed[:8] + (["..."] if len(changed) > 8 else [])
+            changed.append(prefix + key)
+    return changed[:8] + (["..."] if len(changed) > 8 else []) if not prefix else changed
 
 
 class EpochFolder:

@@ -105,7 +105,7 @@ def test_overwrite_deletes_only_what_hardneg_wrote(ray_session, shared_cache, pa
     verify_epoch(result.epoch_dir)
     # the refusal said what changed, and what --overwrite deletes and keeps
     message = str(refused.value)
-    assert "changed: top_k" in message and "new --out" in message and "blocklist.jsonl and other files stay" in message
+    assert "changed: retrieve.top_k" in message and "new --out" in message and "blocklist.jsonl and other files stay" in message
 
 
 # ---- item 5: a run that fails before retrieval is saved does not bind the folder ------------------------------
@@ -363,3 +363,16 @@ def test_exchange_swaps_and_the_fallback_still_commits(tmp_path, monkeypatch):
             folder.commit()
     assert (out / "epoch=0000" / "_manifest.json").read_text() == "1"
     assert sorted(p.name for p in out.iterdir()) == ["_run", "epoch=0000"]
+
+
+def test_a_new_folder_holding_only_a_blocklist_is_accepted(tmp_path):
+    """Marks brought from another run (the only file a user may put into a new --out) do not make it foreign."""
+    from pipeline.run import NotARunFolder, check_ownable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "blocklist.jsonl").write_text('{"query_id": "q1", "item_id": "i1"}\n')
+    check_ownable(out)
+    (out / "notes.md").write_text("mine\n")
+    with pytest.raises(NotARunFolder):
+        check_ownable(out)

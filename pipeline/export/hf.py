@@ -9,6 +9,7 @@ import json
 
 import yaml
 
+from ..calibrate import EVIDENCE_KINDS
 from ..stats import EpochStats
 from .common import ParquetPartWriter, card_front_matter
 
@@ -23,12 +24,20 @@ def write(source, folder, lineage, options) -> dict:
     return counts
 
 
-def false_negative_estimate(stats: dict):
-    """The run's false-negative estimate, whatever the miner names it (a top-level `_stats.json` entry)."""
-    for key in sorted(stats):
-        if "false_neg" in key or key.startswith("fn_"):
-            return key, stats[key]
-    return None
+def estimate_rows(stats: dict) -> list[str]:
+    """The card's false-negative table, one row per dataset, from the miner's `_stats.json` `false_negatives`."""
+    per_dataset = (stats.get("false_negatives") or {}).get("per_dataset") or {}
+    rows = ["| dataset | estimated FN rate (95% interval) | pairs | evidence | thresholds |", "|---|---|---|---|---|"]
+    for ds, r in sorted(per_dataset.items()):
+        est = r.get("estimate") or {}
+        if r.get("evidence") is None or est.get("fn_rate") is None:
+            rows.append(f"| {ds} | not estimated: no evidence of true matches | | | |")
+            continue
+        kinds = ", ".join(f"{k} {v}" for k, v in r["evidence"].items() if k in EVIDENCE_KINDS) or "none found"
+        chosen = ", ".join(f"{k}={v}" for k, v in (r.get("thresholds") or {}).items() if v not in (None, 0))
+        rows.append(f"| {ds} | {100 * est['fn_rate']:.2f}% ({100 * est['low']:.2f}-{100 * est['high']:.2f}%) | "
+                    f"{est['pairs']} | {kinds} | {chosen or 'as configured'} |")
+    return rows if per_dataset else []
 
 
 def card(source, lineage: dict, counts: dict) -> str:
@@ -49,11 +58,7 @@ def card(source, lineage: dict, counts: dict) -> str:
                          ("retrieval id", lineage["retrieval_id"]), ("manifest sha256", lineage["manifest_sha256"])):
         lines.append(f"| {label} | `{value}` |")
     lines += ["", "## False-negative estimate\n"]
-    estimate = false_negative_estimate(stats)
-    if estimate is None:
-        lines.append("Not estimated for this run (no evidence of true matches was configured).")
-    else:
-        lines += [f"`{estimate[0]}`:", "```json", json.dumps(estimate[1], indent=2, sort_keys=True), "```"]
+    lines += estimate_rows(stats) or ["Not estimated for this run (mined before hardneg estimated it)."]
     lines += ["", "## Statistics\n", "```", _summary(stats), "```",
               "", "## Mining config\n", "```yaml", yaml.safe_dump(source.config, sort_keys=True).rstrip(), "```", ""]
     return "\n".join(lines)
