@@ -33,3 +33,13 @@ def mined_run(tmp_path_factory, ray_session, shared_cache):
     from inspector_fixtures import mine_run
 
     return mine_run(tmp_path_factory.mktemp("mined-run"), shared_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_dual_models(tmp_path_factory):
+    """Tiny random CLIP and SigLIP checkpoints saved as real `from_pretrained` folders, built once per test run."""
+    from tiny_models import save_tiny_clip
+    from tiny_vlms import save_tiny_siglip
+
+    root = tmp_path_factory.mktemp("dual-models")
+    return {"clip": save_tiny_clip(root / "clip"), "siglip": save_tiny_siglip(root / "siglip")}

@@ -11,8 +11,6 @@ import pytest
 from PIL import Image
 
 from corpus import DEMO, demo_items
-from tiny_models import save_tiny_clip
-from tiny_vlms import save_tiny_siglip
 
 from pipeline.config import ConfigError, TeacherConfig, config_from_dict
 from pipeline.teachers import Teacher, load_teacher, teacher_fingerprint
@@ -22,9 +20,8 @@ TOL = 1e-5  # float32 on CPU; batch composition only changes padding, which the 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return {"clip": save_tiny_clip(root / "clip"), "siglip": save_tiny_siglip(root / "siglip")}
+def models(tiny_dual_models):
+    return tiny_dual_models
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_models import save_tiny_clip
-from tiny_vlms import save_tiny_siglip
 
 from pipeline.config import TeacherConfig
 from pipeline.teachers import load_teacher
@@ -23,9 +21,8 @@ TEXTS = ["a red fire truck", "a photo of a small dog sleeping on a very long gre
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dual")
-    return {"clip": save_tiny_clip(root / "clip"), "siglip": save_tiny_siglip(root / "siglip")}
+def models(tiny_dual_models):
+    return tiny_dual_models
 
 
 @pytest.fixture(scope="module")

@@ -192,3 +192,14 @@ def save_tiny_qqmm(folder: Path, seed: int = 0) -> Path:
     })
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def picture(size):
+    """A deterministic RGB test picture of `size` (width, height): gradients and a checker pattern."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
+                                     ((x // 13 + y // 7) % 2) * 255], -1).astype(np.uint8))

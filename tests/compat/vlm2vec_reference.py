@@ -28,13 +28,7 @@ CASES = [("<|image_1|>\nRepresent the given image for classification", (900, 700
          ("A red fire truck parked by the station. ", None)]
 
 
-def picture(size):
-    from PIL import Image
-
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    return Image.fromarray(np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
-                                     ((x // 13 + y // 7) % 2) * 255], -1).astype(np.uint8))
+from tiny_vlms import picture  # noqa: E402  (tests/ is on the path above)
 
 
 def reference(out: Path, src: Path) -> None:
