@@ -166,33 +166,47 @@ def sweep(session_dirs: Iterable[Path]) -> list[int]:
     if not prefixes:
         return []
     since = min((_driver_start(d) for d in dirs), default=0.0) - 1.0  # a session's processes are younger
+    ended: list = []
+    for _ in range(2):  # a second look finds what was still starting, or not yet holding its files, at the first
+        found = _holders(prefixes, since)
+        if not found:
+            break
+        for proc in found:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, left = psutil.wait_procs(found, timeout=3)
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        ended += found
+    for d in dirs:
+        try:
+            (d / RECORD).unlink()
+        except OSError:
+            pass
+    return [p.pid for p in ended]
+
+
+def _holders(prefixes: tuple[str, ...], since: float) -> list:
+    """This user's live processes, younger than `since`, that hold a file open under one of `prefixes`."""
+    import psutil
+
     me, uid, found = os.getpid(), os.getuid(), []
-    for proc in psutil.process_iter(["pid", "uids", "create_time"]):
+    for proc in psutil.process_iter(["pid", "uids", "create_time", "status"]):
         info = proc.info
-        if info["pid"] == me or not info["uids"] or info["uids"].real != uid or (info["create_time"] or 0) < since:
+        if info["pid"] == me or not info["uids"] or info["uids"].real != uid or (info["create_time"] or 0) < since \
+                or info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
             if any(f.path.startswith(prefixes) for f in proc.open_files()):
                 found.append(proc)
         except psutil.Error:
             continue
-    for proc in found:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, left = psutil.wait_procs(found, timeout=3)
-    for proc in left:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    for d in dirs:
-        try:
-            (d / RECORD).unlink()
-        except OSError:
-            pass
-    return [p.pid for p in found]
+    return found
 
 
 def _driver_start(session_dir: Path) -> float:
