@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import blocklist
+from pipeline.run import epoch_dir
 
 EPOCH_DIR = re.compile(r"^epoch=(\d+)$")
 RETRIEVAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name under _run/, never a path
@@ -213,7 +214,7 @@ class Epoch:
 
     def __init__(self, out: Path, number: int):
         self.number = number
-        self.dir = out / f"epoch={number:04d}"
+        self.dir = epoch_dir(out, number)
         self.stamp = manifest_stamp(self.dir)
         self.manifest = read_json(self.dir / "_manifest.json", {})
         self.stats = read_json(self.dir / "_stats.json", {})

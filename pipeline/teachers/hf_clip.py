@@ -85,8 +85,7 @@ class HFClipTeacher(Teacher):
 
     @classmethod
     def fingerprint_parts(cls, cfg) -> dict:
-        return {**super().fingerprint_parts(cfg), "fusion": "sum-of-unit-vectors", "dtype": cfg.dtype,
-                "siglip_text": "unmasked"}
+        return {**super().fingerprint_parts(cfg), "fusion": "sum-of-unit-vectors", "siglip_text": "unmasked"}
 
     @classmethod
     def tokens_per_item(cls, cfg) -> int:

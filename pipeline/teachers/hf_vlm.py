@@ -354,11 +354,5 @@ class HFVLMTeacher(Teacher):
         return normalise(out)
 
     @classmethod
-    def fingerprint_parts(cls, cfg) -> dict:
-        keys = ("pooling", "prompt_format", "system_prompt", "generation_prompt", "suffix", "image_token", "dtype",
-                "model_class", "position_ids", "image_resize", "image_size", "image_factor")
-        return {**super().fingerprint_parts(cfg), **{k: getattr(cfg, k) for k in keys}}
-
-    @classmethod
     def tokens_per_item(cls, cfg) -> int:
         return (cfg.max_length or 256) + (cfg.max_pixels or cls.default_max_pixels) // (28 * 28)

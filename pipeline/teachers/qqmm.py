@@ -351,8 +351,7 @@ class QQMMTeacher(Teacher):
 
     @classmethod
     def fingerprint_parts(cls, cfg) -> dict:
-        return {**super().fingerprint_parts(cfg), "system_prompt": cfg.system_prompt, "tokenizer": cfg.tokenizer,
-                "dtype": cfg.dtype, "encoding": "qqmm-embed-v1 chat.py"}
+        return {**super().fingerprint_parts(cfg), "encoding": "qqmm-embed-v1 chat.py"}
 
     @classmethod
     def tokens_per_item(cls, cfg) -> int:

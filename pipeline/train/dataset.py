@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from pipeline import blocklist
+from pipeline.run import epoch_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ class ShardStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def epoch_dir(out: str | Path, epoch: int) -> Path:
-    return Path(out) / f"epoch={epoch:04d}"
 
 
 def list_shards(out: str | Path, epoch: int) -> list[Path]:
