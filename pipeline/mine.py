@@ -24,7 +24,7 @@ from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import KEPT, REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
 from .calibrate import calibrate, filter_by_dataset, with_extra_positives
-from . import input_negatives
+from . import extra_positives, input_negatives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
 from .retrieve import retrieve
@@ -218,7 +218,7 @@ def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) 
     if mix:
         scores, pos_score, pos_sims, cand = _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims,
                                                     input_negatives.candidate_pools(corpus.pools, q), embed_stats)
-    queries = q.append_column("pos_score", pa.array(pos_score, pa.float32()))
+    queries = extra_positives.score(q.append_column("pos_score", pa.array(pos_score, pa.float32())), qry_v, cand_v)
     info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
             "embed": embed_stats, "retrieval": per_dataset}
     state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects,
@@ -282,7 +282,7 @@ def filter_context(items: pa.Table, item_groups: np.ndarray, n_groups: int, quer
     """What the filters look up, for `width` retrieved candidates per query."""
     modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
     positives = query_positives(queries.column("qry_idx").to_numpy(), queries.column("pos_idx").to_numpy(),
-                                items.num_rows)
+                                items.num_rows, extra_positives.pairs(queries))
     return FilterContext(item_groups, n_groups, modality, blocked, items.num_rows, width, positives)
 
 
@@ -400,6 +400,7 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
                 input_negatives.add_counts(input_counts, verdict, chosen, from_input, REASONS)
             if cfg.filters.relabel:
                 train = with_extra_positives(train, verdict, block, keep, item_ids, texts, images)
+            train = extra_positives.add_columns(train, q, rows[keep], item_ids, texts, images)
             name = f"part-{shard:05d}.parquet"
             files.append(write_table(train, folder.tmp / name, cfg.output.compression))
             cand_files.append(write_table(cands, folder.tmp / "_candidates" / name, cfg.output.compression))

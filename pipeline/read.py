@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import UnidentifiedImageError
 
+from . import extra_positives
 from .config import InputConfig
 
 TEXT_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
@@ -330,7 +331,8 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
                        max_bytes=cfg.max_image_bytes)
     probe.run({r.get(c) for _, _, r in raw for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
-    probe.run({p for _, _, r in raw for p in _as_list(r.get("neg_image_path")) if isinstance(p, str)})
+    probe.run({p for _, _, r in raw for c in ("neg_image_path", "pos_image_path", "pos_extra_image_path")
+               for p in _as_list(r.get(c)) if isinstance(p, str)})
 
     items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
     queries, seen_ids, seen_content = [], {}, {}
@@ -339,6 +341,7 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
     for path, n, row in raw:
         qid, num = row.get("id"), numbers[(path, n)]
+        row, more = _split_positives(row)
         dataset = row.get("dataset") or file_dataset[path]
         has_id = qid is not None
         if has_id:
@@ -382,20 +385,22 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         group = None if group is None else str(group)
         for iid, text, image, embed_text in sides:
             items.setdefault(iid, (text, image, embed_text))
-        negs = _input_negatives(row, probe, captions, caption_mode, path, n, qid, rejects)
-        for iid, text, image, embed_text in negs:
+        negs = _input_negatives(row, probe, captions, caption_mode, path, num, qid, rejects)
+        extras = _extra_positives(more, {sides[1][0]}, probe, captions, caption_mode, path, num, qid, rejects)
+        for iid, text, image, embed_text in negs + extras:
             items.setdefault(iid, (text, image, embed_text))
         queries.append({"query_id": qid, "dataset": str(dataset), "qry": row.get("qry") or "",
                         "input_neg_ids": [neg[0] for neg in negs] if _has_negatives(row) else None,
                         "qry_image_path": row.get("qry_image_path") or "", "pos_text": row.get("pos_text") or "",
                         "pos_image_path": row.get("pos_image_path") or "", "group": group,
-                        "qry_item_id": sides[0][0], "pos_item_id": sides[1][0], "_order": (path, n)})
+                        "qry_item_id": sides[0][0], "pos_item_id": sides[1][0], "_order": (path, n),
+                        "pos_extra_ids": [e[0] for e in extras]})
         if group is not None:
-            group_pairs.add((sides[1][0], group))
+            group_pairs.update((iid, group) for iid in [sides[1][0], *(e[0] for e in extras)])
 
     pool_members: dict[str, set[str]] = {}
-    for q in queries:
-        pool_members.setdefault(q["dataset"], set()).add(q["pos_item_id"])
+    for q in queries:  # the default pool: every positive of the dataset, extra positives too
+        pool_members.setdefault(q["dataset"], set()).update([q["pos_item_id"], *q["pos_extra_ids"]])
     candidate_rejects = 0
     if cfg.candidates:
         candidate_rejects = _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, group_pairs,
@@ -506,6 +511,48 @@ def _input_negatives(row, probe, captions, caption_mode, path, n, qid, rejects) 
     return out
 
 
+def _split_positives(row: dict) -> tuple[dict, list[tuple[str, str, int, object, object]]]:
+    """(the row with its positive as scalars, its extra positives as (text column, image column, index, text,
+    image)). List-valued `pos_text` / `pos_image_path` (aligned, a scalar counts as a list of one): the first entry is
+    the row's positive, the rest extra; `pos_extra_text` / `pos_extra_image_path` (aligned lists) are all extra."""
+    extras = []
+    if isinstance(row.get("pos_text"), (list, tuple)) or isinstance(row.get("pos_image_path"), (list, tuple)):
+        texts, images = _as_list(row.get("pos_text")), _as_list(row.get("pos_image_path"))
+        both = [(texts[i] if i < len(texts) else None, images[i] if i < len(images) else None)
+                for i in range(max(len(texts), len(images)))] or [(None, None)]
+        row = {**row, "pos_text": both[0][0], "pos_image_path": both[0][1]}
+        extras += [("pos_text", "pos_image_path", i, t, im) for i, (t, im) in enumerate(both[1:], 1)]
+    texts, images = _as_list(row.get("pos_extra_text")), _as_list(row.get("pos_extra_image_path"))
+    extras += [("pos_extra_text", "pos_extra_image_path", i, texts[i] if i < len(texts) else None,
+                images[i] if i < len(images) else None) for i in range(max(len(texts), len(images)))]
+    return row, extras
+
+
+def _extra_positives(extras, known: set[str], probe, captions, caption_mode, path, n, qid, rejects) -> list[tuple]:
+    """The row's extra positives as items (each once, never the positive again). An unusable one (empty, a wrong
+    type, a missing image) is a `candidate` reject naming the column and entry; the query keeps the rest."""
+    out = []
+    for text_col, image_col, i, text, image in extras:
+        text, image = "" if text is None else text, "" if image is None else image
+        if not isinstance(text, str) or not isinstance(image, str):
+            field_name, value = (text_col, text) if not isinstance(text, str) else (image_col, image)
+            rejects.append(_reject(path, n, qid, field_name, "bad_type", f"extra positive {field_name}[{i}]: expected"
+                                   f" a string, got {type(value).__name__} {value!r}; convert the column to strings",
+                                   kind="candidate"))
+            continue
+        side = _content(text, image, text_col, image_col, probe, captions, caption_mode)
+        if isinstance(side, dict):
+            rejects.append(_reject(path, n, qid, side["field"], side["reason"],
+                                   f"extra positive {side['field']}[{i}]: {side['detail']}"
+                                   + ("; remove the entry" if side["reason"] == "empty_text" else ""),
+                                   kind="candidate"))
+            continue
+        if side[0] not in known:
+            known.add(side[0])
+            out.append(side)
+    return out
+
+
 def _load_captions(path: str) -> dict[str, str]:
     rows, _ = read_rows(path)
     if rows and not {"image_path", "caption"} <= set(rows[0]):
@@ -594,6 +641,10 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
         item_groups = np.zeros(0, np.int64)
     group_code = pc.index_in(qtable.column("group"), value_set=pa.array(groups, pa.string()))
     qtable = qtable.append_column("group_code", pc.fill_null(group_code, -1).cast(pa.int32()))
+    if any(q["pos_extra_ids"] for q in queries):  # the input has extra positives: their item rows
+        lists = pa.array([q["pos_extra_ids"] for q in queries], pa.list_(pa.string()))
+        qtable = qtable.append_column(extra_positives.COLUMN, pa.ListArray.from_arrays(
+            lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
     if any(q["input_neg_ids"] is not None for q in queries):  # the input has negatives: their item rows
         lists = pa.array([q["input_neg_ids"] or [] for q in queries], pa.list_(pa.string()))
         qtable = qtable.append_column("input_neg_idx", pa.ListArray.from_arrays(
@@ -627,5 +678,6 @@ def drop_items(corpus: Corpus, failed: set[str], reason: str, detail: str) -> Co
     dropped_candidates = sorted({int(i) for pool in corpus.pools.values() for i in pool[bad[pool]]} - query_items)
     for i in dropped_candidates:
         rejects.append(_reject("embedding", None, None, "text", reason, f"item {ids[i]}: {detail}", kind="candidate"))
+    q = extra_positives.without(q, bad)
     return Corpus(q.filter(pa.array(~(qry_bad | pos_bad))), corpus.items, pools, corpus.item_groups,
                   corpus.n_groups, rejects, corpus.rows_in, corpus.candidate_rows_rejected + len(dropped_candidates))
