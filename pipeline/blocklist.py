@@ -55,6 +55,7 @@ class Blocklist:
     entries: list[dict] = field(default_factory=list)  # marked (query_id, item_id) pairs
     skipped: list[str] = field(default_factory=list)  # "path:line" of each malformed line
     reviewed: set[str] = field(default_factory=set)  # query ids with any line: a person looked at them
+    reviews: list[dict] = field(default_factory=list)  # the `"item_id": null` lines: reviewed, nothing to mark
 
     def reviewed_rows(self, query_ids: list[str]) -> np.ndarray:
         """Rows of `query_ids` that a person reviewed (calibration counts their unmarked candidates as negatives)."""
@@ -63,6 +64,10 @@ class Blocklist:
     def for_query(self, query_id: str) -> dict[str, dict]:
         """item_id -> entry for one query."""
         return {e["item_id"]: e for e in self.entries if e["query_id"] == query_id}
+
+    def review_of(self, query_id: str) -> dict | None:
+        """The first "reviewed, nothing to mark" line of one query, if any."""
+        return next((e for e in self.reviews if e["query_id"] == query_id), None)
 
     def by_query(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
@@ -84,7 +89,8 @@ class Blocklist:
 
     def summary(self) -> dict:
         """What `_stats.json` records under "blocklist"."""
-        return {"entries": len(self.entries), "skipped_lines": len(self.skipped), "skipped_at": self.skipped[:20]}
+        return {"entries": len(self.entries), "reviewed_queries": len(self.reviewed),
+                "skipped_lines": len(self.skipped), "skipped_at": self.skipped[:20]}
 
 
 def read(*paths: str | Path) -> Blocklist:
@@ -110,22 +116,22 @@ def read(*paths: str | Path) -> Blocklist:
                 out.skipped.append(f"{path}:{n}")
                 continue
             out.reviewed.add(e["query_id"])
-            if e["item_id"] is not None:
-                out.entries.append(e)
+            (out.entries if e["item_id"] is not None else out.reviews).append(e)
     if out.skipped:
         log.warning("blocklist: skipped %d malformed line(s) (not a JSON object with query_id and item_id): %s",
                     len(out.skipped), ", ".join(out.skipped[:5]) + (" ..." if len(out.skipped) > 5 else ""))
     return out
 
 
-def append(path: str | Path, query_id: str, item_id: str, note: str = "", who: str | None = None
+def append(path: str | Path, query_id: str, item_id: str | None, note: str = "", who: str | None = None
            ) -> tuple[bool, dict]:
-    """Append (query_id, item_id) unless it is already listed. Returns (added, the entry now in the file)."""
-    if not query_id or not item_id:
-        raise ValueError("query_id and item_id are required")
+    """Append (query_id, item_id) unless it is already listed. Returns (added, the entry now in the file).
+    `item_id=None` records "reviewed, nothing to mark" (calibration counts the query's candidates as negatives)."""
+    if not query_id or item_id == "":
+        raise ValueError("query_id is required, and item_id is an item or None (reviewed, nothing to mark)")
     entry = {
         "query_id": str(query_id)[:MAX_FIELD],
-        "item_id": str(item_id)[:MAX_FIELD],
+        "item_id": None if item_id is None else str(item_id)[:MAX_FIELD],
         "who": str(who or user())[:200],
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "note": str(note)[:MAX_FIELD],

@@ -3,7 +3,8 @@
 Evidence is a label per retrieved candidate of some queries: 1 = a known true match (a false negative if it were
 sampled), 0 = a known negative, -1 = unknown. It comes from the data itself, no person needed:
 - `group`: items sharing the query's group key (held out: the filter that removes them is switched off here);
-- `multi_positive`: the positives of other rows that ask the same query;
+- `multi_positive`: the positives of other rows that ask the same query, and the extra positives an input row
+  carries (pipeline/extra_positives.py; both reach `ctx.positives`);
 - `blocklist`: a query with at least one blocklist line was reviewed: marked candidates are true matches, its other
   retrieved candidates confirmed negatives;
 - `judge`: the judge's verdicts on the candidates it saw.

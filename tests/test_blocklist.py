@@ -101,7 +101,8 @@ def test_the_miner_honours_the_good_lines_and_counts_the_torn_one(marked_run, mi
     cfg = load_config(mined_run.parent / "hardneg.yaml")
     mine(cfg, out, epoch=2)  # used to raise "a blocklist line must be a JSON object"
     stats = json.loads((out / "epoch=0002" / "_stats.json").read_text())
-    assert stats["blocklist"] == {"entries": 1, "skipped_lines": 1, "skipped_at": [f"{out / 'blocklist.jsonl'}:2"]}
+    assert stats["blocklist"] == {"entries": 1, "reviewed_queries": 1, "skipped_lines": 1,
+                                  "skipped_at": [f"{out / 'blocklist.jsonl'}:2"]}
     assert stats["drops"]["blocklist"] == 1
     shown = compute(Run(out).epoch(2)).blocklist  # the inspector's statistics page shows what the miner read
     assert (shown["entries"], shown["skipped_lines"]) == (1, 1)

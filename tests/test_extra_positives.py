@@ -52,6 +52,7 @@ def mined(ray_session, shared_cache, tmp_path_factory):
             row["pos_image_path"] = [row.get("pos_image_path", ""), item["image_path"]]
         else:
             row["pos_extra_text"], row["pos_extra_image_path"] = [item["text"]], [item["image_path"]]
+    by_id["m2"]["pos_text"] = [by_id["m2"]["pos_text"], "a drawing of a sailing boat"]  # the scalar image: the first
     by_id["q3"]["pos_text"] = [by_id["q3"]["pos_text"], ""]                        # an empty entry
     by_id["q4"]["pos_extra_text"] = ["a cat"]
     by_id["q4"]["pos_extra_image_path"] = ["images/missing.png"]                   # a missing image
@@ -78,8 +79,11 @@ def test_an_extra_positive_is_never_a_negative_and_reaches_the_shard(mined):
         assert row["pos_extra_scores"][0] == pytest.approx(before[qid]["neg_scores"][0], abs=1e-5)
         assert row["pos_text"] == before[qid]["pos_text"] and row["pos_item_id"] == before[qid]["pos_item_id"]
     assert shard["q5"]["pos_extra_text"] == ["a kept extra positive"]
+    assert shard["m2"]["pos_item_id"] == before["m2"]["pos_item_id"]  # a scalar pos_image_path: a list of one
+    assert (shard["m2"]["pos_extra_text"], shard["m2"]["pos_extra_image_path"]) == (
+        ["a drawing of a sailing boat"], [""])
     assert shard["q8"]["pos_extra_item_ids"] == [] and shard["q8"]["pos_text"] == before["q8"]["pos_text"]
-    assert all(r["pos_extra_item_ids"] == [] for q, r in shard.items() if q not in {*extras, "q5"})
+    assert all(r["pos_extra_item_ids"] == [] for q, r in shard.items() if q not in {*extras, "q5", "m2"})
     # evidence of true matches for calibration, like rows that share a query
     evidence = {ds: r["evidence"] for ds, r in result.stats["false_negatives"]["per_dataset"].items()}
     assert evidence["t2t"].get("multi_positive", 0) >= 2 and evidence["t2it"].get("multi_positive", 0) >= 2

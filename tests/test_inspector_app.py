@@ -321,3 +321,68 @@ def test_a_network_bind_warns_and_needs_the_token_on_every_request(server, monke
     finally:
         shared.shutdown()
         shared.server_close()
+
+
+# ------------------------------------------------------------ reviewed, nothing to mark (issue 14 item 1: evidence)
+
+
+def review_form(srv, row: int, epoch: int = 1) -> dict:
+    """The fields of a query page's "Reviewed, nothing to mark" form, as the browser would post them."""
+    body = request(srv, "GET", f"/query?epoch={epoch}&row={row}")[2]
+    form = re.search(r'<form class="block review".*?</form>', body, re.S)
+    return dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0))) if form else {}
+
+
+def test_reviewed_nothing_to_mark_is_one_line_that_calibration_counts(mined_run, tmp_path):
+    """The button appends `"item_id": null` through the same token / origin checks and locked append as a mark; the
+    page then shows the query as reviewed, and the next epoch's calibration rests on the reviews (a dataset with
+    20 or more reviewed queries is estimated from them)."""
+    import json as _json
+
+    from pipeline.config import load_config
+    from pipeline.mine import mine
+
+    out = copy_run(mined_run, tmp_path / "out")
+    path = out / "blocklist.jsonl"
+    srv = serve(out, who="tester")
+    try:
+        ep = srv.inspector.run.epoch(1)
+        t2i = [r for r in ep.read(0, ep.total, ["query_id", "dataset", "neg_item_ids"]) if r["dataset"] == "t2i"]
+        first = t2i[0]
+        form = review_form(srv, first["_row"])
+        assert form["nothing"] == "1" and form["query_id"] == first["query_id"] and "item_id" not in form
+        assert request(srv, "POST", "/blocklist", urlencode({**form, "token": "x"}))[0] == 403
+        assert request(srv, "POST", "/blocklist", urlencode(form), {"Origin": "http://evil.example"})[0] == 403
+        assert request(srv, "POST", "/blocklist", urlencode({**form, "item_id": first["neg_item_ids"][0]}))[0] == 400
+        assert not path.exists()
+
+        with ThreadPoolExecutor(4) as pool:  # a burst of clicks: one line
+            results = list(pool.map(lambda _: request(srv, "POST", "/blocklist", urlencode(form)), range(4)))
+        assert {r[0] for r in results} == {303} and sum("added=1" in r[1]["Location"] for r in results) == 1
+        for r in t2i[1:]:
+            status, headers, _ = request(srv, "POST", "/blocklist", urlencode(review_form(srv, r["_row"])))
+            assert status == 303 and "reviewed=1" in headers["Location"] and "added=1" in headers["Location"]
+        lines = [_json.loads(line) for line in path.read_text().splitlines()]
+        assert sorted(e["query_id"] for e in lines) == sorted(r["query_id"] for r in t2i)
+        assert {(e["item_id"], e["who"]) for e in lines} == {(None, "tester")}
+
+        loc = urlsplit(results[0][1]["Location"])
+        page = request(srv, "GET", loc.path + "?" + loc.query)[2]
+        assert "✓ reviewed (nothing to mark) · tester" in page and 'class="block review"' not in page
+        assert "reviewed, nothing to mark." in page  # the flash
+        other = next(r for r in ep.read(0, ep.total, ["query_id", "dataset"]) if r["dataset"] == "i2t")
+        assert review_form(srv, other["_row"])  # not reviewed: the button is there
+        mark = form_of(srv, other["_row"])
+        assert request(srv, "POST", "/blocklist", urlencode(mark))[0] == 303
+        page = request(srv, "GET", f"/query?epoch=1&row={other['_row']}")[2]
+        assert "✓ reviewed (1 marked) · tester" in page and not review_form(srv, other["_row"])
+
+        mine(load_config(mined_run.parent / "hardneg.yaml"), out, epoch=2)  # reads OUT/blocklist.jsonl
+        stats = _json.loads((out / "epoch=0002" / "_stats.json").read_text())
+        assert (stats["blocklist"]["entries"], stats["blocklist"]["reviewed_queries"]) == (1, len(t2i) + 1)
+        fn = stats["false_negatives"]["per_dataset"]["t2i"]
+        assert (fn["evidence"]["estimated_from"], fn["evidence"]["queries"]) == ("blocklist", len(t2i))
+        assert "queries reviewed (any blocklist line)" in request(srv, "GET", "/stats?epoch=2")[2]
+    finally:
+        srv.shutdown()
+        srv.server_close()

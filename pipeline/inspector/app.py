@@ -244,10 +244,13 @@ class Handler(BaseHTTPRequestHandler):
         if marked in blocked:  # only a pair that is really listed for this query is named; anything else: nothing
             marked = (f"Added {marked} to blocklist.jsonl." if args.get("added") == "1"
                       else f"{marked} was already in blocklist.jsonl.")
+        elif args.get("reviewed") == "1" and listed.review_of(data["query_id"]):
+            marked = ("Recorded: reviewed, nothing to mark." if args.get("added") == "1"
+                      else "This query was already recorded as reviewed.")
         else:
             marked = ""
         self._html(pages.query_page(insp.view(ep), data, cands, items, blocked, ep.total, args.get("reason", ""),
-                                    marked, listed.skipped))
+                                    marked, listed.skipped, listed.review_of(data["query_id"])))
 
     def stats_page(self, args) -> None:
         insp = self.server.inspector
@@ -306,6 +309,13 @@ class Handler(BaseHTTPRequestHandler):
         if data is None:
             raise HttpError(404, "no such query in this epoch")
         cands = ep.candidates(row, qid) or {}
+        if form.get("nothing") == "1":  # "reviewed, nothing to mark": a line with no item
+            if item:
+                raise HttpError(400, "a review with nothing to mark names no item")
+            added, _ = blocklist.append(insp.run.blocklist_path, qid, None, form.get("note", ""), insp.who)
+            self._redirect("/query?" + urlencode({"epoch": ep.number, "row": row, "reviewed": 1,
+                                                  "added": int(added)}) + "#flash")
+            return
         if item not in (data.get("neg_item_ids") or []) and item not in (cands.get("cand_item_ids") or []):
             raise HttpError(400, "that item is not a candidate of this query")
         added, _ = blocklist.append(insp.run.blocklist_path, qid, item, form.get("note", ""), insp.who)

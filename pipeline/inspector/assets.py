@@ -57,6 +57,8 @@ form.block { display:flex; flex-wrap:wrap; gap:4px; margin-top:6px; }
 form.block input[type=text] { flex:1 1 140px; min-width:0; font:inherit; font-size:12px; padding:3px; }
 form.block button { font:inherit; font-size:12px; }
 .blocked { color:var(--bad); font-size:12px; margin-top:6px; }
+form.review { align-items:center; margin:8px 0; padding:6px 10px; border:1px dashed #bbb; border-radius:6px; }
+.review.done { margin:8px 0; padding:6px 10px; background:#e2f3e8; border-radius:6px; font-size:13px; }
 .flash { background:#e2f3e8; border:1px solid #b9dec5; padding:6px 10px; border-radius:6px; margin:8px 0; }
 .flash.warn { background:#fdf1dc; border-color:#ecd3a0; }
 .chips a, .chips span { margin-right:6px; }

@@ -271,8 +271,31 @@ def _candidates(view: View, row: dict, cands: dict | None, items: dict[str, dict
     return head + f'<div class="chips">{chips}</div>{table}'
 
 
+def review_control(view: View, row: dict, blocked: dict[str, dict], review: dict | None) -> str:
+    """Whether a person reviewed this query (any blocklist line: calibration then counts its unmarked candidates as
+    confirmed negatives), and the button that records "reviewed, nothing to mark" (a line with a null item)."""
+    if review is not None or blocked:
+        who = review or max(blocked.values(), key=lambda e: str(e.get("when")))
+        what = "nothing to mark" if review is not None else f"{len(blocked)} marked"
+        return (f'<div class="review done" id="review">✓ reviewed ({what}) · {esc(who.get("who"))} · '
+                f'{esc(who.get("when"))}{" · " + esc(who.get("note")) if who.get("note") else ""}</div>')
+    if not view.token:
+        return ""
+    return (f'<form class="block review" id="review" method="post" action="/blocklist">'
+            f'<span class="muted">Not reviewed yet. Looked at every candidate and none is a false negative?</span>'
+            f'<input type="hidden" name="token" value="{esc(view.token)}">'
+            f'<input type="hidden" name="epoch" value="{view.epoch}">'
+            f'<input type="hidden" name="row" value="{row["_row"]}">'
+            f'<input type="hidden" name="query_id" value="{esc(row.get("query_id"))}">'
+            f'<input type="hidden" name="nothing" value="1">'
+            f'<input type="text" name="note" placeholder="note (optional)" maxlength="500" aria-label="review note">'
+            f'<button type="submit" title="write a line with no item to blocklist.jsonl">'
+            f"Reviewed, nothing to mark</button></form>")
+
+
 def query_page(view: View, row: dict, cands: dict | None, items: dict[str, dict], blocked: dict[str, dict],
-               total: int, reason: str = "", marked: str = "", skipped: list[str] | None = None) -> str:
+               total: int, reason: str = "", marked: str = "", skipped: list[str] | None = None,
+               review: dict | None = None) -> str:
     r = row["_row"]
     nav = [f'<a href="{href("/", epoch=view.epoch, start=(r // 50) * 50)}">← list</a>']
     if r > 0:
@@ -281,7 +304,8 @@ def query_page(view: View, row: dict, cands: dict | None, items: dict[str, dict]
         nav.append(f'<a href="{href("/query", epoch=view.epoch, row=r + 1)}">next query</a>')
     body = (f'<div class="pager">{"".join(nav)}<span class="muted">row {r:,} of {total:,}</span></div>'
             f'<h1>Query <span class="mono" id="qid">{esc(row.get("query_id"))}</span></h1>'
-            + blocklist_warning(skipped) + query_detail(view, row, cands, items, blocked, reason, marked))
+            + blocklist_warning(skipped) + review_control(view, row, blocked, review)
+            + query_detail(view, row, cands, items, blocked, reason, marked))
     return layout(view, f"{row.get('query_id')} · hardneg inspector", body)
 
 
@@ -298,6 +322,7 @@ def stats_section(st: EpochStats, history: list[EpochStats]) -> str:
              ("mean margin", num(st.margin.mean, 3)), ("candidates dropped", num(total_drops))]
     if st.blocklist:
         kpis += [("blocklist entries read", num(st.blocklist.get("entries"))),
+                 ("queries reviewed (any blocklist line)", num(st.blocklist.get("reviewed_queries"))),
                  ("blocklist lines skipped (malformed)", num(st.blocklist.get("skipped_lines")))]
     out = ['<div class="kpis">' + "".join(f'<div class="kpi"><b>{v}</b><span>{esc(k)}</span></div>'
                                           for k, v in kpis) + "</div>"]
