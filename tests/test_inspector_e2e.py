@@ -169,3 +169,25 @@ def test_marking_a_false_negative_lands_in_the_blocklist_and_the_next_epoch_hono
     page.goto(f"{server.url}query?epoch=2&row={r2['_row']}&reason=blocklist")
     blocked = page.locator("table.cands tbody tr")
     assert blocked.count() == 1 and blocked.get_attribute("data-item") == item
+
+
+def test_reviewed_nothing_to_mark_in_the_browser(server, page, mined, tmp_path):
+    """The button above the query: one click writes a line with no item, and the page then says it was reviewed."""
+    _, out = mined
+    listed = (out / "blocklist.jsonl").read_text() if (out / "blocklist.jsonl").exists() else ""
+    ep = server.inspector.run.epoch(0)
+    row = next(r for r in ep.read(0, ep.total, ["query_id"]) if r["query_id"] not in listed)
+    page.goto(f"{server.url}query?epoch=0&row={row['_row']}")
+    box = page.locator("form.review")
+    assert box.is_visible() and "Not reviewed yet" in box.inner_text()
+    box.locator("input[name=note]").fill("checked all 12")
+    box.screenshot(path=str(tmp_path / "review-button.png"))
+    box.locator("button").click()
+    page.wait_for_url("**reviewed=1**")
+    assert "reviewed, nothing to mark" in page.inner_text("#flash")
+    done = page.locator("#review")
+    assert done.inner_text().startswith("✓ reviewed (nothing to mark)") and "checked all 12" in done.inner_text()
+    assert page.locator("form.review").count() == 0
+    done.screenshot(path=str(tmp_path / "reviewed.png"))
+    lines = [json.loads(x) for x in (out / "blocklist.jsonl").read_text().splitlines()]
+    assert [(e["item_id"], e["note"]) for e in lines if e["query_id"] == row["query_id"]] == [(None, "checked all 12")]
