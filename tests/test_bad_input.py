@@ -165,7 +165,7 @@ def bad_rows() -> list[dict]:
         {**txt, "id": "empty", "qry": " \t ", "pos_text": "something"},
         {**txt, "id": "blank-pos", "qry": "a query", "pos_text": "\n"},
         {**txt, "id": "int-text", "qry": 42, "pos_text": "x"},
-        {**txt, "id": "list-text", "qry": "a query", "pos_text": ["a", "b"]},
+        {**txt, "id": "list-text", "qry": "a query", "pos_text": [7, "b"]},  # a list's first entry is the positive
         {**txt, "id": "dict-dataset", "dataset": {"name": "t2t"}, "qry": "a query", "pos_text": "b"},
         {**txt, "id": "t2t-3", "qry": "another query entirely", "pos_text": "another positive"},
     ]

@@ -123,13 +123,15 @@ def test_the_training_dataset_passes_them_on(mined):
     assert batch["pos_extra_text"] == [[extras["q0"][1]], []]
 
 
-def test_a_relabelled_epoch_read_back_keeps_its_extra_positives(mined, tmp_path):
-    """Relabel on top of input extra positives: the input's first, each item once. The epoch's Parquet shard
-    (list columns) is then read back as input: the same extra positives, as the same items."""
+def test_a_relabelled_epoch_read_back_keeps_its_extra_positives(mined):
+    """Relabel on top of input extra positives (epoch 1 of the same run: the kept retrieval, read back from disk):
+    the input's first, each item once. The epoch's Parquet shard (list columns) is then read back as input: the
+    same extra positives, as the same items."""
     from pipeline.mine import mine
 
-    _, _, extras, raw, _ = mined
-    relabel = mine(config_from_dict({**raw, "filters": {"relabel": True}}), tmp_path / "relabel")
+    _, result, extras, raw, _ = mined
+    relabel = mine(config_from_dict({**raw, "filters": {"relabel": True}}), result.out, epoch=1)
+    assert relabel.reused_retrieval
     shard = _shard(relabel)
     for qid, (item, _, _) in extras.items():
         ids = shard[qid]["pos_extra_item_ids"]
