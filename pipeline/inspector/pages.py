@@ -175,7 +175,8 @@ def query_detail(view: View, row: dict, cands: dict | None, items: dict[str, dic
                f'{image(view, row.get("qry_image_path"), 320, "thumb big")}'
                f'<div class="text">{esc(row.get("qry"))}</div></div>'
                f'<div class="card pos-card"><h3>Positive</h3>{image(view, row.get("pos_image_path"), 320, "thumb big")}'
-               f'<div class="text">{esc(row.get("pos_text"))}</div>{_metrics(pos_metrics)}</div></div>')
+               f'<div class="text">{esc(row.get("pos_text"))}</div>{_metrics(pos_metrics)}'
+               f'{_extra_positives(view, row)}</div></div>')
     negs = []
     rels = row.get("neg_rel_scores") or []
     fields = zip(row.get("neg_item_ids") or [], row.get("neg_text") or [], row.get("neg_image_path") or [],
@@ -193,6 +194,17 @@ def query_detail(view: View, row: dict, cands: dict | None, items: dict[str, dic
                if negs else '<h2>Negatives</h2><p class="muted">This query has no negatives.</p>')
     out.append(_candidates(view, row, cands, items, blocked, reason, in_report))
     return "".join(out)
+
+
+def _extra_positives(view: View, row: dict) -> str:
+    """The row's extra positives (`pos_extra_*`: from the input, or relabelled known true matches)."""
+    extras = list(zip(row.get("pos_extra_item_ids") or [], row.get("pos_extra_text") or [],
+                      row.get("pos_extra_image_path") or [], row.get("pos_extra_scores") or []))
+    if not extras:
+        return ""
+    lis = "".join(f'<li data-item="{esc(item)}">{image(view, path)}<span class="text">{esc(text)}</span> '
+                  f'<span class="muted">score {num(score)}</span></li>' for item, text, path, score in extras)
+    return f'<h4>Extra positives ({len(extras)})</h4><ul class="extra-pos">{lis}</ul>'
 
 
 def blocklist_warning(skipped: list[str] | None) -> str:
