@@ -205,3 +205,17 @@ def test_the_inspector_shows_them_with_the_positive(mined):
     item, text, image = extras["m0"]
     assert "Extra positives (1)" in card and f'data-item="{item}"' in card
     assert escape(text) in card and (not image or escape(image) in card)
+
+
+def test_parquet_list_valued_positives(tmp_path):
+    """A Parquet file whose pos_text is a list<string> column: the first entry is the positive, empty lists and
+    empty entries are rejects that name the row (0-based in Parquet)."""
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "qry": ["red apple", "blue car", "green tree"],
+                             "pos_text": [["an apple", "a red fruit"], ["a car"], []]}), path)
+    corpus = load_corpus(InputConfig(pairs=[str(path)], image_root=str(tmp_path)), caption_mode=False)
+    q, ids = corpus.queries, corpus.items.column("item_id").to_pylist()
+    assert q.column("pos_text").to_pylist() == ["an apple", "a car"]
+    assert [[ids[i] for i in r] for r in q.column("pos_extra_idx").to_pylist()] == [[item_id("a red fruit", "")], []]
+    assert [(r["query_id"], r["kind"], r["field"], r["reason"], r["row"]) for r in corpus.rejects] == [
+        ("c", "query", "pos_text", "empty_text", 2)]
