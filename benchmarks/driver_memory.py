@@ -211,7 +211,7 @@ def plot(runs: list[dict], out: Path) -> Path:
     a1.set_xscale("log")
     a1.set_xlabel("pairs")
     a1.set_ylabel("GiB")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=7, loc="best")
     a1.set_title("memory", fontsize=9)
     keys = [("read_s", "read"), ("embed_s", "embed"), ("index_search_s", "index+search"),
             ("filter_sample_write_s", "filter-sample-write")]
@@ -352,8 +352,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if a.simulate:
         res = json.loads(out.read_text())
-        c = costs({**max(res["runs"].values(), key=lambda r: r["pairs"]), "machine": res.get("machine", {})},
-                  (res.get("checks") or {}).get("driver_bytes_per_pair"))
+        big = max(res["runs"].values(), key=lambda r: r["pairs"])
+        slope = (res.get("checks") or {}).get("driver_bytes_per_pair") or (  # one size: its growth since Ray started
+            (big["driver_peak_rss"] - big["driver_peak_rss_after_ray_start"]) / big["pairs"])
+        c = costs({**big, "machine": res.get("machine", {})}, slope)
         res["simulation"] = {"unit_costs": c, "rows": simulate_table(c)}
         out.write_text(json.dumps(res, indent=1))
         print(simulation_table(res["simulation"]["rows"]))
