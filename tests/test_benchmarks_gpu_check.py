@@ -44,3 +44,19 @@ def test_without_a_gpu_the_plain_command_stops_with_a_message(tmp_path):
     assert p.returncode == 2
     assert "no CUDA GPU visible" in p.stderr and "--cpu" in p.stderr
     assert not out.exists()
+
+
+def test_a_failing_step_is_recorded_the_others_still_run_and_the_exit_is_1(tmp_path, monkeypatch):
+    import benchmarks.gpu_check as gc
+
+    def broken(*a, **k):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(gc, "check_vlm_bf16", broken)
+    for name in ("check_batch_auto", "check_oom_halving", "check_faiss"):
+        monkeypatch.setattr(gc, name, lambda *a, **k: {"ok": True})
+    out = tmp_path / "gpu.json"
+    assert gc.main(["--cpu", "--out", str(out)]) == 1
+    r = json.loads(out.read_text())
+    assert r["ok"] is False and "planted failure" in r["checks"]["vlm_bf16"]["error"]
+    assert all(r["checks"][s]["ok"] for s in ("batch_auto", "oom_halving", "faiss_gpu"))
