@@ -71,7 +71,8 @@ def fault_config(pairs: Path, cache: str, **extra) -> dict:
     from corpus import base_config
 
     sections = {"teacher": {"kind": "custom", "cls": "test_faults:MarkedTeacher", "batch_size": BATCH},
-                "embed": {"num_actors": 1, "cpus_per_actor": 0.25, "threads_per_actor": 1}}
+                "embed": {"num_actors": 1, "cpus_per_actor": 0.25, "threads_per_actor": 1},
+                "run": {"executor": "ray"}}  # actor pools, restarts and killed nodes are Ray's
     for name, values in extra.items():
         sections.setdefault(name, {}).update(values)
     return base_config(pairs, cache, **sections)
@@ -123,7 +124,8 @@ def test_a_failing_block_stops_the_run_unless_the_user_allows_it(ray_session, tm
     raw = base_config(path, str(tmp_path / "cache"),
                       teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
                                "image_mode": "native", "batch_size": 4},
-                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None})
+                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
+                      run={"executor": "ray"})
     with pytest.raises(Exception, match="does not exist|No such file"):
         mine(config_from_dict(raw), tmp_path / "strict")
     assert not (tmp_path / "strict" / "epoch=0000").exists()  # nothing half-written is visible
