@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -510,11 +511,30 @@ def actor_kwargs(cfg: Config, role: str, shape: dict) -> dict:
                 storage_options=cfg.embed.storage_options, part_rows=CACHE_PART_ROWS, flush_s=CACHE_FLUSH_S)
 
 
+@contextmanager
+def _quiet_model_load(hf: bool):
+    """transformers draws a "Loading weights" bar; in a Ray actor it goes to the worker's log, here it would reach
+    the terminal beside hardneg's own bars: off while the model loads."""
+    if not hf:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def embed_local(blocks: list, cfg: Config, role: str, shape: dict, images: bool = False):
     """`embed_stage` without Ray: the same blocks through one `EmbedActor` in this process, in order, yielding
     what each block wrote (`PARTS_SCHEMA`). Up to `run.max_errored_blocks` blocks whose model code raises are
     skipped, as Ray Data does; one more re-raises the error."""
-    actor = EmbedActor(**actor_kwargs(cfg, role, shape))
+    with _quiet_model_load(cfg.teacher.kind != "custom"):
+        actor = EmbedActor(**actor_kwargs(cfg, role, shape))
     bounds = decode_bounds(cfg.teacher) if images else None
     errored = 0
     for block in blocks:
