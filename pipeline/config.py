@@ -342,7 +342,8 @@ class RunConfig:
     ray_address: Optional[str] = None
     """Ray cluster to join (default: `RAY_ADDRESS`, else a new local Ray; `auto` joins a cluster running here)."""
     executor: Literal["auto", "ray", "local"] = "auto"
-    """Where the stages run. `local`: in this process, no Ray (one model, the same batches and bytes as on Ray);
+    """Where the stages run. `local`: in this process, no Ray (one model; the same batches, and at the same
+    `embed.threads_per_actor` the same bytes, as on Ray);
     `ray`: Ray Data actors, on the cluster named by `ray_address` / `RAY_ADDRESS` or a local Ray; `auto`: Ray when a
     cluster is named, a Ray session is already up, the job has more than 100,000 items, or it wants several model
     actors (`embed.num_actors` > 1, several GPUs) or `index.distributed: always`; else `local`."""

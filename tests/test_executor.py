@@ -64,7 +64,8 @@ def test_local_and_ray_runs_write_identical_shards_and_candidates(ray_session, t
     out = {}
     for executor in ("ray", "local"):
         raw = base_config(pairs, str(tmp_path / f"cache-{executor}"), teacher={"batch_size": 16},
-                          output={"rows_per_shard": 32}, run={"executor": executor})
+                          output={"rows_per_shard": 32}, run={"executor": executor},
+                          embed={"threads_per_actor": 2})  # one thread count for both, whatever the machine
         out[executor] = mine(config_from_dict(raw), tmp_path / executor)
     for executor, result in out.items():
         assert {s["executor"] for s in result.stats["embed"].values()} == {executor}
