@@ -176,6 +176,63 @@ def cached_pairs(n: int, cache_dir: str | Path) -> list[dict]:
     return pairs
 
 
+SHORT_MIN_CHARS, SHORT_MAX_CHARS = 20, 200
+
+
+def short_text(body: str) -> Optional[str]:
+    """A docstring body's first paragraph, whitespace collapsed, when it is a short sentence (20-200 characters,
+    at least 4 words, not a section header or an example): the short positive of `short_pairs`."""
+    text = " ".join(body.strip().split("\n\n", 1)[0].split())
+    if not SHORT_MIN_CHARS <= len(text) <= SHORT_MAX_CHARS or len(text.split()) < 4:
+        return None
+    if text.startswith((">>>", "..", "-", "=", ":", "Parameters", "Args", "Returns", "Example", "See also")):
+        return None
+    return text
+
+
+def short_pairs(n_pairs: int, n_candidates: int, cache_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """Short-text pairs and a larger short-text candidate corpus, from the same docstrings (`iter_raw_pairs`):
+    query = the summary line, positive = the first paragraph of the rest when it is short (`short_text`),
+    deduplicated by normalised content on both sides, in the walk's fixed order. Returns (the first `n_pairs`
+    pairs, the positives of the first `n_candidates` pairs as candidates `{"id", "dataset", "text"}`): every pair's
+    positive is among the candidates, the other candidates are positives of queries that are not asked. Kept in
+    `cache_dir` like `cached_pairs`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    want = max(n_pairs, n_candidates)
+    key = hashlib.sha256(json.dumps(describe([])["packages"], sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir)
+    rows = None
+    for path in sorted(cache_dir.glob(f"short-{key}-*.parquet")):
+        if int(path.stem.rsplit("-", 1)[1]) >= want:
+            rows = pq.read_table(path).slice(0, want).to_pylist()
+            break
+    if rows is None:
+        seen: set[str] = set()
+        rows = []
+        for raw in iter_raw_pairs():
+            text = short_text(raw["pos_text"])
+            if text is None:
+                continue
+            q, p = normalise_text(raw["qry"]), normalise_text(text)
+            if not q or not p or q in seen or p in seen or q == p:
+                continue
+            seen.update((q, p))
+            rows.append({"id": f"s{len(rows)}", "dataset": "short", "qry": raw["qry"], "pos_text": text,
+                         "source": raw["source"]})
+            if len(rows) == want:
+                break
+        if len(rows) < want:
+            raise ValueError(f"only {len(rows)} short docstring pairs available, {want} asked for")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".short-{key}-{want}.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        tmp.replace(cache_dir / f"short-{key}-{want}.parquet")
+    candidates = [{"id": f"c{i}", "dataset": "short", "text": r["pos_text"]} for i, r in enumerate(rows[:n_candidates])]
+    return rows[:n_pairs], candidates
+
+
 def write_pairs(pairs: list[dict], path: str | Path) -> Path:
     """Parquet (or JSONL by suffix) in the MMEB layout hardneg reads: id, dataset, qry, pos_text."""
     import pyarrow as pa

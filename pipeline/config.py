@@ -341,6 +341,12 @@ class OutputConfig:
 class RunConfig:
     ray_address: Optional[str] = None
     """Ray cluster to join (default: `RAY_ADDRESS`, else a new local Ray; `auto` joins a cluster running here)."""
+    executor: Literal["auto", "ray", "local"] = "auto"
+    """Where the stages run. `local`: in this process, no Ray (one model; the same batches, and at the same
+    `embed.threads_per_actor` the same bytes, as on Ray);
+    `ray`: Ray Data actors, on the cluster named by `ray_address` / `RAY_ADDRESS` or a local Ray; `auto`: Ray when a
+    cluster is named, a Ray session is already up, the job has more than 100,000 items, or it wants several model
+    actors (`embed.num_actors` > 1, several GPUs) or `index.distributed: always`; else `local`."""
     progress: bool = True
     max_errored_blocks: int = 0
     """Embedding blocks whose model code may raise without stopping the run; their items are rejected with reason
@@ -495,7 +501,7 @@ KEY_CLASSES: dict[str, str] = {
     **{f"sample.{k}": EPOCH for k in ("n_negatives", "strategy", "temperature", "seed", "min_negatives",
                                       "on_shortfall", "hardest_pool")},
     "output.rows_per_shard": EPOCH, "output.compression": EPOCH,
-    **{f"run.{k}": FREE for k in ("ray_address", "progress", "max_errored_blocks")},
+    **{f"run.{k}": FREE for k in ("ray_address", "executor", "progress", "max_errored_blocks")},
     "schedule": EPOCH,
 }
 

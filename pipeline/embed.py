@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .progress import Progress
+from .ray_session import cuda_devices, ray_active, ray_is_up
 from .teachers import teacher_fingerprint
 from .teachers.base import decode_bounds, resolve_model_path
 from .write import write_new_part
@@ -302,8 +305,15 @@ class EmbedActor:
         return pa.Table.from_pylist(written, schema=PARTS_SCHEMA)
 
 
-def pool_shape(cfg: Config) -> dict:
-    """Actors, CPUs and GPUs per actor from what Ray sees; the pool never takes every CPU (Ray Data deadlocks)."""
+def pool_shape(cfg: Config, on_ray: bool | None = None) -> dict:
+    """Actors, CPUs and GPUs per actor from what Ray sees; the pool never takes every CPU (Ray Data deadlocks).
+    Not `on_ray` (default: whether a Ray session is up): one model in this process (`local`), with this machine's
+    CPUs as its threads, or one GPU; Ray is not asked."""
+    if not (ray_is_up() if on_ray is None else on_ray):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        gpus = 1.0 if cuda_devices(cfg.teacher.device) else 0.0
+        threads = cfg.embed.threads_per_actor or (2 if gpus else cpus)
+        return {"actors": 1, "num_cpus": float(cpus), "num_gpus": gpus, "threads": threads, "local": True}
     import ray
 
     resources = ray.cluster_resources()
@@ -327,14 +337,20 @@ def _device_memory() -> int:
 
 def resolve_batch_size(teacher_cfg, shape: dict) -> int:
     """`teacher.batch_size`, or for `auto` the teacher class's choice for the memory an actor has: a GPU's total
-    memory (asked of one GPU worker), else the cluster's Ray memory divided among the actors."""
+    memory (asked of one GPU worker), else the cluster's Ray memory divided among the actors; in this process
+    (no Ray) its own GPU, else 70% of the available memory (what Ray would count)."""
     if teacher_cfg.batch_size != "auto":
         return int(teacher_cfg.batch_size)
-    import ray
-
     from .teachers.base import teacher_class
 
     on_gpu = shape["num_gpus"] > 0
+    if shape.get("local"):  # in this process: its own device, or the memory Ray would count
+        import psutil
+
+        memory = _device_memory() if on_gpu else psutil.virtual_memory().available * 0.7
+        return teacher_class(teacher_cfg).auto_batch_size(teacher_cfg, memory, on_gpu)
+    import ray
+
     if on_gpu:
         try:
             memory = ray.get(ray.remote(num_gpus=1, num_cpus=0)(_device_memory).remote(), timeout=300)
@@ -389,14 +405,17 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose
     model code raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such
     blocks get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
-    """
-    import ray
 
+    Without Ray (`run.executor`, pipeline/ray_session.py) the same blocks of the same planned batches go through one
+    `EmbedActor` in this process (`embed_local`): the same vectors, byte for byte, and the same cache parts.
+    """
     item_ids = items.column("item_id")
     items = items.set_column(items.schema.get_field_index("item_id"), "item_id", input_keys(items))  # cache keys
     groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles if roles is None else list(roles))
     caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp, cfg.embed.storage_options) for fp in groups}
-    stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups))}
+    on_ray = ray_active(cfg)
+    stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups)),
+             "executor": "ray" if on_ray else "local"}
     if len(groups) > 1 and roles is None:
         stats["fingerprints"] = by_dataset  # every dataset's; datasets with equal prompts share one
     role_of = np.asarray(roles, dtype=object) if roles is not None else None
@@ -420,7 +439,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         for r in dict.fromkeys(row_roles.tolist()):  # one part per role, in order: a role's batches run together
             missing_parts.append((fp, rep, sub.take(pa.array(kept[row_roles == r], pa.int64())), r))
     if missing_parts:
-        shape = pool_shape(cfg)
+        shape = pool_shape(cfg, on_ray)
         batch_size = resolve_batch_size(cfg.teacher, shape)
         max_tokens = cfg.teacher.batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
         plans = []
@@ -441,10 +460,16 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         for part in plans:
             slices += [plan.slice(start + i, min(step, part.num_rows - i)) for i in range(0, part.num_rows, step)]
             start += part.num_rows
-        ds = embed_stage(ray.data.from_arrow(slices), cfg, role, shape, actors, images)
+        if on_ray:
+            import ray
+
+            done = embed_stage(ray.data.from_arrow(slices), cfg, role, shape, actors, images).iter_batches(
+                batch_size=None, batch_format="pyarrow")
+        else:
+            done = embed_local(slices, cfg, role, shape, images)
         total = sum(m.num_rows for _, _, m, _ in missing_parts)
         with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # what the actors wrote, no vectors
+            for out in done:  # what the actors wrote, no vectors
                 bar.update(int(pc.sum(out.column("rows")).as_py() or 0))
         stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
                      blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=plan.num_rows)
@@ -464,7 +489,6 @@ def embed_stage(ds, cfg: Config, role: str, shape: dict, actors: int, images: bo
     actor pool, which writes the vectors to the cache; its output is `PARTS_SCHEMA`, no vectors."""
     import ray
 
-    native = cfg.teacher.image_mode == "native"
     if images:
         ds = decode_stage(ds, cfg, {"image_paths": "images"}, *decode_bounds(cfg.teacher))
     ds = ds.map_batches(
@@ -473,14 +497,59 @@ def embed_stage(ds, cfg: Config, role: str, shape: dict, actors: int, images: bo
         # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for fractions): torch's kernels then run ~20%
         # slower than with the threads the actor was given (benchmarks/overhead.py)
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(shape["threads"])}},
-        fn_constructor_kwargs=dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
-                                   max_pixels=cfg.input.max_image_pixels, native_images=native,
-                                   threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,
-                                   allowed_schemes=tuple(cfg.input.allowed_schemes), cache_dir=cfg.embed.cache_dir,
-                                   storage_options=cfg.embed.storage_options, part_rows=CACHE_PART_ROWS,
-                                   flush_s=CACHE_FLUSH_S))
+        fn_constructor_kwargs=actor_kwargs(cfg, role, shape))
     ds.context.max_errored_blocks = cfg.run.max_errored_blocks
     return ds
+
+
+def actor_kwargs(cfg: Config, role: str, shape: dict) -> dict:
+    """What an `EmbedActor` is built with, on Ray or in this process."""
+    return dict(teacher_cfg=cfg.teacher, role=role, image_root=cfg.input.image_root,
+                max_pixels=cfg.input.max_image_pixels, native_images=cfg.teacher.image_mode == "native",
+                threads=shape["threads"], max_bytes=cfg.input.max_image_bytes,
+                allowed_schemes=tuple(cfg.input.allowed_schemes), cache_dir=cfg.embed.cache_dir,
+                storage_options=cfg.embed.storage_options, part_rows=CACHE_PART_ROWS, flush_s=CACHE_FLUSH_S)
+
+
+@contextmanager
+def _quiet_model_load(hf: bool):
+    """transformers draws a "Loading weights" bar; in a Ray actor it goes to the worker's log, here it would reach
+    the terminal beside hardneg's own bars: off while the model loads."""
+    if not hf:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def embed_local(blocks: list, cfg: Config, role: str, shape: dict, images: bool = False):
+    """`embed_stage` without Ray: the same blocks through one `EmbedActor` in this process, in order, yielding
+    what each block wrote (`PARTS_SCHEMA`). Up to `run.max_errored_blocks` blocks whose model code raises are
+    skipped, as Ray Data does; one more re-raises the error."""
+    with _quiet_model_load(cfg.teacher.kind != "custom"):
+        actor = EmbedActor(**actor_kwargs(cfg, role, shape))
+    bounds = decode_bounds(cfg.teacher) if images else None
+    errored = 0
+    for block in blocks:
+        try:
+            if images:
+                block = decode_images(block, {"image_paths": "images"}, cfg.input.image_root,
+                                      cfg.input.max_image_pixels, cfg.input.max_image_bytes,
+                                      tuple(cfg.input.allowed_schemes), *bounds)
+            out = actor(block)
+        except Exception:
+            errored += 1
+            if errored > cfg.run.max_errored_blocks:
+                raise
+            continue
+        yield out
 
 
 def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -518,7 +587,7 @@ def _role_stats(groups: dict, by_role: dict, roles: np.ndarray, counted: dict, s
         n_embedded = int((masks["embedded"] & of_role).sum())
         n_cached = int(((masks["found"] | masks["cross"]) & of_role).sum())
         out[r] = {"items": int(of_role.sum()), "cached": n_cached, "embedded": n_embedded,
-                  "fingerprint": next(iter(fps.values()), next(iter(groups)))}
+                  "fingerprint": next(iter(fps.values()), next(iter(groups))), "executor": stats["executor"]}
         if len(set(fps.values())) > 1:
             out[r]["fingerprints"] = fps  # every dataset's; datasets with equal prompts share one
         if n_embedded:

@@ -64,11 +64,15 @@ class MineResult:
     skipped: bool = False
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join `run.ray_address` / RAY_ADDRESS, or start a local Ray; reuse a session that is already up."""
-    from .ray_session import start_ray
+def ensure_ray(cfg: Config, n_items: int | None = None) -> bool:
+    """Join `run.ray_address` / RAY_ADDRESS, or start a local Ray, or reuse a session that is already up, when a
+    job of `n_items` items runs on Ray (`use_ray`; always when `n_items` is None). Whether it does."""
+    from .ray_session import start_ray, use_ray
 
+    if n_items is not None and not use_ray(cfg, n_items):
+        return False
     start_ray(cfg.run.ray_address)
+    return True
 
 
 def run_identity(cfg: Config) -> dict:
@@ -163,9 +167,11 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
 
 
 def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> RunState:
-    ensure_ray(cfg)
     t0 = time.time()
     corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
+    if not ensure_ray(cfg, corpus.items.num_rows):  # a small job: every stage in this process
+        cfg = copy.deepcopy(cfg)
+        cfg.run.executor, cfg.index.distributed = "local", "never"
     if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
         corpus = embed_or_reject(corpus, cfg)
     t_read = time.time()

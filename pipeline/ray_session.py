@@ -1,5 +1,8 @@
-"""The Ray edge of a hardneg command: join the cluster the user names or start a local Ray, quietly, and leave no
-processes behind.
+"""The Ray edge of a hardneg command: decide whether a run needs Ray at all (`use_ray`), join the cluster the user
+names or start a local Ray, quietly, and leave no processes behind.
+
+* Small jobs stay small: with `run.executor: auto` a job of at most `LOCAL_MAX_ITEMS` items on this machine runs in
+  the driver process (the same stage code, no Ray processes, no Ray start-up).
 
 * An address that answers nothing fails in seconds with one line (`ray.init` would retry for minutes).
 * A healthy run prints no Ray INFO or WARNING lines: Ray Data's messages go to its log file in the session folder
@@ -24,6 +27,52 @@ from .errors import UserError
 
 RECORD = "hardneg-driver.json"
 CONNECT_TIMEOUT_S = 10.0
+# `run.executor: auto` runs jobs of at most this many items (queries + candidates) in the driver process. Measured on
+# 2 cores (docs/benchmarks.md): the in-process run is faster at every size tried (no Ray start, no object store),
+# and its whole process tree needs about a third of the memory; what Ray adds is several model actors at once, on
+# a cluster or on a machine with GPUs, and restarts of lost workers, which pay off on long jobs. 100k long texts
+# take about 20 minutes on 2 cores; a job that fails is resumed from the embedding cache either way.
+LOCAL_MAX_ITEMS = 100_000
+
+
+def use_ray(cfg, n_items: int) -> bool:
+    """Whether a job over `n_items` items runs on Ray. `run.executor: ray` / `local` decide; `auto` picks Ray when a
+    cluster is named (`run.ray_address`, RAY_ADDRESS), a Ray session is already up in this process, the job is
+    larger than `LOCAL_MAX_ITEMS`, or it wants several model actors (`embed.num_actors` > 1, more than one GPU) or
+    distributed search (`index.distributed: always`); otherwise the driver process runs every stage itself."""
+    mode = cfg.run.executor
+    if mode != "auto":
+        return mode == "ray"
+    if cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ray_is_up():
+        return True
+    if n_items > LOCAL_MAX_ITEMS or (cfg.embed.num_actors or 1) > 1 or cfg.index.distributed == "always":
+        return True
+    return cuda_devices(cfg.teacher.device) > 1
+
+
+def ray_is_up() -> bool:
+    """A Ray session is initialised in this process (asked without importing Ray: its import alone costs seconds)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def ray_active(cfg) -> bool:
+    """Whether the stages run on Ray: never with `run.executor: local`, else whenever a session is up (the one
+    `start_ray` started or joined, or the caller's own)."""
+    return cfg.run.executor != "local" and ray_is_up()
+
+
+def cuda_devices(device: str) -> int:
+    """CUDA devices a teacher on `device` would use; asks torch only when it is imported already or CUDA is named."""
+    if device in ("cpu", "mps", "xpu"):
+        return 0
+    if device.startswith("cuda:"):
+        return 1
+    if "torch" not in sys.modules and not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidiactl").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def start_ray(address: Optional[str]) -> None:

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import faiss
 
+from pipeline.ray_session import ray_is_up
 from pipeline.index import (
     IndexConfig, VectorSource, _cfg, _f32, add_source, as_source, build_index, canonical_topk, check_config,
     choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune,
@@ -58,8 +59,7 @@ def _use_ray(cfg, n: int, nq: int) -> bool:
     mode = str(_cfg(cfg, "distributed", "auto")).lower()
     if mode in ("never", "false", "off"):
         return False
-    import ray
-    if not ray.is_initialized():
+    if not ray_is_up():  # asked without importing Ray: a run without it never pays its import
         if mode in ("always", "true", "on"):
             raise RuntimeError("index.distributed=always but Ray is not initialised (call ray.init() first)")
         return False

@@ -100,3 +100,23 @@ def test_agreement_counts_identical_sets_and_explains_differences():
     assert "tie at the cut" in reasons and "margin borderline" in reasons and "positive score < 0" in reasons
     assert out["negatives_found"] == {"st": 6, "hardneg": 4}
     assert out["queries_short"] == {"st": 3, "hardneg": 3}
+
+
+def test_short_texts_are_first_paragraphs_of_a_sentence_or_two():
+    from benchmarks.textdata import short_text
+
+    assert short_text("Alpha is defined for every x.\n\nMore text follows here.") == "Alpha is defined for every x."
+    assert short_text("Parameters\n----------\nx : int") is None  # a section header, not a sentence
+    assert short_text("Too short.") is None and short_text("word " * 60) is None  # outside 20-200 characters
+    assert short_text(">>> f(1)\n2 is what it prints") is None
+
+
+def test_short_case_feeds_candidates_to_every_tool(fake_site, tmp_path):
+    """hardneg gets the candidate corpus as `input.candidates`; the FlagEmbedding peer is skipped with a reason
+    when its venv or hn_mine.py is absent."""
+    from benchmarks.vs_sentence_transformers import fe_ready
+
+    a = argparse.Namespace(pairs="p.parquet", candidates="c.parquet", cache="cache", batch_size=8, range_max=2,
+                           margin=0.05, k=1, executor="auto")
+    assert hardneg_config(a)["input"]["candidates"] == "c.parquet"
+    assert "no FlagEmbedding venv" in fe_ready(argparse.Namespace(fe_venv=str(tmp_path / "none"), fe_script=""))

@@ -67,7 +67,8 @@ def corpus(s3, ray_session, tmp_path_factory):
 
     def config(prefix: str) -> dict:
         return base_config(pairs, f"s3://{BUCKET}/{prefix}", teacher={"batch_size": 8},
-                           embed={"storage_options": options, "num_actors": 1, "cpus_per_actor": 0.5})
+                           embed={"storage_options": options, "num_actors": 1, "cpus_per_actor": 0.5},
+                           run={"executor": "ray"})  # Ray actors write the parts to the bucket
 
     first = mine(config_from_dict(config("cache")), tmp / "first")
     return tmp, config, first

@@ -71,7 +71,8 @@ def fault_config(pairs: Path, cache: str, **extra) -> dict:
     from corpus import base_config
 
     sections = {"teacher": {"kind": "custom", "cls": "test_faults:MarkedTeacher", "batch_size": BATCH},
-                "embed": {"num_actors": 1, "cpus_per_actor": 0.25, "threads_per_actor": 1}}
+                "embed": {"num_actors": 1, "cpus_per_actor": 0.25, "threads_per_actor": 1},
+                "run": {"executor": "ray"}}  # actor pools, restarts and killed nodes are Ray's
     for name, values in extra.items():
         sections.setdefault(name, {}).update(values)
     return base_config(pairs, cache, **sections)
@@ -94,13 +95,17 @@ def test_ray_data_actor_pool_restarts_actors_and_retries_their_tasks():
     assert DataContext.get_current().max_errored_blocks == 0
 
 
-def test_a_failing_block_stops_the_run_unless_the_user_allows_it(ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_a_failing_block_stops_the_run_unless_the_user_allows_it(executor, request, tmp_path, monkeypatch):
     """An error in the embedding pass itself (here: an image that passed the reader's check is gone when the
     decode stage opens it, as when storage loses a file mid-run). By default the run stops and publishes nothing;
     with run.max_errored_blocks the failed block's items are rejected (`embed_failed`), counted in the summary,
     and everything else is mined."""
     import pipeline.mine
     from corpus import base_config, copy_images, demo_items, write_jsonl
+
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
 
     from pipeline.config import config_from_dict
     from pipeline.mine import mine
@@ -123,7 +128,8 @@ def test_a_failing_block_stops_the_run_unless_the_user_allows_it(ray_session, tm
     raw = base_config(path, str(tmp_path / "cache"),
                       teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
                                "image_mode": "native", "batch_size": 4},
-                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None})
+                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
+                      run={"executor": executor})  # Ray Data skips errored blocks; so does the local loop
     with pytest.raises(Exception, match="does not exist|No such file"):
         mine(config_from_dict(raw), tmp_path / "strict")
     assert not (tmp_path / "strict" / "epoch=0000").exists()  # nothing half-written is visible

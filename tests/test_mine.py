@@ -158,7 +158,7 @@ def test_same_bytes_with_one_or_two_actors_and_any_block_count(ray_session, tmp_
     for actors, blocks in ((1, 1), (2, 7)):
         raw = base_config(pairs, str(tmp_path / f"cache{actors}"),
                           embed={"num_actors": actors, "num_blocks": blocks, "cpus_per_actor": 0.5},
-                          teacher={"batch_size": 16})
+                          teacher={"batch_size": 16}, run={"executor": "ray"})
         result = mine(config_from_dict(raw), tmp_path / f"out{actors}")
         assert result.stats["embed"]["candidates"]["actors"] == actors
         manifest = json.loads((result.epoch_dir / "_manifest.json").read_text())

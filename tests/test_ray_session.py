@@ -41,7 +41,7 @@ def mine_cmd(tmp: Path, n: int = 40, cls: str = "pipeline.teachers.examples:Hash
     raw = {"input": {"pairs": [str(pairs)], "group_key": "group"},
            "teacher": {"kind": "custom", "cls": cls, "batch_size": 8},
            "embed": {"cache_dir": str(tmp / "cache"), "num_actors": 1, "cpus_per_actor": 0.5},
-           "retrieve": {"top_k": 10}, "sample": {"n_negatives": 2}}
+           "retrieve": {"top_k": 10}, "sample": {"n_negatives": 2}, "run": {"executor": "ray"}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(raw))
     return [sys.executable, "-m", "pipeline.cli", "mine", "--config", str(tmp / "config.yaml"), "--out", str(tmp / "out")]
 

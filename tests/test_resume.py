@@ -64,9 +64,10 @@ def setup(ray_session, tmp_path_factory):
 
     def config(name, cache, **sections):
         path = tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(base_config(pairs, str(tmp / cache), output={"rows_per_shard": 2},
-                                                   embed={"num_actors": 1, "cpus_per_actor": 0.5},
-                                                   teacher={"batch_size": 8}, **sections)))
+        raw = base_config(pairs, str(tmp / cache), output={"rows_per_shard": 2},
+                          embed={"num_actors": 1, "cpus_per_actor": 0.5}, teacher={"batch_size": 8}, **sections)
+        raw["run"]["executor"] = "ray"  # killed drivers and actors of a Ray run
+        path.write_text(yaml.safe_dump(raw))
         return path
 
     reference = tmp / "reference"
