@@ -203,9 +203,10 @@ def bench_set(name, rows, corpus, labels, work: Path, cache: Path) -> dict:
     return res
 
 
-SWEEP = [{}, {"margin_rel": 0.1}, {"margin_rel": None, "margin_abs": 0.05}, {"margin_rel": None, "margin_abs": 0.1},
-         {"near_duplicate": 0.9}, {"margin_rel": 0.1, "near_duplicate": 0.9}, {"min_rank": 2},
-         {"margin_rel": None, "near_duplicate": None}]
+SWEEP = [{}, {"positive_quantile": 0.25}, {"positive_quantile": 0.75}, {"margin_rel": 0.05},
+         {"positive_quantile": None, "margin_rel": 0.05}, {"positive_quantile": None, "margin_rel": 0.1},
+         {"positive_quantile": None, "margin_abs": 0.05}, {"positive_quantile": None, "min_rank": 5},
+         {"positive_quantile": None, "near_duplicate": None}]
 
 
 def table(results: dict) -> str:

@@ -288,11 +288,16 @@ class FilterConfig:
     """Upper end of the rank window (default: top_k)."""
     min_score: Optional[float] = None
     max_score: Optional[float] = None
+    positive_quantile: Optional[float] = 0.5
+    """Drop a candidate the teacher scores above this quantile of the dataset's query-positive scores: the positives
+    are known matches, so a candidate scored above most of them is as likely a match as a negative. Computed per
+    dataset from the data (no labels needed); with max_score the lower bound wins; null: off."""
     margin_abs: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - margin_abs."""
-    margin_rel: Optional[float] = 0.05
+    margin_rel: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - |s_pos| * margin_rel (TopK-PercPos, sign-safe: with a negative positive
-    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score)."""
+    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score). Off by default: it drops
+    every candidate of a query whose positive the teacher scores low (positive_quantile bounds the dataset instead)."""
     near_duplicate: Optional[float] = 0.98
     """Drop a candidate whose cosine to the positive is above this (a near copy of the positive)."""
     same_group: bool = True
@@ -305,8 +310,8 @@ class FilterConfig:
     """Extra JSONL of known false negatives (query_id, item_id); OUT/blocklist.jsonl is always honoured."""
     calibrate: Literal["auto", "off"] = "auto"
     """`auto`: per dataset with evidence of true matches (group key, repeated queries, blocklist marks, judge), choose
-    min_rank, margin_rel, margin_abs and near_duplicate to meet target_fn_rate (docs/false-negatives.md); `off`: the
-    configured thresholds. The estimated FN rate is reported either way."""
+    min_rank, positive_quantile, margin_rel, margin_abs and near_duplicate to meet target_fn_rate
+    (docs/false-negatives.md); `off`: the configured thresholds. The estimated FN rate is reported either way."""
     target_fn_rate: float = 0.01
     """False-negative rate among sampled negatives that calibration aims for."""
     relabel: bool = False
@@ -445,7 +450,7 @@ _RANGES: dict[str, Range] = {
     "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1),
     "filters.min_rank": _ge(0), "filters.max_rank": _ge(1), "filters.min_score": _in(-1, 1),
     "filters.max_score": _in(-1, 1), "filters.margin_abs": _in(-2, 2), "filters.margin_rel": _in(0, 1),
-    "filters.near_duplicate": _in(-1, 1), "filters.target_fn_rate": _in(0, 1),
+    "filters.near_duplicate": _in(-1, 1), "filters.positive_quantile": _in(0, 1), "filters.target_fn_rate": _in(0, 1),
     "sample.n_negatives": _ge(1), "sample.temperature": _ge(1e-6), "sample.seed": _SEED, "sample.min_negatives": _ge(0),
     "sample.hardest_pool": _ge(1),
     "output.rows_per_shard": _ge(1),
@@ -490,8 +495,8 @@ KEY_CLASSES: dict[str, str] = {
                                     "client_cpus", "search_clients", "query_batch", "threads")},
     "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN,
     **{f"filters.{k}": EPOCH for k in ("min_rank", "max_rank", "min_score", "max_score", "margin_abs", "margin_rel",
-                                       "near_duplicate", "same_group", "modality", "blocklist", "other_positive",
-                                       "calibrate", "target_fn_rate", "relabel")},
+                                       "near_duplicate", "positive_quantile", "same_group", "modality", "blocklist",
+                                       "other_positive", "calibrate", "target_fn_rate", "relabel")},
     **{f"sample.{k}": EPOCH for k in ("n_negatives", "strategy", "temperature", "seed", "min_negatives",
                                       "on_shortfall", "hardest_pool")},
     "output.rows_per_shard": EPOCH, "output.compression": EPOCH,
