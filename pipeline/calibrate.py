@@ -353,8 +353,12 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     for ds, r in sorted(report.items()):
         if r.get("evidence") is None:
+            cap = r.get("score_cap")
             lines.append(f"  {ds}: no evidence of false negatives (no group key, repeated queries, marks or judge);"
-                         " configured thresholds apply, FN rate not estimated")
+                         " configured thresholds apply" + ("" if cap is None else
+                                                           f", scores capped at {cap:.3f} (positive_quantile "
+                                                           f"{r['thresholds'].get('positive_quantile')})")
+                         + ", FN rate not estimated")
             continue
         e, est = r["evidence"], r["estimate"]
         kinds = ", ".join(f"{k} {v}" for k, v in e.items() if k in EVIDENCE_KINDS) or (
