@@ -566,6 +566,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is Literal:
+        if isinstance(value, bool) and ("on", "off")[not value] in args:
+            value = ("on", "off")[not value]  # YAML 1.1 reads a bare off / on (e.g. `calibrate: off`) as a boolean
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value
