@@ -9,10 +9,11 @@ sampled), 0 = a known negative, -1 = unknown. It comes from the data itself, no 
 - `judge`: the judge's verdicts on the candidates it saw.
 Group and multi-positive evidence treats the query's other candidates as negatives: the known true matches stand in
 for the unknown ones. Without any evidence the data still says how the teacher scores true matches: every row's
-positive is one, so `filters.positive_quantile` caps candidate scores at a quantile of the dataset's positive scores. Per dataset, each threshold setting on a small grid is scored by the expected share of true
-matches among the negatives it would sample (the estimated FN rate), the share of queries it keeps full and the mean
-score of those negatives; the setting that meets `filters.target_fn_rate` with the most full queries (then the
-hardest negatives) wins. Everything is a pure function of the arrays, so a calibrated run stays byte-deterministic.
+positive is one, so `filters.positive_quantile` caps candidate scores at a quantile of the dataset's positive scores.
+Per dataset, each threshold setting on a small grid is scored by the expected share of true matches among the
+negatives it would sample (the estimated FN rate), the share of queries it keeps full and the mean score of those
+negatives; the setting that meets `filters.target_fn_rate` with the most full queries (then the hardest negatives)
+wins. Everything is a pure function of the arrays, so a calibrated run stays byte-deterministic.
 """
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ class DatasetEvidence:
     evidence_rows: np.ndarray  # rows of `block` that carry evidence
     source: str = "group/multi_positive"  # which labels the estimate rests on
     pos_score: Optional[np.ndarray] = None  # every query-positive score of the dataset (the positive_quantile cap)
-    masks: dict = dataclasses.field(default_factory=dict)  # (bare, threshold, value) -> candidates it keeps
+    masks: dict = dataclasses.field(default_factory=dict)  # (bare, threshold, value) -> what it keeps (one base config)
 
     def cap_scores(self) -> np.ndarray:
         return self.block.pos_score if self.pos_score is None else self.pos_score
