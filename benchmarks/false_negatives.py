@@ -206,7 +206,8 @@ def bench_set(name, rows, corpus, labels, work: Path, cache: Path) -> dict:
 SWEEP = [{}, {"positive_quantile": 0.25}, {"positive_quantile": 0.75}, {"margin_rel": 0.05},
          {"positive_quantile": None, "margin_rel": 0.05}, {"positive_quantile": None, "margin_rel": 0.1},
          {"positive_quantile": None, "margin_abs": 0.05}, {"positive_quantile": None, "min_rank": 5},
-         {"positive_quantile": None, "near_duplicate": None}]
+         {"positive_quantile": None, "near_duplicate": None},
+         {"margin_rel": 0.05, "margin_cap": "floor"}, {"margin_rel": 0.05, "margin_cap": "fallback"}]
 
 
 def table(results: dict) -> str:

@@ -208,6 +208,11 @@ class DatasetEvidence:
             filters = dataclasses.replace(filters, same_group=False, other_positive=False)
             ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
                                       blocked=np.zeros(0, np.int64))
+        if filters.margin_cap != "either" and thresholds.get("margin_rel") is not None:
+            # the margin and the cap combine per query (not an AND of what each keeps): filter with the whole setting
+            block = self.evidence_block() if bare else self.block
+            whole = resolve(with_thresholds(filters, thresholds), self.cap_scores())
+            return filter_candidates(block, whole, ctx) == KEPT
         out = None
         for key in THRESHOLD_KEYS:
             value = thresholds.get(key, 0 if key == "min_rank" else None)

@@ -298,6 +298,11 @@ class FilterConfig:
     """Drop a candidate when s_neg > s_pos - |s_pos| * margin_rel (TopK-PercPos, sign-safe: with a negative positive
     score a candidate above the positive is still dropped; 0.05 = 95% of a positive score). Off by default: it drops
     every candidate of a query whose positive the teacher scores low (positive_quantile bounds the dataset instead)."""
+    margin_cap: Literal["either", "floor", "fallback"] = "either"
+    """How margin_rel and a score cap (max_score, positive_quantile) combine. `either`: a candidate above either is
+    dropped. `floor`: only one above both, s > max(cap, s_pos - |s_pos| * margin_rel) (a query whose positive scores
+    high keeps its own margin; one whose positive scores low is bounded by the cap, never emptied by the margin).
+    `fallback`: as `either`, but a query the margin would leave with no candidate is filtered without it."""
     near_duplicate: Optional[float] = 0.98
     """Drop a candidate whose cosine to the positive is above this (a near copy of the positive)."""
     same_group: bool = True
