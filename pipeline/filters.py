@@ -71,7 +71,7 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
     drop("rank_window", (ranks < cfg.min_rank) | (ranks >= max_rank))
     lo = -np.inf if cfg.min_score is None else cfg.min_score
     hi = np.inf if cfg.max_score is None else cfg.max_score
-    floor = cfg.margin_rel is not None and cfg.margin_cap == "floor"
+    floor = cfg.margin_rel is not None and cfg.margin_cap == "floor" and cfg.max_score is not None  # no cap: margin
     if cfg.min_score is not None or cfg.max_score is not None:
         drop("score_bounds", (scores < lo) | ((scores > hi) & (not floor)))
     if cfg.margin_abs is not None:

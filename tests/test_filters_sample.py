@@ -160,6 +160,8 @@ def test_margin_cap_floor_and_fallback():
     floor = FilterConfig(**cap, margin_cap="floor")
     assert filter_candidates(high, floor, ctx(k=4))[0].tolist() == [KEPT] * 4           # its own margin: 0.81
     assert filter_candidates(low, floor, ctx(k=4))[0].tolist() == [reason("margin_rel")] * 2 + [KEPT] * 2  # cap
+    no_cap = FilterConfig(margin_rel=0.1, near_duplicate=None, margin_cap="floor")  # no cap: the margin alone
+    assert filter_candidates(low, no_cap, ctx(k=4))[0].tolist() == [reason("margin_rel")] * 4
     fallback = FilterConfig(**cap, margin_cap="fallback")
     both = np.concatenate  # two queries in one block: only the emptied one falls back
     two = CandidateBlock(*(both([getattr(high, f), getattr(low, f)]) for f in
