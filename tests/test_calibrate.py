@@ -146,11 +146,12 @@ def test_grid_scoring_keeps_what_the_filters_keep():
 
     rng = np.random.default_rng(7)
     block, ctx, truth, reviewed = synthetic(120, 25, rng, lambda s, p, ps: ps > 0.9, reviewed_share=0.5)
-    base = FilterConfig(max_score=0.8, max_rank=20)
-    ev = DatasetEvidence(block, np.zeros((120, 25), np.int8), query_keys([f"q{i}" for i in range(120)]), {},
-                         np.asarray(reviewed))
-    settings = grid(base)
-    for i in rng.choice(len(settings), 60, replace=False):
-        t = settings[i]
-        full = filter_candidates(block, resolve(with_thresholds(base, t), block.pos_score), ctx) == KEPT
-        assert (ev.kept(base, t, ctx, bare=False) == full).all(), t
+    for mode in ("either", "floor", "fallback"):  # floor / fallback: margin and cap combine per query, not an AND
+        base = FilterConfig(max_score=0.8, max_rank=20, margin_cap=mode)
+        ev = DatasetEvidence(block, np.zeros((120, 25), np.int8), query_keys([f"q{i}" for i in range(120)]), {},
+                             np.asarray(reviewed))
+        settings = grid(base)
+        for i in rng.choice(len(settings), 60, replace=False):
+            t = settings[i]
+            full = filter_candidates(block, resolve(with_thresholds(base, t), block.pos_score), ctx) == KEPT
+            assert (ev.kept(base, t, ctx, bare=False) == full).all(), (mode, t)
