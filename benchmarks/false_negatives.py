@@ -145,12 +145,7 @@ def bench_set(name, rows, corpus, labels, work: Path, cache: Path) -> dict:
     from pipeline.config import config_from_dict
     from pipeline.mine import ensure_ray, mine
 
-    pairs = work / f"{name}.jsonl"
-    pairs.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "truth"}) + "\n" for r in rows))
-    cands = None
-    if corpus:
-        cands = work / f"{name}-corpus.jsonl"
-        cands.write_text("".join(json.dumps({"id": f"n{i}", "text": t}) + "\n" for i, t in enumerate(corpus)))
+    pairs, cands = write_inputs(name, rows, corpus, work)
     res = {"queries": len(rows), "pool": len(corpus) if corpus else len({key(r["pos_text"]) for r in rows})}
     by_text = {(r["qry"], r["pos_text"]): r["id"] for r in rows}
     for margin in (0.05, None):
@@ -203,9 +198,37 @@ def bench_set(name, rows, corpus, labels, work: Path, cache: Path) -> dict:
     return res
 
 
-SWEEP = [{}, {"margin_rel": 0.1}, {"margin_rel": None, "margin_abs": 0.05}, {"margin_rel": None, "margin_abs": 0.1},
-         {"near_duplicate": 0.9}, {"margin_rel": 0.1, "near_duplicate": 0.9}, {"min_rank": 2},
-         {"margin_rel": None, "near_duplicate": None}]
+def variants_set(name, rows, corpus, labels, work: Path, cache: Path, variants: list[dict]) -> list[dict]:
+    """hardneg alone, no evidence: the defaults and each variant of the filters over them, on every query (the
+    variants re-filter the defaults' kept retrieval)."""
+    from pipeline.config import config_from_dict
+    from pipeline.mine import ensure_ray, mine
+
+    pairs, cands = write_inputs(name, rows, corpus, work)
+    out, res = work / f"{name}-variants", []
+    for i, filters in enumerate([{}, *variants]):
+        cfg = config_from_dict({**hardneg_config(pairs, cands, cache), "filters": filters})
+        ensure_ray(cfg)
+        r = mine(cfg, out, epoch=i)
+        res.append({"filters": filters, **measure(rows, hardneg_negatives(r.epoch_dir), labels)})
+        print(name, res[-1], flush=True)
+    return res
+
+
+def write_inputs(name, rows, corpus, work: Path) -> tuple[Path, Path | None]:
+    pairs = work / f"{name}.jsonl"
+    pairs.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "truth"}) + "\n" for r in rows))
+    cands = None
+    if corpus:
+        cands = work / f"{name}-corpus.jsonl"
+        cands.write_text("".join(json.dumps({"id": f"n{i}", "text": t}) + "\n" for i, t in enumerate(corpus)))
+    return pairs, cands
+
+
+SWEEP = [{}, {"positive_quantile": 0.25}, {"positive_quantile": 0.75}, {"margin_rel": 0.05},
+         {"positive_quantile": None, "margin_rel": 0.05}, {"positive_quantile": None, "margin_rel": 0.1},
+         {"positive_quantile": None, "margin_abs": 0.05}, {"positive_quantile": None, "min_rank": 5},
+         {"positive_quantile": None, "near_duplicate": None}]
 
 
 def table(results: dict) -> str:
@@ -268,8 +291,18 @@ def main(argv=None) -> int:
     p.add_argument("--sets", default="clipart,emoji")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "false_negatives.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "false_negatives.png"))
+    p.add_argument("--variants", type=json.loads, default=None,
+                   help='JSON list of filter overrides: hardneg alone, no evidence, defaults vs each (no plot), e.g. '
+                        '\'[{"margin_rel": 0.05, "margin_cap": "floor"}]\'')
     a = p.parse_args(argv)
     builders = {"clipart": clipart_set, "emoji": emoji_set}
+    if a.variants is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = {name: variants_set(name, *builders[name](), Path(tmp), Path(tmp) / "cache", a.variants)
+                     for name in a.sets.split(",")}
+        Path(a.out).write_text(json.dumps({"settings": {"n_negatives": N_NEG, "top_k": TOP_K}, "variants": found},
+                                          indent=1) + "\n")
+        return 0
     results = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
                "settings": {"n_negatives": N_NEG, "top_k": TOP_K, "sampling": "top", "marked_share": MARKED},
                "sets": {}}

@@ -26,8 +26,9 @@ Settings mapping (see docs/benchmarks.md for why each difference in the outputs 
     batch_size=B                            teacher.batch_size=B, and teacher.batch_tokens=T (default 4096): hardneg
                                             also caps a batch's padded tokens, so 256-token texts go 16 a batch
                                             (faster on CPU); ST has no such option
-    (no such filters)                       filters.near_duplicate=null, filters.same_group=false,
-                                            filters.calibrate=off, retrieve.deepen_factor=1 (no deeper retrieval)
+    (no such filters)                       filters.near_duplicate=null, filters.positive_quantile=null,
+                                            filters.same_group=false, filters.calibrate=off,
+                                            retrieve.deepen_factor=1 (no deeper retrieval)
 
     python benchmarks/vs_sentence_transformers.py --sizes 5000 50000
 """
@@ -202,7 +203,7 @@ def hardneg_config(a) -> dict:
         "index": {"kind": "flat"},
         "retrieve": {"top_k": a.range_max + 1, "deepen_factor": 1},
         "filters": {"min_rank": getattr(a, "range_min", 0), "max_rank": None, "margin_rel": a.margin, "margin_abs": None,
-                    "near_duplicate": None, "same_group": False, "calibrate": "off"},
+                    "near_duplicate": None, "positive_quantile": None, "same_group": False, "calibrate": "off"},
         "sample": {"n_negatives": a.k, "strategy": "top"},
         "run": {"progress": False, "executor": getattr(a, "executor", "auto")},
     }

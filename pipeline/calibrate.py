@@ -9,10 +9,12 @@ sampled), 0 = a known negative, -1 = unknown. It comes from the data itself, no 
   retrieved candidates confirmed negatives;
 - `judge`: the judge's verdicts on the candidates it saw.
 Group and multi-positive evidence treats the query's other candidates as negatives: the known true matches stand in
-for the unknown ones. Per dataset, each threshold setting on a small grid is scored by the expected share of true
-matches among the negatives it would sample (the estimated FN rate), the share of queries it keeps full and the mean
-score of those negatives; the setting that meets `filters.target_fn_rate` with the most full queries (then the
-hardest negatives) wins. Everything is a pure function of the arrays, so a calibrated run stays byte-deterministic.
+for the unknown ones. Without any evidence the data still says how the teacher scores true matches: every row's
+positive is one, so `filters.positive_quantile` caps candidate scores at a quantile of the dataset's positive scores.
+Per dataset, each threshold setting on a small grid is scored by the expected share of true matches among the
+negatives it would sample (the estimated FN rate), the share of queries it keeps full and the mean score of those
+negatives; the setting that meets `filters.target_fn_rate` with the most full queries (then the hardest negatives)
+wins. Everything is a pure function of the arrays, so a calibrated run stays byte-deterministic.
 """
 from __future__ import annotations
 
@@ -31,10 +33,12 @@ from .sample import hardest_pool_size, sample_negatives
 EVIDENCE_KINDS = ("group", "multi_positive", "blocklist", "judge")
 MARGINS = ((None, None), ("margin_rel", 0.0), ("margin_rel", 0.02), ("margin_rel", 0.05), ("margin_rel", 0.1),
            ("margin_abs", -0.1), ("margin_abs", -0.05), ("margin_abs", 0.0), ("margin_abs", 0.05), ("margin_abs", 0.1))
-NEAR_DUPLICATE = (None, 0.98, 0.95, 0.92, 0.9, 0.87, 0.85, 0.82, 0.8, 0.75, 0.7)
+NEAR_DUPLICATE = (None, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7)
 MIN_RANK = (0, 1, 2, 3, 5)
-THRESHOLD_KEYS = ("min_rank", "margin_rel", "margin_abs", "near_duplicate")
+POSITIVE_QUANTILE = (None, 0.25, 0.5, 0.75, 0.9)
+THRESHOLD_KEYS = ("min_rank", "positive_quantile", "margin_rel", "margin_abs", "near_duplicate")
 MIN_EVIDENCE_QUERIES = 20  # fewer labelled queries than this estimate the FN rate but do not move thresholds
+PRIOR_CLUSTERED = 5  # queries' worth of prior belief that a query's negatives are all true matches or none
 MAX_QUERIES = 2000  # queries per dataset (evidence, and others for coverage): a fixed, key-ordered subset
 Z95 = 1.959963984540054
 
@@ -87,14 +91,39 @@ def with_thresholds(cfg: FilterConfig, thresholds: dict) -> FilterConfig:
                                        for k in THRESHOLD_KEYS})
 
 
+def score_cap(quantile: Optional[float], pos_score: np.ndarray) -> Optional[float]:
+    """The `positive_quantile` score cap of one dataset: that quantile of its query-positive scores (known matches).
+    Sorted before use, so it depends on the scores only, not on their order or on how many workers produced them."""
+    finite = np.sort(np.asarray(pos_score, np.float64)[np.isfinite(pos_score)])
+    if quantile is None or not len(finite):
+        return None
+    return float(np.float32(np.quantile(finite, quantile)))
+
+
+def resolve(cfg: FilterConfig, pos_score: np.ndarray) -> FilterConfig:
+    """`cfg` with its positive_quantile turned into a max_score for a dataset whose positives score `pos_score`."""
+    cap = score_cap(cfg.positive_quantile, pos_score)
+    if cap is None:
+        return dataclasses.replace(cfg, positive_quantile=None)
+    return dataclasses.replace(cfg, positive_quantile=None,
+                               max_score=cap if cfg.max_score is None else min(cfg.max_score, cap))
+
+
+def data_filters(cfg: FilterConfig, pos_score: np.ndarray, datasets: np.ndarray) -> dict[str, FilterConfig]:
+    """Per dataset, the configured filters with the score cap its own positive scores give (no evidence needed)."""
+    return {str(ds): resolve(cfg, pos_score[datasets == ds]) for ds in np.unique(datasets)}
+
+
 def grid(cfg: FilterConfig) -> list[dict]:
-    """Threshold settings to try: the configured one first, then margin x near-duplicate cap x rank-window start."""
+    """Threshold settings to try: the configured one first, then margin x near-duplicate cap x rank-window start x
+    positive-score cap."""
     configured = {k: getattr(cfg, k) for k in THRESHOLD_KEYS}
     out = [configured]
-    for (margin, value), near, lo in itertools.product(MARGINS, NEAR_DUPLICATE, MIN_RANK):
+    for (margin, value), near, lo, quantile in itertools.product(MARGINS, NEAR_DUPLICATE, MIN_RANK, POSITIVE_QUANTILE):
         if lo < cfg.min_rank:  # a configured (or scheduled) rank-window start is a floor
             continue
-        setting = {"min_rank": lo, "margin_rel": None, "margin_abs": None, "near_duplicate": near}
+        setting = {"min_rank": lo, "positive_quantile": quantile, "margin_rel": None, "margin_abs": None,
+                   "near_duplicate": near}
         if margin:
             setting[margin] = value
         if setting != configured:
@@ -134,7 +163,10 @@ def estimate(fn: np.ndarray, total: np.ndarray) -> dict:
     """FN rate of the sampled negatives from per-query expected counts, with a 95% interval.
 
     Negatives of one query are not independent draws, so the interval uses the ratio estimator's cluster variance
-    (effective sample size r(1-r)/var, at most the number of pairs; the number of queries when no FN was seen)."""
+    (effective sample size r(1-r)/var, at most the number of pairs; the number of queries when no FN was seen).
+    That variance says little when few queries hold a true match (one such query gives nearly no variance), so the
+    design effect it implies is shrunk towards full clustering (one draw per query) with the weight of
+    PRIOR_CLUSTERED queries: a lucky sample of reviewed queries no longer gives a narrow interval."""
     x, n, nq = float(fn.sum()), float(total.sum()), int((total > 0).sum())
     if n <= 0:
         return {"fn_rate": None, "low": None, "high": None, "pairs": 0, "queries": 0}
@@ -144,6 +176,9 @@ def estimate(fn: np.ndarray, total: np.ndarray) -> dict:
         mean = n / nq
         var = float(((fn - r * total)[total > 0] ** 2).sum()) / (nq - 1) / (nq * mean * mean)
         n_eff = min(n, r * (1 - r) / var) if var > 0 else n
+        with_fn = int((fn > 0).sum())
+        deff = (with_fn * n / n_eff + PRIOR_CLUSTERED * n / nq) / (with_fn + PRIOR_CLUSTERED)
+        n_eff = n / deff
     low, high = wilson(x, n, n_eff)
     return {"fn_rate": round(r, 6), "low": round(low, 6), "high": round(high, 6), "pairs": int(round(n)),
             "queries": nq}
@@ -159,6 +194,39 @@ class DatasetEvidence:
     counts: dict              # pairs of true matches per kind of evidence
     evidence_rows: np.ndarray  # rows of `block` that carry evidence
     source: str = "group/multi_positive"  # which labels the estimate rests on
+    pos_score: Optional[np.ndarray] = None  # every query-positive score of the dataset (the positive_quantile cap)
+    masks: dict = dataclasses.field(default_factory=dict)  # (bare, threshold, value) -> what it keeps (one base config)
+
+    def cap_scores(self) -> np.ndarray:
+        return self.block.pos_score if self.pos_score is None else self.pos_score
+
+    def kept(self, filters: FilterConfig, thresholds: dict, ctx: FilterContext, bare: bool) -> np.ndarray:
+        """What `filters` with `thresholds` keep: every filter, on every query (`bare`: without the filters that
+        remove the evidence, on the evidence queries). A candidate is kept when no filter drops it, and each filter
+        looks at the candidate alone, so this is the AND of what each threshold keeps on its own (computed once
+        per value by filter_candidates itself): the same verdicts, hundreds of times faster over the grid."""
+        if bare:
+            filters = dataclasses.replace(filters, same_group=False, other_positive=False)
+            ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
+                                      blocked=np.zeros(0, np.int64))
+        if filters.margin_cap != "either" and thresholds.get("margin_rel") is not None:
+            # the margin and the cap combine per query (not an AND of what each keeps): filter with the whole setting
+            block = self.evidence_block() if bare else self.block
+            whole = resolve(with_thresholds(filters, thresholds), self.cap_scores())
+            return filter_candidates(block, whole, ctx) == KEPT
+        out = None
+        for key in THRESHOLD_KEYS:
+            value = thresholds.get(key, 0 if key == "min_rank" else None)
+            if (bare, key, value) not in self.masks:
+                block = self.evidence_block() if bare else self.block
+                alone = resolve(with_thresholds(filters, {key: value}), self.cap_scores())
+                self.masks[bare, key, value] = filter_candidates(block, alone, ctx) == KEPT
+            out = self.masks[bare, key, value] if out is None else out & self.masks[bare, key, value]
+        return out
+
+    def evidence_block(self) -> CandidateBlock:
+        return CandidateBlock(*(getattr(self.block, f.name)[self.evidence_rows]
+                                for f in dataclasses.fields(CandidateBlock) if f.name != "judge_drop"))
 
 
 def score_setting(ev: DatasetEvidence, filters: FilterConfig, thresholds: dict, ctx: FilterContext,
@@ -167,21 +235,17 @@ def score_setting(ev: DatasetEvidence, filters: FilterConfig, thresholds: dict, 
 
     Coverage and hardness come from every filter as the run applies it; the FN rate from the same thresholds with
     the filters that would remove the evidence (group, other positives, blocklist, judge) switched off."""
-    real = filter_candidates(ev.block, with_thresholds(filters, thresholds), ctx) == KEPT
+    real = ev.kept(filters, thresholds, ctx, bare=False)
     w = selection_weights(real, ev.block.scores, ev.keys, sample, epoch)
     full = float((real.sum(axis=1) >= sample.n_negatives).mean()) if len(real) else 0.0
     mean_neg = float((w * np.where(real, ev.block.scores, 0)).sum() / w.sum()) if w.sum() else 0.0
-    bare = dataclasses.replace(filters, same_group=False, other_positive=False)
-    bare_ctx = dataclasses.replace(ctx, item_groups=np.zeros(0, np.int64), positives=np.zeros(0, np.int64),
-                                   blocked=np.zeros(0, np.int64))
     rows = ev.evidence_rows
-    part = CandidateBlock(*(getattr(ev.block, f.name)[rows] for f in dataclasses.fields(CandidateBlock)
-                            if f.name != "judge_drop"))
-    kept = filter_candidates(part, with_thresholds(bare, thresholds), bare_ctx) == KEPT
+    kept = ev.kept(filters, thresholds, ctx, bare=True)
     lab = ev.labels[rows]
-    we = selection_weights(kept, part.scores, ev.keys[rows], sample, epoch) * (lab >= 0)
+    we = selection_weights(kept, ev.block.scores[rows], ev.keys[rows], sample, epoch) * (lab >= 0)
     est = estimate((we * (lab == 1)).sum(axis=1), we.sum(axis=1))
-    return {**thresholds, **est, "queries_full": round(full, 6), "mean_neg_score": round(mean_neg, 6)}
+    return {**thresholds, **est, "score_cap": score_cap(thresholds.get("positive_quantile"), ev.cap_scores()),
+            "queries_full": round(full, 6), "mean_neg_score": round(mean_neg, 6)}
 
 
 def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContext, sample: SampleConfig,
@@ -195,9 +259,10 @@ def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContex
         chosen = configured
     elif sure:  # the evidence shows the target met (the interval's upper end): the most full queries, hardest
         chosen = max(sure, key=lambda s: (s["queries_full"], s["mean_neg_score"]))
-    elif configured["fn_rate"] is not None and configured["fn_rate"] <= target:
-        chosen = configured  # too little evidence to loosen the configured thresholds safely
-    else:  # the configured thresholds miss the target: the lowest estimated FN rate, then the most full queries
+    elif configured["low"] is not None and configured["low"] <= target:
+        chosen = configured  # too little evidence to move the configured thresholds safely either way
+    else:  # the evidence shows the configured thresholds miss the target: the lowest estimated FN rate, then the
+        # most full queries
         chosen = min((s for s in scored if s["fn_rate"] is not None), default=configured,
                      key=lambda s: (s["fn_rate"], -s["queries_full"], -s["mean_neg_score"]))
     return {"evidence": {**ev.counts, "queries": int(len(ev.evidence_rows)), "estimated_from": ev.source,
@@ -205,7 +270,7 @@ def calibrate_dataset(ev: DatasetEvidence, base: FilterConfig, ctx: FilterContex
                          "negative_pairs": int((ev.labels[ev.evidence_rows] == 0).sum())},
             "calibrated": search, "target_fn_rate": target, "target_met": bool(chosen["fn_rate"] is not None
                                                                                  and chosen["fn_rate"] <= target),
-            "thresholds": {k: chosen[k] for k in THRESHOLD_KEYS},
+            "thresholds": {k: chosen[k] for k in THRESHOLD_KEYS}, "score_cap": chosen["score_cap"],
             "estimate": {k: chosen[k] for k in ("fn_rate", "low", "high", "pairs", "queries")},
             "queries_full": chosen["queries_full"], "mean_neg_score": chosen["mean_neg_score"],
             "configured": {k: configured[k] for k in ("fn_rate", "queries_full", "mean_neg_score")},
@@ -253,22 +318,25 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
         n_ev = int(min(has.sum(), MAX_QUERIES))
         counts = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found
                   and found[kind][rows].any()}
+        pos_score = block.pos_score[rows]
         if not n_ev:
-            configs[ds] = filters
+            configs[ds] = resolve(filters, pos_score)
             report[ds] = {"evidence": None, "calibrated": False,
                           "note": "no evidence of true matches in this dataset: the configured thresholds apply",
-                          "thresholds": {k: getattr(filters, k) for k in THRESHOLD_KEYS}}
+                          "thresholds": {k: getattr(filters, k) for k in THRESHOLD_KEYS},
+                          "score_cap": score_cap(filters.positive_quantile, pos_score)}
             continue
         sub = CandidateBlock(*(None if v is None else v[evidence]
                                for v in (getattr(block, f.name) for f in dataclasses.fields(CandidateBlock))))
         source = ("group/multi_positive", "judge", "blocklist")[levels[0] - 1]
-        ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev), source)
+        ev = DatasetEvidence(sub, labels[evidence], keys[evidence], counts, np.arange(n_ev), source, pos_score)
         enough = n_ev >= MIN_EVIDENCE_QUERIES  # a handful of queries estimates, but does not move thresholds
         report[ds] = calibrate_dataset(ev, filters, ctx, sample, epoch, filters.target_fn_rate, search and enough)
         if search and not enough:
             report[ds]["note"] = (f"{n_ev} queries of evidence: fewer than {MIN_EVIDENCE_QUERIES}, the configured "
                                   "thresholds stay")
-        configs[ds] = with_thresholds(filters, report[ds]["thresholds"]) if report[ds]["calibrated"] else filters
+        configs[ds] = resolve(with_thresholds(filters, report[ds]["thresholds"]) if report[ds]["calibrated"]
+                              else filters, pos_score)
     return configs, report
 
 
@@ -292,13 +360,18 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     for ds, r in sorted(report.items()):
         if r.get("evidence") is None:
+            cap = r.get("score_cap")
             lines.append(f"  {ds}: no evidence of false negatives (no group key, repeated queries, marks or judge);"
-                         " configured thresholds apply, FN rate not estimated")
+                         " configured thresholds apply" + ("" if cap is None else
+                                                           f", scores capped at {cap:.3f} (positive_quantile "
+                                                           f"{r['thresholds'].get('positive_quantile')})")
+                         + ", FN rate not estimated")
             continue
         e, est = r["evidence"], r["estimate"]
         kinds = ", ".join(f"{k} {v}" for k, v in e.items() if k in EVIDENCE_KINDS) or (
             f"{e.get('estimated_from', 'the evidence')}: no true match among the retrieved candidates")
-        chosen = ", ".join(f"{k}={v}" for k, v in r["thresholds"].items() if v not in (None, 0))
+        chosen = ", ".join(f"{k}={v}" for k, v in r["thresholds"].items() if v not in (None, 0)) + (
+            f" (score cap {r['score_cap']:.3f})" if r.get("score_cap") is not None else "")
         rate = "n/a" if est["fn_rate"] is None else (f"{100 * est['fn_rate']:.2f}% "
                                                      f"[{100 * est['low']:.2f}, {100 * est['high']:.2f}]")
         lines.append(f"  {ds}: estimated FN rate {rate} on {est['pairs']} pairs of {e['queries']} queries "

@@ -288,11 +288,21 @@ class FilterConfig:
     """Upper end of the rank window (default: top_k)."""
     min_score: Optional[float] = None
     max_score: Optional[float] = None
+    positive_quantile: Optional[float] = 0.5
+    """Drop a candidate the teacher scores above this quantile of the dataset's query-positive scores: the positives
+    are known matches, so a candidate scored above most of them is as likely a match as a negative. Computed per
+    dataset from the data (no labels needed); with max_score the lower bound wins; null: off."""
     margin_abs: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - margin_abs."""
-    margin_rel: Optional[float] = 0.05
+    margin_rel: Optional[float] = None
     """Drop a candidate when s_neg > s_pos - |s_pos| * margin_rel (TopK-PercPos, sign-safe: with a negative positive
-    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score)."""
+    score a candidate above the positive is still dropped; 0.05 = 95% of a positive score). Off by default: it drops
+    every candidate of a query whose positive the teacher scores low (positive_quantile bounds the dataset instead)."""
+    margin_cap: Literal["either", "floor", "fallback"] = "either"
+    """How margin_rel and a score cap (max_score, positive_quantile) combine. `either`: a candidate above either is
+    dropped. `floor`: only one above both, s > max(cap, s_pos - |s_pos| * margin_rel) (a query whose positive scores
+    high keeps its own margin; one whose positive scores low is bounded by the cap, never emptied by the margin).
+    `fallback`: as `either`, but a query the margin would leave with no candidate is filtered without it."""
     near_duplicate: Optional[float] = 0.98
     """Drop a candidate whose cosine to the positive is above this (a near copy of the positive)."""
     same_group: bool = True
@@ -305,8 +315,8 @@ class FilterConfig:
     """Extra JSONL of known false negatives (query_id, item_id); OUT/blocklist.jsonl is always honoured."""
     calibrate: Literal["auto", "off"] = "auto"
     """`auto`: per dataset with evidence of true matches (group key, repeated queries, blocklist marks, judge), choose
-    min_rank, margin_rel, margin_abs and near_duplicate to meet target_fn_rate (docs/false-negatives.md); `off`: the
-    configured thresholds. The estimated FN rate is reported either way."""
+    min_rank, positive_quantile, margin_rel, margin_abs and near_duplicate to meet target_fn_rate
+    (docs/false-negatives.md); `off`: the configured thresholds. The estimated FN rate is reported either way."""
     target_fn_rate: float = 0.01
     """False-negative rate among sampled negatives that calibration aims for."""
     relabel: bool = False
@@ -451,7 +461,7 @@ _RANGES: dict[str, Range] = {
     "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1),
     "filters.min_rank": _ge(0), "filters.max_rank": _ge(1), "filters.min_score": _in(-1, 1),
     "filters.max_score": _in(-1, 1), "filters.margin_abs": _in(-2, 2), "filters.margin_rel": _in(0, 1),
-    "filters.near_duplicate": _in(-1, 1), "filters.target_fn_rate": _in(0, 1),
+    "filters.near_duplicate": _in(-1, 1), "filters.positive_quantile": _in(0, 1), "filters.target_fn_rate": _in(0, 1),
     "sample.n_negatives": _ge(1), "sample.temperature": _ge(1e-6), "sample.seed": _SEED, "sample.min_negatives": _ge(0),
     "sample.hardest_pool": _ge(1),
     "output.rows_per_shard": _ge(1),
@@ -496,8 +506,8 @@ KEY_CLASSES: dict[str, str] = {
                                     "client_cpus", "search_clients", "query_batch", "threads")},
     "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN,
     **{f"filters.{k}": EPOCH for k in ("min_rank", "max_rank", "min_score", "max_score", "margin_abs", "margin_rel",
-                                       "near_duplicate", "same_group", "modality", "blocklist", "other_positive",
-                                       "calibrate", "target_fn_rate", "relabel")},
+                                       "near_duplicate", "positive_quantile", "margin_cap", "same_group", "modality",
+                                       "blocklist", "other_positive", "calibrate", "target_fn_rate", "relabel")},
     **{f"sample.{k}": EPOCH for k in ("n_negatives", "strategy", "temperature", "seed", "min_negatives",
                                       "on_shortfall", "hardest_pool")},
     "output.rows_per_shard": EPOCH, "output.compression": EPOCH,
@@ -567,6 +577,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is Literal:
+        if isinstance(value, bool) and ("on", "off")[not value] in args:
+            value = ("on", "off")[not value]  # YAML 1.1 reads a bare off / on (e.g. `calibrate: off`) as a boolean
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value

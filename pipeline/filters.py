@@ -5,7 +5,7 @@ number of dropped candidates and each reason can be read on its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -69,14 +69,16 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
         codes = safe * ctx.n_groups + block.group_code[:, None]
         drop("same_group", (block.group_code[:, None] >= 0) & _isin_sorted(codes, ctx.item_groups))
     drop("rank_window", (ranks < cfg.min_rank) | (ranks >= max_rank))
+    lo = -np.inf if cfg.min_score is None else cfg.min_score
+    hi = np.inf if cfg.max_score is None else cfg.max_score
+    floor = cfg.margin_rel is not None and cfg.margin_cap == "floor" and cfg.max_score is not None  # no cap: margin
     if cfg.min_score is not None or cfg.max_score is not None:
-        lo = -np.inf if cfg.min_score is None else cfg.min_score
-        hi = np.inf if cfg.max_score is None else cfg.max_score
-        drop("score_bounds", (scores < lo) | (scores > hi))
+        drop("score_bounds", (scores < lo) | ((scores > hi) & (not floor)))
     if cfg.margin_abs is not None:
         drop("margin_abs", scores > pos - cfg.margin_abs)
     if cfg.margin_rel is not None:
-        drop("margin_rel", scores > pos - np.abs(pos) * cfg.margin_rel)  # sign-safe: never above the positive
+        limit = pos - np.abs(pos) * cfg.margin_rel  # sign-safe: never above the positive
+        drop("margin_rel", scores > (np.maximum(limit, hi) if floor else limit))
     if cfg.near_duplicate is not None:
         drop("near_duplicate", block.pos_sims > cfg.near_duplicate)
     if cfg.modality:
@@ -85,6 +87,12 @@ def filter_candidates(block: CandidateBlock, cfg: FilterConfig, ctx: FilterConte
         drop("blocklist", _isin_sorted(block.query_row[:, None] * ctx.n_items + safe, ctx.blocked))
     if block.judge_drop is not None:  # last: the judge only sees what every other filter kept
         drop("judge", block.judge_drop)
+    if cfg.margin_rel is not None and cfg.margin_cap == "fallback":
+        margin = verdict == REASONS.index("margin_rel") + 1
+        emptied = margin.any(axis=1) & ~(verdict == KEPT).any(axis=1)
+        if emptied.any():  # these queries: filtered as if without the margin
+            sub = CandidateBlock(**{f: None if v is None else v[emptied] for f, v in vars(block).items()})
+            verdict[emptied] = filter_candidates(sub, replace(cfg, margin_rel=None), ctx)
     return verdict
 
 

@@ -23,7 +23,7 @@ from . import blocklist
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
 from .filters import KEPT, REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
-from .calibrate import calibrate, filter_by_dataset, with_extra_positives
+from .calibrate import calibrate, data_filters, filter_by_dataset, with_extra_positives
 from . import extra_positives, input_negatives
 from .progress import Progress
 from .read import MODALITIES, Corpus, load_corpus
@@ -257,7 +257,8 @@ def _deepen(cfg: Config, corpus: Corpus, pos_score, cand, scores, pos_sims, cand
         rows = np.arange(q.num_rows)
         block = CandidateBlock(cand, scores, pos_sims, pos_score, qry_idx, pos_idx,
                                q.column("group_code").to_numpy(), rows)
-        survivors = (filter_candidates(block, cfg.filters, ctx) == KEPT).sum(axis=1)
+        configs = data_filters(cfg.filters, pos_score, datasets)  # with each dataset's positive-score cap
+        survivors = (filter_by_dataset(block, datasets, configs, ctx) == KEPT).sum(axis=1)
         width = min(2 * width, k * cfg.retrieve.deepen_factor)
         todo = {}
         for ds in sorted(corpus.pools):
@@ -376,7 +377,7 @@ def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dic
     if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
         from .judge import judge_drops
 
-        judged = filter_candidates(every, cfg.filters, ctx)
+        judged = filter_by_dataset(every, datasets, data_filters(cfg.filters, every.pos_score, datasets), ctx)
         judge_drop, judge_info = judge_drops(state, judged, cfg, out / "_run")
         every.judge_drop = judge_drop
     filter_cfgs, fn_report = calibrate(every, datasets, keys, ctx, cfg.filters, cfg.sample, epoch,

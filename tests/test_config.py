@@ -255,3 +255,14 @@ def test_epoch_numbers_start_at_zero_for_library_callers_too():
     for bad in (-1, 1.5, "2"):
         with pytest.raises(ConfigError, match="epochs are numbered 0, 1, 2"):
             cfg.for_epoch(bad)
+
+
+def test_a_bare_off_in_yaml_or_an_override_is_the_choice_off(tmp_path):
+    """YAML 1.1 reads `off` as false: `calibrate: off` in a file and `--set filters.calibrate=off` both mean "off"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {pairs: [p.jsonl]}\nfilters: {calibrate: off}\n")
+    assert load_config(path).filters.calibrate == "off"
+    assert load_config(path, ["filters.calibrate=auto"]).filters.calibrate == "auto"
+    assert config_from_dict({"input": {"pairs": ["p.jsonl"]}}, ["filters.calibrate=off"]).filters.calibrate == "off"
+    with pytest.raises(ConfigError, match="filters.calibrate"):
+        config_from_dict({"input": {"pairs": ["p.jsonl"]}}, ["filters.calibrate=yes"])

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -65,7 +66,7 @@ def test_group_evidence_calibrates_and_the_estimate_is_reported(calibrated):
     est = t2t["estimate"]
     assert est["pairs"] > 0 and est["low"] <= est["fn_rate"] <= est["high"]
     assert t2t["curve"] and all(p["fn_rate"] is not None for p in t2t["curve"])
-    assert set(t2t["thresholds"]) == {"min_rank", "margin_rel", "margin_abs", "near_duplicate"}
+    assert set(t2t["thresholds"]) == {"min_rank", "positive_quantile", "margin_rel", "margin_abs", "near_duplicate"}
     # the chosen thresholds are the ones the run used: its manifest keeps the configured ones, the stats the chosen
     assert "estimated FN rate" in EpochStats.summary_text(stats)
     # the inspector's statistics page and `hardneg report` draw the trade-off curve
@@ -82,8 +83,18 @@ def test_without_evidence_the_summary_says_so_and_defaults_apply(ray_session, sh
     result = mine(config_from_dict(raw), tmp_path / "out")
     t2t = result.stats["false_negatives"]["per_dataset"]["t2t"]
     assert t2t["evidence"] is None and not t2t["calibrated"]
-    assert t2t["thresholds"] == {"min_rank": 0, "margin_rel": 0.05, "margin_abs": None, "near_duplicate": 0.98}
+    assert t2t["thresholds"] == {"min_rank": 0, "positive_quantile": 0.5, "margin_rel": None, "margin_abs": None,
+                                 "near_duplicate": 0.98}
     assert "no evidence of false negatives" in EpochStats.summary_text(result.stats)
+    # the data's own evidence still applies: no negative scores above the median query-positive score
+    df = pd.read_parquet(result.epoch_dir)
+    cap = float(np.float32(np.median(df.pos_score.astype("float64"))))
+    assert t2t["score_cap"] == pytest.approx(cap, abs=1e-6)
+    assert df.neg_scores.map(lambda s: len(s) == 0 or max(s) <= cap + 1e-6).all()
+    assert (df.num_negatives == 4).mean() >= 0.99
+    cands = pd.read_parquet(result.epoch_dir / "_candidates")
+    above = [v for sc, vs in zip(cands.cand_scores, cands.cand_verdicts) for x, v in zip(sc, vs) if x > cap + 1e-6]
+    assert set(above) <= {"same_as_query", "same_as_positive", "other_positive", "score_bounds"}
 
 
 def test_marks_are_evidence_and_calibration_is_deterministic(calibrated, shared_cache):

@@ -145,3 +145,29 @@ def test_hardest_gives_each_epoch_another_sample_among_the_hardest():
     few = np.full((1, 30), reason("rank_window"), np.int8)
     few[0, [2, 5, 9]] = KEPT
     assert sample_negatives(few, scores[:1], keys[:1], cfg, 3).tolist() == [[2, 5, 9, -1]]
+
+
+def test_margin_cap_floor_and_fallback():
+    """`floor`: drop only above both the cap and the query's own margin; `fallback`: a query the margin would empty
+    is filtered as if without it (the cap still applies); `either` (default): above either."""
+    scores, cand = [0.75, 0.65, 0.55, 0.45], [10, 11, 12, 13]
+    cap = dict(max_score=0.6, margin_rel=0.1, near_duplicate=None)
+    high, low = block(cand, scores, pos_score=0.9), block(cand, scores, pos_score=0.4)  # limits 0.81 and 0.36
+    either = FilterConfig(**cap)
+    assert filter_candidates(high, either, ctx(k=4))[0].tolist() == [reason("score_bounds")] * 2 + [KEPT] * 2
+    assert filter_candidates(low, either, ctx(k=4))[0].tolist() == [reason("score_bounds")] * 2 + [
+        reason("margin_rel")] * 2
+    floor = FilterConfig(**cap, margin_cap="floor")
+    assert filter_candidates(high, floor, ctx(k=4))[0].tolist() == [KEPT] * 4           # its own margin: 0.81
+    assert filter_candidates(low, floor, ctx(k=4))[0].tolist() == [reason("margin_rel")] * 2 + [KEPT] * 2  # cap
+    no_cap = FilterConfig(margin_rel=0.1, near_duplicate=None, margin_cap="floor")  # no cap: the margin alone
+    assert filter_candidates(low, no_cap, ctx(k=4))[0].tolist() == [reason("margin_rel")] * 4
+    fallback = FilterConfig(**cap, margin_cap="fallback")
+    both = np.concatenate  # two queries in one block: only the emptied one falls back
+    two = CandidateBlock(*(both([getattr(high, f), getattr(low, f)]) for f in
+                           ("cand", "scores", "pos_sims", "pos_score", "qry_idx", "pos_idx", "group_code",
+                            "query_row")))
+    assert filter_candidates(two, fallback, ctx(k=4)).tolist() == [
+        [reason("score_bounds")] * 2 + [KEPT] * 2, [reason("score_bounds")] * 2 + [KEPT] * 2]
+    assert filter_candidates(two, either, ctx(k=4))[1].tolist() == [reason("score_bounds")] * 2 + [
+        reason("margin_rel")] * 2

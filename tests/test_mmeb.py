@@ -85,7 +85,7 @@ def test_mmeb_config_mines_the_published_layout(ray_session, tmp_path, shared_ca
         # a model-free teacher by import path stands in for the VLM (the same config otherwise)
         "teacher.kind=custom", "teacher.cls=pipeline.teachers.examples:HashingTeacher", "teacher.batch_size=auto",
         f"embed.cache_dir={shared_cache}", "retrieve.top_k=3", "sample.n_negatives=1", "filters.margin_rel=null",
-        "filters.near_duplicate=null", "run.progress=false", "embed.num_actors=1"])
+        "filters.near_duplicate=null", "filters.positive_quantile=null", "run.progress=false", "embed.num_actors=1"])
     assert len(cfg.input.pairs) == 20 and cfg.input.image_root == str(tree)
     assert set(cfg.teacher.instructions) == set(SUBSETS)
     cfg.input.pairs.append(str(tree / "ImageNet_1K" / "diverse_instruction-00000-of-00001.parquet"))

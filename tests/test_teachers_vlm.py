@@ -115,7 +115,7 @@ def test_mines_demo_images_end_to_end_with_per_dataset_instructions(ray_session,
                     "instructions": {"i2t": {"query": "Find an image caption describing the given image: "},
                                      "t2i": {"query": "Find me an image that matches the given caption: "}}},
         "embed": {"cache_dir": shared_cache, "num_actors": 1},
-        "retrieve": {"top_k": 8}, "filters": {"margin_rel": None, "near_duplicate": None},
+        "retrieve": {"top_k": 8}, "filters": {"margin_rel": None, "near_duplicate": None, "positive_quantile": None},
         "sample": {"n_negatives": 2}, "run": {"progress": False}})
     result = mine(cfg, tmp_path / "out")
     frame = pd.read_parquet(result.epoch_dir)

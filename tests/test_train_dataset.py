@@ -108,7 +108,7 @@ def test_short_rows_are_padded_with_a_mask_dropped_or_refused_and_counted(tmp_pa
 
 
 def test_collate_and_suspects(tmp_path):
-    verdicts = {3: ("same_as_positive", "margin_rel", "negative", "negative", "rank_window")}
+    verdicts = {3: ("same_as_positive", "margin_rel", "score_bounds", "negative", "rank_window")}
     write_run(tmp_path, n=10, k=4, blocklist=[("q1", hid("p7"))], verdicts=verdicts)
     ds = ShardDataset(tmp_path, 0, k=4)
     batch = collate_rows([ds[i] for i in range(4)])
@@ -116,7 +116,8 @@ def test_collate_and_suspects(tmp_path):
     assert batch["pos_score"].shape == (4,) and len(batch["neg_text"]) == 4 and len(batch["neg_text"][0]) == 4
     suspects = dict(zip(ids(ds), ds.suspects()))
     assert suspects["q1"] == {hid("p1"), hid("p7")}                    # its own positive + the blocklisted item
-    assert suspects["q3"] == {hid("p3"), hid("p4")}                    # margin_rel drop; rank_window is no suspect
+    # margin_rel and score_bounds (the positive-score cap) drops; rank_window is no suspect
+    assert suspects["q3"] == {hid("p3"), hid("p4"), hid("p5")}
     assert suspects["q0"] == {hid("p0")}
 
 

@@ -32,8 +32,9 @@ COLUMNS = ["query_id", "dataset", "qry", "qry_image_path", "pos_text", "pos_imag
 EXTRA_POSITIVES = ["pos_extra_text", "pos_extra_image_path", "pos_extra_item_ids", "pos_extra_scores"]  # relabel
 # `_candidates` verdicts that mean "too close to the positive to be a safe negative": such an item must not be an
 # in-batch negative of that query either (the hard-batch sampler reads them).
-SUSPECT_VERDICTS = ("same_as_positive", "other_positive", "same_group", "margin_abs", "margin_rel", "near_duplicate",
-                    "blocklist")
+# `score_bounds` is mostly the positive-score cap (filters.positive_quantile): scored above most known matches.
+SUSPECT_VERDICTS = ("same_as_positive", "other_positive", "same_group", "score_bounds", "margin_abs", "margin_rel",
+                    "near_duplicate", "blocklist")
 
 
 @dataclass
