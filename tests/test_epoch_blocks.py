@@ -65,11 +65,11 @@ def _write(store_dir, raw, out, use_ray, like):
 def test_same_bytes_for_one_or_many_blocks_in_ray_or_in_the_driver(run, tmp_path):
     raw, tmp, out, result = run
     store = next((out / "_run").glob("*/state.json")).parent
-    assert len(list((store / PARTS).glob("part-*.parquet"))) == 1
+    assert len(list((store / PARTS).glob("part-*.arrow"))) == 1
     state = load_run(store)
     many = tmp_path / "many"
     save_run(state, many, block_rows=7)  # 22 parts, none aligned with the shards of 40 rows
-    assert len(list((many / PARTS).glob("part-*.parquet"))) == math.ceil(150 / 7)
+    assert len(list((many / PARTS).glob("part-*.arrow"))) == math.ceil(150 / 7)
     written = []
     for name, store_dir, use_ray in (("one-local", store, False), ("many-ray", many, True),
                                      ("many-local", many, False)):
@@ -138,5 +138,5 @@ def test_a_run_kept_in_the_old_single_file_layout_is_upgraded_and_mines_the_same
     shutil.rmtree(old / "epoch=0001")
     again = mine(config_from_dict(raw), old, epoch=1)
     assert again.reused_retrieval and not (store / "candidates.parquet").exists()
-    assert (store / PARTS / "part-00000.parquet").exists()
+    assert (store / PARTS / "part-00000.arrow").exists()
     assert _epoch_bytes(again.epoch_dir) == _epoch_bytes(result.epoch_dir)
