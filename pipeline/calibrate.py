@@ -296,12 +296,13 @@ def pareto(scored: list[dict]) -> list[dict]:
 
 def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx: FilterContext,
               filters: FilterConfig, sample: SampleConfig, epoch: int,
-              judge_seen: Optional[np.ndarray] = None, reviewed: Optional[np.ndarray] = None
-              ) -> tuple[dict[str, FilterConfig], dict]:
+              judge_seen: Optional[np.ndarray] = None, reviewed: Optional[np.ndarray] = None,
+              pos_scores: Optional[dict] = None) -> tuple[dict[str, FilterConfig], dict]:
     """Per dataset: the filter config to mine with and what `_stats.json` says under `false_negatives`.
 
     `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
-    `reviewed` the query rows a person reviewed."""
+    `reviewed` the query rows a person reviewed. `pos_scores` ({dataset: every query-positive score}) gives the
+    score cap when `block` holds a subset of the queries (the per-block evidence of pipeline/epoch.py)."""
     labels, found, strength = evidence_labels(block, ctx, judge_seen, reviewed)
     # with a judge, the thresholds stay as configured (the judge saw what they keep): its verdicts give the estimate
     search = filters.calibrate == "auto" and judge_seen is None
@@ -318,7 +319,7 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
         n_ev = int(min(has.sum(), MAX_QUERIES))
         counts = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found
                   and found[kind][rows].any()}
-        pos_score = block.pos_score[rows]
+        pos_score = block.pos_score[rows] if pos_scores is None else pos_scores[ds]
         if not n_ev:
             configs[ds] = resolve(filters, pos_score)
             report[ds] = {"evidence": None, "calibrated": False,

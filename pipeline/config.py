@@ -278,6 +278,9 @@ class RetrieveConfig:
     deepen_factor: int = 8
     """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
     candidates, up to deepen_factor * top_k (1: never; only without filters.max_rank)."""
+    block_rows: int = 50_000
+    """Queries per block of kept retrieval results (`_run/<id>/candidates/part-NNNNN.arrow`); an epoch is written
+    by one task per output shard, each reading only the blocks its rows are in. Changes no output."""
 
 
 @dataclass
@@ -458,7 +461,7 @@ _RANGES: dict[str, Range] = {
     "index.add_batch": _ge(1), "index.recall_floor": _in(0, 1), "index.recall_sample": _ge(0),
     "index.ray_above": _ge(0), "index.num_shards": _ge(1), "index.actor_cpus": _ge(0), "index.client_cpus": _ge(0),
     "index.search_clients": _ge(1), "index.query_batch": _ge(1), "index.threads": _ge(1), "index.seed": _SEED,
-    "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1),
+    "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1), "retrieve.block_rows": _ge(1),
     "filters.min_rank": _ge(0), "filters.max_rank": _ge(1), "filters.min_score": _in(-1, 1),
     "filters.max_score": _in(-1, 1), "filters.margin_abs": _in(-2, 2), "filters.margin_rel": _in(0, 1),
     "filters.near_duplicate": _in(-1, 1), "filters.positive_quantile": _in(0, 1), "filters.target_fn_rate": _in(0, 1),
@@ -504,7 +507,7 @@ KEY_CLASSES: dict[str, str] = {
                                    "train_size", "recall_floor", "recall_sample", "auto_tune", "gpu", "seed")},
     **{f"index.{k}": FREE for k in ("add_batch", "distributed", "ray_above", "num_shards", "actor_cpus",
                                     "client_cpus", "search_clients", "query_batch", "threads")},
-    "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN,
+    "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN, "retrieve.block_rows": FREE,
     **{f"filters.{k}": EPOCH for k in ("min_rank", "max_rank", "min_score", "max_score", "margin_abs", "margin_rel",
                                        "near_duplicate", "positive_quantile", "margin_cap", "same_group", "modality",
                                        "blocklist", "other_positive", "calibrate", "target_fn_rate", "relabel")},

@@ -29,6 +29,10 @@ def _lists(lengths: np.ndarray, values: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), values)
 
 
+def _array(values) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
 def pairs(queries: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
     """(query item rows, extra positive item rows) for `filters.query_positives`; None when the input has none."""
     if COLUMN not in queries.column_names:
@@ -75,7 +79,8 @@ def add_columns(train: pa.Table, queries: pa.Table, rows: np.ndarray, item_ids: 
     _, values, lengths = _flat(sub)
     flat = pa.array(values.astype(np.int64))
     scores = sub.column(SCORES).combine_chunks().flatten()
-    new = dict(zip(OUTPUT, (item_ids.take(flat), texts.take(flat), images.take(flat), scores.cast(pa.float32()))))
+    taken = [_array(col.take(flat)) for col in (item_ids, texts, images)]  # columns may be memory-mapped, chunked
+    new = dict(zip(OUTPUT, (*taken, scores.cast(pa.float32()))))
     if OUTPUT[0] not in train.column_names:
         for name in OUTPUT:
             train = train.append_column(name, _lists(lengths, new[name]))

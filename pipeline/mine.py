@@ -9,50 +9,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import blocklist
+from .blocks import RunState, RunStore, is_legacy, item_modality, save_run, upgrade
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject, embed_roles_by_dataset
-from .filters import KEPT, REASONS, CandidateBlock, FilterContext, filter_candidates, query_positives
-from .calibrate import calibrate, data_filters, filter_by_dataset, with_extra_positives
+from .epoch import write_epoch
+from .filters import KEPT, CandidateBlock, FilterContext, query_positives
+from .calibrate import data_filters, filter_by_dataset
 from . import extra_positives, input_negatives
-from .progress import Progress
-from .read import MODALITIES, Corpus, load_corpus
+from .read import Corpus, load_corpus
 from .retrieve import retrieve
-from .sample import query_keys, sample_negatives
-from .stats import EpochStats
 from .teachers import teacher_fingerprint
-from .run import EpochFolder, RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
-from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
+from .run import RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
 
 RUN_VERSION = 1
 BINDS_EPOCH = (RUN, RETRIEVAL, EPOCH)  # what an epoch already written must match to be reused; `free` keys need not
 SIM_CHUNK = 2048
-
-
-@dataclass
-class RunState:
-    """What retrieval leaves behind for every epoch (also what OUT/_run holds on disk)."""
-
-    queries: pa.Table      # accepted queries with qry_idx, pos_idx, group_code, pos_score
-    items: pa.Table        # item_id, text, image_path, modality, embed_text
-    cand: np.ndarray       # (nq, k) int64 item rows, -1 pad
-    scores: np.ndarray     # (nq, k) float32
-    pos_sims: np.ndarray   # (nq, k) float32
-    item_groups: np.ndarray
-    n_groups: int
-    rejects: list[dict]
-    info: dict = field(default_factory=dict)
-    from_input: np.ndarray | None = None  # (nq, k) bool: the candidate is one of the input's own negatives
 
 
 @dataclass
@@ -154,15 +132,16 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
                           "--overwrite to replace it or another --epoch")
     state_dir = run_dir / rid
     reused = (state_dir / "state.json").exists()
-    if reused:
-        state = load_run(state_dir)
-    else:
-        state = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
+    if reused and is_legacy(state_dir):
+        upgrade(state_dir, cfg.retrieve.block_rows)
+    elif not reused:
+        build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
         if saved is None:  # bound only now: a run that fails before this leaves the folder free
             run.bind(identity)
     extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
              "reused_retrieval": reused}
-    stats = write_epoch(state, cfg, out, epoch, config, extra, started)
+    store = RunStore(state_dir)
+    stats = write_epoch(store, cfg, out, epoch, config, extra, started, ensure_ray(cfg, store.n_items))
     return MineResult(out, final, stats, reused)
 
 
@@ -178,7 +157,7 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     state, info = _retrieve_all(corpus, cfg, base, mix)
     info["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     state.info = info
-    save_run(state, state_dir)
+    save_run(state, state_dir, cfg.retrieve.block_rows)
     return state
 
 
@@ -287,7 +266,7 @@ def _deepen(cfg: Config, corpus: Corpus, pos_score, cand, scores, pos_sims, cand
 def filter_context(items: pa.Table, item_groups: np.ndarray, n_groups: int, queries: pa.Table, blocked: np.ndarray,
                    width: int) -> FilterContext:
     """What the filters look up, for `width` retrieved candidates per query."""
-    modality = pc.index_in(items.column("modality"), value_set=pa.array(MODALITIES)).to_numpy().astype(np.int8)
+    modality = item_modality(items)
     positives = query_positives(queries.column("qry_idx").to_numpy(), queries.column("pos_idx").to_numpy(),
                                 items.num_rows, extra_positives.pairs(queries))
     return FilterContext(item_groups, n_groups, modality, blocked, items.num_rows, width, positives)
@@ -317,183 +296,6 @@ def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, pools, embed
     order = np.argsort(-scores, axis=1, kind="stable")
     take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
     return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)
-
-
-def save_run(state: RunState, run_dir: Path) -> None:
-    """Keep retrieval results for later epochs; state.json goes last, so a half-saved state is never reused."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    pq.write_table(state.queries, run_dir / "queries.parquet")
-    pq.write_table(state.items, run_dir / "items.parquet")
-    k = state.cand.shape[1]
-    pq.write_table(pa.table({
-        "cand": pa.FixedSizeListArray.from_arrays(pa.array(state.cand.ravel().astype(np.int32)), k),
-        "scores": pa.FixedSizeListArray.from_arrays(pa.array(state.scores.ravel()), k),
-        "pos_sims": pa.FixedSizeListArray.from_arrays(pa.array(state.pos_sims.ravel()), k),
-        **({"from_input": pa.FixedSizeListArray.from_arrays(pa.array(state.from_input.ravel()), k)}
-           if state.from_input is not None else {}),
-    }), run_dir / "candidates.parquet")
-    np.save(run_dir / "item_groups.npy", state.item_groups)
-    write_jsonl(run_dir / "rejects.jsonl", state.rejects)
-    write_json(run_dir / "state.json", {"n_groups": state.n_groups, "info": state.info})
-
-
-def load_run(run_dir: Path) -> RunState:
-    meta = _read_json(run_dir / "state.json")
-    cands = pq.read_table(run_dir / "candidates.parquet")
-
-    def matrix(name, dtype):
-        col = cands.column(name).combine_chunks()
-        return col.flatten().to_numpy().astype(dtype).reshape(cands.num_rows, col.type.list_size)
-
-    with open(run_dir / "rejects.jsonl") as f:
-        rejects = [json.loads(line) for line in f if line.strip()]
-    return RunState(pq.read_table(run_dir / "queries.parquet"), pq.read_table(run_dir / "items.parquet"),
-                    matrix("cand", np.int64), matrix("scores", np.float32), matrix("pos_sims", np.float32),
-                    np.load(run_dir / "item_groups.npy"), meta["n_groups"], rejects, meta["info"],
-                    matrix("from_input", bool) if "from_input" in cands.column_names else None)
-
-
-def write_epoch(state: RunState, cfg: Config, out: Path, epoch: int, config: dict, extra: dict,
-                started: float) -> dict:
-    """Filter, sample and write one epoch from the kept retrieval results; the manifest goes in last."""
-    q, items = state.queries, state.items
-    nq = q.num_rows
-    blocklists = [out / "blocklist.jsonl"] + ([Path(cfg.filters.blocklist)] if cfg.filters.blocklist else [])
-    blocked = blocklist.read(*blocklists)
-    ctx = filter_context(items, state.item_groups, state.n_groups, q, blocked.codes(q, items), state.cand.shape[1])
-    keys = query_keys(q.column("query_id").to_pylist())
-    folder = EpochFolder(out, epoch)
-    stats = EpochStats(cfg.sample.n_negatives, state.info["rows_in"])
-    rejects = list(state.rejects)
-    input_counts = input_negatives.new_counts()
-    files, cand_files = [], []
-    item_ids, texts, images = (items.column(c).combine_chunks() for c in ("item_id", "text", "image_path"))
-    step = cfg.output.rows_per_shard
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    judge_drop, judge_info = None, None
-    every = _candidate_block(state, np.arange(nq))
-    if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
-        from .judge import judge_drops
-
-        judged = filter_by_dataset(every, datasets, data_filters(cfg.filters, every.pos_score, datasets), ctx)
-        judge_drop, judge_info = judge_drops(state, judged, cfg, out / "_run")
-        every.judge_drop = judge_drop
-    filter_cfgs, fn_report = calibrate(every, datasets, keys, ctx, cfg.filters, cfg.sample, epoch,
-                                       None if judge_drop is None else judged == KEPT,
-                                       blocked.reviewed_rows(q.column("query_id").to_pylist()))
-    del every
-    with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
-        for shard, start in enumerate(range(0, nq, step)):
-            rows = np.arange(start, min(start + step, nq))
-            block = _candidate_block(state, rows)
-            block.judge_drop = judge_drop[rows] if judge_drop is not None else None
-            verdict = filter_by_dataset(block, datasets[rows], filter_cfgs, ctx)
-            chosen = sample_negatives(verdict, block.scores, keys[rows], cfg.sample, epoch)
-            found = (chosen >= 0).sum(axis=1)
-            keep = found >= cfg.sample.min_negatives
-            if cfg.sample.on_shortfall == "reject":
-                for r in rows[~keep]:
-                    rejects.append({"kind": "query", "source": "mining", "row": None, "query_id": q.column("query_id")[r].as_py(),
-                                    "field": None, "reason": "too_few_negatives",
-                                    "detail": f"{found[r - start]} negatives passed the filters; "
-                                              f"sample.min_negatives is {cfg.sample.min_negatives}"})
-            else:
-                keep[:] = True
-            from_input = state.from_input[rows] if state.from_input is not None else None
-            train, cands = _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input)
-            if from_input is not None and from_input.any():
-                input_negatives.add_counts(input_counts, verdict, chosen, from_input, REASONS)
-            if cfg.filters.relabel:
-                train = with_extra_positives(train, verdict, block, keep, item_ids, texts, images)
-            train = extra_positives.add_columns(train, q, rows[keep], item_ids, texts, images)
-            name = f"part-{shard:05d}.parquet"
-            files.append(write_table(train, folder.tmp / name, cfg.output.compression))
-            cand_files.append(write_table(cands, folder.tmp / "_candidates" / name, cfg.output.compression))
-            stats.add(train, verdict, keep, datasets[rows])
-            bar.update(len(rows))
-    write_jsonl(folder.tmp / "_rejects.jsonl", rejects)
-    summary = stats.finish(rejects)
-    summary["retrieval"] = state.info.get("retrieval", {})
-    summary["embed"] = state.info.get("embed", {})
-    if judge_info is not None:
-        summary["judge"] = judge_info
-    if "input_neg_idx" in q.column_names:
-        summary["input_negatives"] = input_counts
-    summary["false_negatives"] = {"calibrate": cfg.filters.calibrate, "target_fn_rate": cfg.filters.target_fn_rate,
-                                  "per_dataset": fn_report}
-    summary["deepened_queries"] = sum(r.get("deepened", {}).get("queries", 0) for r in summary["retrieval"].values())
-    summary["timings"] = {"total_s": round(time.time() - started, 3), **state.info.get("timings", {})}
-    summary["blocklist"] = blocked.summary()
-    summary.update(extra)
-    write_json(folder.tmp / "_stats.json", summary)
-    write_json(folder.tmp / "_manifest.json", {
-        "epoch": epoch, "config": config, "teacher": state.info.get("embed", {}), **extra,
-        "image_root": cfg.input.image_root, "retrieval": state.info.get("retrieval", {}), "counts": {
-            k: summary[k] for k in ("queries_in", "queries_written", "queries_rejected")},
-        "files": files, "candidate_files": cand_files, "filters": list(REASONS)})
-    folder.commit()
-    return summary
-
-
-def _candidate_block(state: RunState, rows: np.ndarray) -> CandidateBlock:
-    q = state.queries
-    return CandidateBlock(state.cand[rows], state.scores[rows], state.pos_sims[rows],
-                          q.column("pos_score").to_numpy()[rows], q.column("qry_idx").to_numpy()[rows],
-                          q.column("pos_idx").to_numpy()[rows], q.column("group_code").to_numpy()[rows], rows)
-
-
-def _shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input=None):
-    """The training rows and the candidate-verdict rows of one shard."""
-    k = block.cand.shape[1]
-    picked = np.take_along_axis(block.cand, np.maximum(chosen, 0), axis=1)
-    valid = (chosen >= 0) & keep[:, None]
-    counts = valid.sum(axis=1).astype(np.int32)
-    flat_items = picked[valid]
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-
-    def lists(values):
-        return pa.ListArray.from_arrays(offsets, values)
-
-    neg_scores = np.take_along_axis(block.scores, np.maximum(chosen, 0), axis=1)[valid]
-    pos_score = block.pos_score[keep]
-    rel = neg_scores / np.repeat(np.where(pos_score == 0, 1e-12, pos_score), counts[keep])
-    base = q.take(pa.array(rows[keep]))
-    train = pa.table({
-        **{name: base.column(name) for name in ("query_id", "dataset", "qry", "qry_image_path", "pos_text",
-                                                "pos_image_path", "group", "qry_item_id", "pos_item_id")},
-        "pos_score": pa.array(pos_score, pa.float32()),
-        "neg_text": lists(texts.take(pa.array(flat_items))),
-        "neg_image_path": lists(images.take(pa.array(flat_items))),
-        "neg_item_ids": lists(item_ids.take(pa.array(flat_items))),
-        "neg_scores": lists(pa.array(neg_scores, pa.float32())),
-        "neg_ranks": lists(pa.array(chosen[valid].astype(np.int32))),
-        "neg_rel_scores": lists(pa.array(rel.astype(np.float32))),
-        "num_negatives": pa.array(counts[keep]),
-        "shortfall": pa.array((chosen.shape[1] - counts[keep]).astype(np.int32)),
-    }, schema=TRAIN_SCHEMA) if keep.any() else TRAIN_SCHEMA.empty_table()
-
-    labels = np.array(["negative", "unsampled", *REASONS], dtype=object)
-    code = verdict.astype(np.int64) + 1  # KEPT -> 1 (unsampled), reason r -> r + 1
-    sampled = np.zeros_like(verdict, dtype=bool)
-    np.put_along_axis(sampled, np.maximum(chosen, 0), chosen >= 0, axis=1)
-    code[sampled] = 0
-    present = verdict >= 0
-    per_row = present.sum(axis=1)
-    coffsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
-    ranks = np.broadcast_to(np.arange(k, dtype=np.int32), verdict.shape)
-    cands = pa.table({
-        "query_id": q.column("query_id").take(pa.array(rows)),
-        "cand_item_ids": pa.ListArray.from_arrays(coffsets, item_ids.take(pa.array(block.cand[present]))),
-        "cand_scores": pa.ListArray.from_arrays(coffsets, pa.array(block.scores[present], pa.float32())),
-        "cand_ranks": pa.ListArray.from_arrays(coffsets, pa.array(ranks[present])),
-        "cand_verdicts": pa.ListArray.from_arrays(coffsets, pa.array(labels[code[present]], pa.string())),
-        "cand_sources": pa.ListArray.from_arrays(coffsets, pa.array(np.where(
-            from_input[present], "input", "retrieved") if from_input is not None else
-            np.full(int(present.sum()), "retrieved"), pa.string())),
-    }, schema=CANDIDATE_SCHEMA)
-    return train, cands
 
 
 def _read_json(path: Path):

@@ -31,13 +31,16 @@ class EpochStats:
         self.neg_counts = np.zeros(n_negatives + 1, np.int64)
         self.pos, self.neg, self.margin = [], [], []
 
+    def _dataset(self, ds: str) -> dict:
+        return self.per_dataset.setdefault(ds, {"queries": 0, "written": 0, "negatives": 0, "shortfall_queries": 0,
+                                                "drops": dict.fromkeys(REASONS, 0)})
+
     def add(self, train: pa.Table, verdict: np.ndarray, keep: np.ndarray, datasets: np.ndarray) -> None:
         for reason, n in count_drops(verdict).items():
             self.drops[reason] += n
         for ds in np.unique(datasets):
             rows = datasets == ds
-            entry = self.per_dataset.setdefault(str(ds), {"queries": 0, "written": 0, "negatives": 0,
-                                                          "shortfall_queries": 0, "drops": dict.fromkeys(REASONS, 0)})
+            entry = self._dataset(str(ds))
             entry["queries"] += int(rows.sum())
             for reason, n in count_drops(verdict[rows]).items():
                 entry["drops"][reason] += n
@@ -57,6 +60,21 @@ class EpochStats:
             entry["written"] += int(rows.sum())
             entry["negatives"] += int(counts[rows].sum())
             entry["shortfall_queries"] += int((counts[rows] < self.n_negatives).sum())
+
+    def merge(self, other: "EpochStats") -> None:
+        """Add another block's statistics (blocks are merged in block order, so the epoch's are the same)."""
+        for reason, n in other.drops.items():
+            self.drops[reason] += n
+        for ds, part in other.per_dataset.items():
+            entry = self._dataset(ds)
+            for key in ("queries", "written", "negatives", "shortfall_queries"):
+                entry[key] += part[key]
+            for reason, n in part["drops"].items():
+                entry["drops"][reason] += n
+        self.neg_counts += other.neg_counts
+        self.pos += other.pos
+        self.neg += other.neg
+        self.margin += other.margin
 
     def finish(self, rejects: list[dict]) -> dict:
         written = int(self.neg_counts.sum())

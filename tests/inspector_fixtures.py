@@ -17,7 +17,9 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import epoch as epoch_stage
 from pipeline.config import load_config
+from pipeline.executor import map_blocks
 from pipeline.mine import mine
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -79,7 +81,10 @@ def mine_run(base: Path, cache: str, epochs: int = 2) -> Path:
             kw["row_group_size"] = ROW_GROUP_ROWS
         return real(table, where, **kw)
 
-    with mock.patch.object(pq, "write_table", small_groups):
+    def here(fn, specs, use_ray, **kw):  # the patched writer lives in this process: write the shards here too
+        return map_blocks(fn, specs, False, **kw)
+
+    with mock.patch.object(pq, "write_table", small_groups), mock.patch.object(epoch_stage, "map_blocks", here):
         for epoch in range(epochs):
             mine(cfg, out, epoch=epoch)
     return out
