@@ -31,6 +31,12 @@ Settings mapping (see docs/benchmarks.md for why each difference in the outputs 
                                             retrieve.deepen_factor=1 (no deeper retrieval)
 
     python benchmarks/vs_sentence_transformers.py --sizes 5000 50000
+
+Short texts (`--short`, issue 15 item 5): 4,000 short queries over 22,565 short candidates by default
+(benchmarks/textdata.py `short_pairs`), with FlagEmbedding's `scripts/hn_mine.py` as a third tool, run in its own
+venv (`--fe-venv`, `--fe-script`; skipped with a message when absent); cold runs rotate which tool goes first.
+
+    python benchmarks/vs_sentence_transformers.py --short --fe-venv .fe-venv --fe-script /tmp/hn_mine.py
 """
 from __future__ import annotations
 
