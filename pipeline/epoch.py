@@ -35,6 +35,7 @@ from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, writ
 
 LEVELS = (1, 2, 3)  # evidence strengths calibrate.py chooses among
 CODE_CHUNK = 1 << 20
+SOURCES = pa.array(["retrieved", "input"])  # cand_sources: from_input False / True
 
 
 @dataclass
@@ -280,9 +281,8 @@ def shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images,
         "cand_scores": pa.ListArray.from_arrays(coffsets, pa.array(block.scores[present], pa.float32())),
         "cand_ranks": pa.ListArray.from_arrays(coffsets, pa.array(ranks[present])),
         "cand_verdicts": pa.ListArray.from_arrays(coffsets, pa.array(labels[code[present]], pa.string())),
-        "cand_sources": pa.ListArray.from_arrays(coffsets, pa.array(np.where(
-            from_input[present], "input", "retrieved") if from_input is not None else
-            np.full(int(present.sum()), "retrieved"), pa.string())),
+        "cand_sources": pa.ListArray.from_arrays(coffsets, SOURCES.take(pa.array(  # via take: a numpy string array
+            (from_input[present] if from_input is not None else np.zeros(int(present.sum()), bool)).astype(np.int8)))),
     }, schema=CANDIDATE_SCHEMA)
     return train, cands
 

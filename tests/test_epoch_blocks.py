@@ -140,3 +140,29 @@ def test_a_run_kept_in_the_old_single_file_layout_is_upgraded_and_mines_the_same
     assert again.reused_retrieval and not (store / "candidates.parquet").exists()
     assert (store / PARTS / "part-00000.arrow").exists()
     assert _epoch_bytes(again.epoch_dir) == _epoch_bytes(result.epoch_dir)
+
+
+def test_a_shard_of_more_than_two_million_candidates_writes():
+    """A shard of 45,000 queries x 50 candidates (the default 50,000-row shards hit it from ~42k queries): numpy
+    string arrays of that size became a ChunkedArray in pyarrow, which the list columns refused."""
+    from pipeline.epoch import shard_tables
+    from pipeline.filters import KEPT
+
+    nq, k, n_items = 45_000, 50, 1_000
+    rng = np.random.default_rng(0)
+    text = pa.array([f"t{i}" for i in range(nq)])
+    q = pa.table({name: text for name in ("query_id", "dataset", "qry", "qry_image_path", "pos_text",
+                                          "pos_image_path", "group", "qry_item_id", "pos_item_id")})
+    cand = rng.integers(0, n_items, (nq, k))
+    block = CandidateBlock(cand, rng.random((nq, k), np.float32), rng.random((nq, k), np.float32),
+                           np.ones(nq, np.float32), np.zeros(nq, np.int64), np.zeros(nq, np.int64),
+                           np.full(nq, -1), np.arange(nq))
+    verdict = np.full((nq, k), KEPT, np.int8)
+    chosen = np.tile(np.arange(5), (nq, 1))
+    names = pa.array([f"i{i}" for i in range(n_items)])
+    for from_input in (None, np.zeros((nq, k), bool)):
+        train, cands = shard_tables(q, np.arange(nq), block, verdict, chosen, np.ones(nq, bool), names, names,
+                                    names, from_input)
+        assert train.num_rows == nq and cands.num_rows == nq
+        sources = cands.column("cand_sources").combine_chunks().flatten()
+        assert len(sources) == nq * k and set(sources.unique().to_pylist()) == {"retrieved"}

@@ -366,7 +366,7 @@ def test_reviewed_nothing_to_mark_is_one_line_that_calibration_counts(mined_run,
         assert sorted(e["query_id"] for e in lines) == sorted(r["query_id"] for r in t2i)
         assert {(e["item_id"], e["who"]) for e in lines} == {(None, "tester")}
 
-        loc = urlsplit(results[0][1]["Location"])
+        loc = urlsplit(next(r for r in results if "added=1" in r[1]["Location"])[1]["Location"])  # the click that added
         page = request(srv, "GET", loc.path + "?" + loc.query)[2]
         assert "✓ reviewed (nothing to mark) · tester" in page and 'class="block review"' not in page
         assert "reviewed, nothing to mark." in page  # the flash
