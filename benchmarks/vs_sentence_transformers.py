@@ -167,9 +167,20 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
     return out
 
 
+def measured(argv: list, work: Path, name: str, out: Path) -> dict:
+    """One tool's child process, measured (results in WORK/NAME.json, log in NAME.log), with its line printed."""
+    r = run_measured(argv, work / f"{name}.json", work / f"{name}.log")
+    r["out"] = str(out)
+    print(f"  {name:<16} process {r['process_wall_s']:8.2f}s  wall {r['wall_s']:8.2f}s  tree CPU "
+          f"{r['tree_cpu_s']:8.2f}s  peak tree RSS {r['peak_tree_rss_mb']:8.1f} MB  load "
+          f"{r['loadavg_1min_after']}", flush=True)
+    return r
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The two runs (child processes)
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def child_st(a) -> dict:
     t0 = time.perf_counter()
@@ -372,12 +383,7 @@ def bench_size(n: int, a, work: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         argv = [sys.executable, __file__, "--child", tool, *base, "--out", str(out), "--cache", str(cache),
                 "--result", str(work / f"{tag}-{n}.json")]
-        r = run_measured(argv, work / f"{tag}-{n}.json", work / f"{tag}-{n}.log")
-        r["out"] = str(out)
-        print(f"  {tag:<10} wall {r['wall_s']:8.2f}s  process {r['process_wall_s']:8.2f}s  "
-              f"tree CPU {r['tree_cpu_s']:8.2f}s  peak tree RSS {r['peak_tree_rss_mb']:8.1f} MB  "
-              f"load {r['loadavg_1min_after']}", flush=True)
-        return r
+        return measured(argv, work, f"{tag}-{n}", out)
 
     reps = []
     for rep in range(a.reps):
@@ -514,12 +520,7 @@ def bench_short(a, work: Path) -> dict:
         else:
             argv = [sys.executable, __file__, "--child", tool, *base, "--out", str(out), "--cache", str(cache),
                     "--result", str(work / f"{tag}.json")]
-        r = run_measured(argv, work / f"{tag}.json", work / f"{tag}.log")
-        r["out"] = str(out)
-        print(f"  {tag:<10} process {r['process_wall_s']:8.2f}s  wall {r['wall_s']:8.2f}s  tree CPU "
-              f"{r['tree_cpu_s']:8.2f}s  peak tree RSS {r['peak_tree_rss_mb']:8.1f} MB  load "
-              f"{r['loadavg_1min_after']}", flush=True)
-        return r
+        return measured(argv, work, tag, out)
 
     reps = []
     for rep in range(a.reps):
