@@ -683,13 +683,15 @@ def embed_or_reject(corpus, cfg: Config):
     Used when the user allows errored blocks: queries whose query or positive item failed become rejects with
     reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache.
     """
+    from .input_negatives import candidate_pools
     from .read import drop_items
 
     failed: set[str] = set()
     q = corpus.queries
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
     qry_rows = {ds: q.column("qry_idx").to_numpy()[datasets == ds] for ds in np.unique(datasets)}
-    for rows, role, label in ((corpus.pools, "candidate", "candidates"), (qry_rows, "query", "queries")):
+    for rows, role, label in ((candidate_pools(corpus.pools, q), "candidate", "candidates"),
+                              (qry_rows, "query", "queries")):
         _, stats = embed_by_dataset(corpus.items, rows, role, cfg, label, allow_failed=True)
         failed.update(stats.get("failed_item_ids", []))
     return drop_items(corpus, failed, "embed_failed",

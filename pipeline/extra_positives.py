@@ -41,15 +41,17 @@ def pairs(queries: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
     return queries.column("qry_idx").to_numpy()[parents].astype(np.int64), values.astype(np.int64)
 
 
-def without(queries: pa.Table, bad: np.ndarray) -> pa.Table:
-    """The queries with the items flagged in `bad` (item row -> bool) taken out of their extra positives."""
-    if COLUMN not in queries.column_names:
+def without(queries: pa.Table, bad: np.ndarray, column: str = COLUMN) -> pa.Table:
+    """The queries with the items flagged in `bad` (item row -> bool) taken out of a list column of item rows (the
+    extra positives, or the input negatives)."""
+    if column not in queries.column_names:
         return queries
-    parents, values, _ = _flat(queries)
+    parents, values, _ = _flat(queries, column)
     ok = ~bad[values.astype(np.int64)]
     lengths = np.bincount(parents[ok], minlength=queries.num_rows)
-    col = queries.column_names.index(COLUMN)
-    return queries.set_column(col, COLUMN, _lists(lengths, pa.array(values[ok].astype(np.int32))))
+    field = queries.schema.field(column)
+    return queries.set_column(queries.column_names.index(column), field,
+                              _lists(lengths, pa.array(values[ok]).cast(field.type.value_type)))
 
 
 def score(queries: pa.Table, qry_v, cand_v) -> pa.Table:

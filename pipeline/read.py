@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import UnidentifiedImageError
 
-from . import extra_positives
+from . import extra_positives, input_negatives
 from .config import InputConfig
 
 TEXT_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
@@ -653,7 +653,8 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
 
 
 def drop_items(corpus: Corpus, failed: set[str], reason: str, detail: str) -> Corpus:
-    """The corpus without the items in `failed`: their queries become rejects, they leave the candidate pools.
+    """The corpus without the items in `failed`: their queries become rejects, they leave the candidate pools and
+    the queries' extra positives and input negatives.
 
     Item rows are kept (row numbers stay stable); an item that is no query's query or positive and in no pool is
     simply never used."""
@@ -675,9 +676,10 @@ def drop_items(corpus: Corpus, failed: set[str], reason: str, detail: str) -> Co
     query_items = set(q.column("qry_idx").to_numpy()[sorted(used)].tolist()) | \
         set(q.column("pos_idx").to_numpy()[sorted(used)].tolist())
     pools = {ds: pool[~bad[pool]] for ds, pool in corpus.pools.items()}
-    dropped_candidates = sorted({int(i) for pool in corpus.pools.values() for i in pool[bad[pool]]} - query_items)
+    embedded = input_negatives.candidate_pools(corpus.pools, q).values()  # the pools and the input negatives
+    dropped_candidates = sorted({int(i) for pool in embedded for i in pool[bad[pool]]} - query_items)
     for i in dropped_candidates:
         rejects.append(_reject("embedding", None, None, "text", reason, f"item {ids[i]}: {detail}", kind="candidate"))
-    q = extra_positives.without(q, bad)
+    q = extra_positives.without(extra_positives.without(q, bad), bad, input_negatives.COLUMN)
     return Corpus(q.filter(pa.array(~(qry_bad | pos_bad))), corpus.items, pools, corpus.item_groups,
                   corpus.n_groups, rejects, corpus.rows_in, corpus.candidate_rows_rejected + len(dropped_candidates))

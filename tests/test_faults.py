@@ -325,3 +325,45 @@ def _scenarios(cluster, workers, work: Path, marks: dict, pairs: Path, timings: 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "cluster":
     _cluster_main(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+def test_an_input_negative_whose_embedding_failed_is_left_out_with_max_errored_blocks(tmp_path, monkeypatch):
+    """An item that is only an input negative (`neg_image_path`, in no pool) and fails to embed: with
+    run.max_errored_blocks its query is still mined, without that negative, and the item is a candidate reject."""
+    import pyarrow.parquet as pq
+
+    import pipeline.mine
+    from corpus import base_config, copy_images, demo_items, write_jsonl
+
+    from pipeline.config import config_from_dict
+    from pipeline.mine import mine
+
+    items = demo_items(25)
+    root = copy_images(tmp_path / "root", items)
+    pairs = [{"id": f"q{i}", "dataset": "t2i", "qry": it["caption"], "pos_image_path": it["image_path"]}
+             for i, it in enumerate(items[:24])]
+    pairs[6]["neg_image_path"] = items[24]["image_path"]
+    path = write_jsonl(root / "pairs.jsonl", pairs)
+    vanishing = root / items[24]["image_path"]
+    real_load = pipeline.mine.load_corpus
+
+    def load_then_lose_a_file(*args, **kwargs):
+        corpus = real_load(*args, **kwargs)
+        if vanishing.exists():
+            vanishing.rename(vanishing.with_suffix(".gone"))
+        return corpus
+
+    monkeypatch.setattr(pipeline.mine, "load_corpus", load_then_lose_a_file)
+    raw = base_config(path, str(tmp_path / "cache"),
+                      teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
+                               "image_mode": "native", "batch_size": 4},
+                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
+                      run={"executor": "local", "max_errored_blocks": 1})
+    result = mine(config_from_dict(raw), tmp_path / "out")
+    rejects = [json.loads(x) for x in (result.epoch_dir / "_rejects.jsonl").read_text().splitlines()]
+    failed = [r for r in rejects if r["reason"] == "embed_failed"]
+    assert any(r["kind"] == "candidate" for r in failed)  # the input negative (and its block's other items)
+    lost = {r["query_id"] for r in failed if r["kind"] == "query"}
+    train = pq.read_table(result.epoch_dir / "part-00000.parquet").to_pylist()
+    assert {r["query_id"] for r in train} | lost == {p["id"] for p in pairs} and len(train) + len(lost) == 24
+    assert all(items[24]["image_path"] not in r["neg_image_path"] for r in train)
