@@ -95,14 +95,35 @@ def test_ray_data_actor_pool_restarts_actors_and_retries_their_tasks():
     assert DataContext.get_current().max_errored_blocks == 0
 
 
+def lose_after_read(monkeypatch, vanishing, pairs, tmp_path, executor: str) -> dict:
+    """A config of 6 embedding blocks whose run loses `vanishing` after the reader checked and hashed it, before it
+    is embedded (as when storage loses a file mid-run)."""
+    import pipeline.mine
+    from corpus import base_config
+
+    real_load = pipeline.mine.load_corpus
+
+    def load_then_lose_a_file(*args, **kwargs):
+        corpus = real_load(*args, **kwargs)
+        if vanishing.exists():
+            vanishing.rename(vanishing.with_suffix(".gone"))
+        return corpus
+
+    monkeypatch.setattr(pipeline.mine, "load_corpus", load_then_lose_a_file)
+    return base_config(pairs, str(tmp_path / "cache"),
+                       teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
+                                "image_mode": "native", "batch_size": 4},
+                       embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
+                       run={"executor": executor})
+
+
 @pytest.mark.parametrize("executor", ["ray", "local"])
 def test_a_failing_block_stops_the_run_unless_the_user_allows_it(executor, request, tmp_path, monkeypatch):
     """An error in the embedding pass itself (here: an image that passed the reader's check is gone when the
     decode stage opens it, as when storage loses a file mid-run). By default the run stops and publishes nothing;
     with run.max_errored_blocks the failed block's items are rejected (`embed_failed`), counted in the summary,
     and everything else is mined."""
-    import pipeline.mine
-    from corpus import base_config, copy_images, demo_items, write_jsonl
+    from corpus import copy_images, demo_items, write_jsonl
 
     if executor == "ray":
         request.getfixturevalue("ray_session")
@@ -116,20 +137,8 @@ def test_a_failing_block_stops_the_run_unless_the_user_allows_it(executor, reque
              for i, it in enumerate(items)]
     path = write_jsonl(root / "pairs.jsonl", pairs)
     vanishing = root / items[5]["image_path"]
-    real_load = pipeline.mine.load_corpus
-
-    def load_then_lose_a_file(*args, **kwargs):
-        corpus = real_load(*args, **kwargs)  # every image checked and hashed here...
-        if vanishing.exists():
-            vanishing.rename(vanishing.with_suffix(".gone"))  # ...and one is gone before it is embedded
-        return corpus
-
-    monkeypatch.setattr(pipeline.mine, "load_corpus", load_then_lose_a_file)
-    raw = base_config(path, str(tmp_path / "cache"),
-                      teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
-                               "image_mode": "native", "batch_size": 4},
-                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
-                      run={"executor": executor})  # Ray Data skips errored blocks; so does the local loop
+    raw = lose_after_read(monkeypatch, vanishing, path, tmp_path, executor)  # Ray Data skips errored blocks, so
+    # does the local loop
     with pytest.raises(Exception, match="does not exist|No such file"):
         mine(config_from_dict(raw), tmp_path / "strict")
     assert not (tmp_path / "strict" / "epoch=0000").exists()  # nothing half-written is visible
@@ -332,8 +341,7 @@ def test_an_input_negative_whose_embedding_failed_is_left_out_with_max_errored_b
     run.max_errored_blocks its query is still mined, without that negative, and the item is a candidate reject."""
     import pyarrow.parquet as pq
 
-    import pipeline.mine
-    from corpus import base_config, copy_images, demo_items, write_jsonl
+    from corpus import copy_images, demo_items, write_jsonl
 
     from pipeline.config import config_from_dict
     from pipeline.mine import mine
@@ -344,21 +352,8 @@ def test_an_input_negative_whose_embedding_failed_is_left_out_with_max_errored_b
              for i, it in enumerate(items[:24])]
     pairs[6]["neg_image_path"] = items[24]["image_path"]
     path = write_jsonl(root / "pairs.jsonl", pairs)
-    vanishing = root / items[24]["image_path"]
-    real_load = pipeline.mine.load_corpus
-
-    def load_then_lose_a_file(*args, **kwargs):
-        corpus = real_load(*args, **kwargs)
-        if vanishing.exists():
-            vanishing.rename(vanishing.with_suffix(".gone"))
-        return corpus
-
-    monkeypatch.setattr(pipeline.mine, "load_corpus", load_then_lose_a_file)
-    raw = base_config(path, str(tmp_path / "cache"),
-                      teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
-                               "image_mode": "native", "batch_size": 4},
-                      embed={"num_actors": 1, "cpus_per_actor": 0.5, "num_blocks": 6}, input={"group_key": None},
-                      run={"executor": "local", "max_errored_blocks": 1})
+    raw = lose_after_read(monkeypatch, root / items[24]["image_path"], path, tmp_path, "local")
+    raw["run"]["max_errored_blocks"] = 1
     result = mine(config_from_dict(raw), tmp_path / "out")
     rejects = [json.loads(x) for x in (result.epoch_dir / "_rejects.jsonl").read_text().splitlines()]
     failed = [r for r in rejects if r["reason"] == "embed_failed"]
