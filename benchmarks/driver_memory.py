@@ -1,11 +1,14 @@
 """Driver memory, tree memory and wall time of `hardneg mine` as the corpus grows (issue 15's acceptance benchmark).
 
-Per size (default 100k, 400k, 1.6M pairs), in a child process of its own, one size after the other: random-word
-(query, positive) pairs (below), the package's model-free `HashingTeacher` (96-d vectors, so the pipeline is what is
-measured, not a model), `retrieve.top_k: 50`, `retrieve.deepen_factor: 1` (no second retrieval for queries the
-filters leave short: how many are short depends on the data, and a second pass would blur the per-stage split), an
-empty embedding cache, every other setting at its default. The
-child starts Ray (`ensure_ray`) and runs `pipeline.mine.mine` once, as `hardneg mine` would. Measured:
+Per size (default 100k, 400k, 1.6M pairs), in a child process of its own, one size after the other: topic pairs
+(`--data topics`, the default: each pair draws most of its words from one of a few thousand topic vocabularies, so
+the hashing vectors fall into clusters as real embeddings do and an IVF index searches a few lists per query), or
+the older random-word pairs (`--data words`: vectors close to uniformly random, the worst case for an IVF index: at
+100k it tuned nprobe to 256 of 512 lists and search took 175 s of 255), the package's model-free `HashingTeacher`
+(96-d vectors, so the pipeline is what is measured, not a model), `retrieve.top_k: 50`, `retrieve.deepen_factor: 1`
+(no second retrieval for queries the filters leave short: how many are short depends on the data, and a second pass
+would blur the per-stage split), an empty embedding cache, every other setting at its default. The child starts
+Ray (`ensure_ray`) and runs `pipeline.mine.mine` once, as `hardneg mine` would. Measured:
 
 * driver peak RSS: the child's own `ru_maxrss` (Ray's processes are not in it);
 * tree peak RSS and PSS: the child and all its descendants (raylet, GCS, every worker), sampled every 0.2 s by
@@ -24,6 +27,7 @@ on a shared machine).
 per-pair stage costs (docs/scale.md, "100M pairs on N nodes"): a model, not a measurement.
 
     python benchmarks/driver_memory.py --sizes 100000 400000 1600000
+    python benchmarks/driver_memory.py --sizes 100000 --data words   # the random-word pairs (worst case for IVF)
     python benchmarks/driver_memory.py --simulate            # from benchmarks/results/driver_memory.json
 """
 from __future__ import annotations
@@ -78,6 +82,38 @@ def random_word_pairs(n: int, seed: int = 0, vocab: int = 30_000) -> list[dict]:
     return rows
 
 
+def topic_pairs(n: int, seed: int = 0, topics: int | None = None, topic_words: int = 15,
+                vocab: int = 30_000) -> list[dict]:
+    """`n` pairs that cluster like real data: `topics` (default n // 500, 20 to 4,000) topics, each a vocabulary of
+    `topic_words` words drawn from a made-up `vocab`; a pair picks one topic (Zipf-like topic sizes), its query
+    draws 5-10 words, 80% from the topic, and its positive repeats half of them among 8-20 more words of the
+    topic. Same-topic pairs share words (the hard negatives), other topics rarely. Deterministic for the args."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    topics = topics or int(min(4000, max(20, n // 500)))
+    syll = np.array([c + v for c in "bdfgklmnprstvz" for v in "aeiou"])
+    words = np.array(["".join(rng.choice(syll, size=int(m))) for m in rng.integers(2, 5, size=vocab)])
+    lexicon = rng.integers(0, vocab, size=(topics, topic_words))
+    p = 1.0 / (np.arange(topics) + 5.0)
+    topic = rng.choice(topics, size=n, p=p / p.sum())
+    qlen, plen = rng.integers(5, 11, size=n), rng.integers(8, 21, size=n)
+    inner = lexicon[topic[:, None], rng.integers(0, topic_words, size=(n, 30))]
+    noise = rng.integers(0, vocab, size=(n, 30))
+    draws = np.where(rng.random((n, 30)) < 0.8, inner, noise)
+    rows = []
+    for i in range(n):
+        q = words[draws[i, :qlen[i]]]
+        pos = np.concatenate([q[: (qlen[i] + 1) // 2], words[lexicon[topic[i], rng.integers(0, topic_words,
+                                                                                         size=plen[i])]]])
+        rows.append({"id": f"r{i}", "dataset": "topics", "qry": f"{i} " + " ".join(q),
+                     "pos_text": " ".join(rng.permutation(pos))})
+    return rows
+
+
+DATA = {"topics": topic_pairs, "words": random_word_pairs}
+
+
 def mine_config(pairs: Path, cache: Path) -> dict:
     return {"input": {"pairs": [str(pairs)]},
             "teacher": {"kind": "custom", "cls": TEACHER, "batch_size": 256},
@@ -125,11 +161,11 @@ def child(a) -> dict:
             "embed": stats.get("embed")}
 
 
-def run_size(n: int, work: Path, seed: int = 0) -> dict:
+def run_size(n: int, work: Path, seed: int = 0, data: str = "topics") -> dict:
     """Pairs (made once, outside the measurement), then one measured child process; cache and output are fresh."""
-    pairs = work / f"pairs-{n}.parquet"
+    pairs = work / f"pairs-{data}-{n}.parquet"
     if not pairs.exists():
-        write_pairs(random_word_pairs(n, seed), pairs.with_suffix(".tmp.parquet")).replace(pairs)
+        write_pairs(DATA[data](n, seed), pairs.with_suffix(".tmp.parquet")).replace(pairs)
     cache, out = work / f"cache-{n}", work / f"out-{n}"
     for d in (cache, out):
         shutil.rmtree(d, ignore_errors=True)
@@ -341,6 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "driver_memory.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "img" / "driver_memory.png"))
     p.add_argument("--simulate", action="store_true", help="print the N-node projection from --out and stop")
+    p.add_argument("--data", choices=sorted(DATA), default="topics",
+                   help="topics: clustered pairs (default); words: random-word pairs, the worst case for IVF")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--n", "--pairs", "--cache", "--result"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -364,11 +402,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     for n in a.sizes:
         print(f"== {n:,} pairs", flush=True)
-        r = run_size(n, work)
+        r = run_size(n, work, data=a.data)
         print(f"   driver peak {r['driver_peak_rss_mb']:,.0f} MB, tree peak {r['peak_tree_rss_mb']:,.0f} MB, "
               f"mine {r['stages']['mine_s']:.1f} s, process {r['process_wall_s']:.1f} s", flush=True)
         res = json.loads(out.read_text()) if out.exists() else {}  # read again: another size may have finished
-        r["command"] = "python benchmarks/driver_memory.py --sizes " + " ".join(map(str, a.sizes))
+        r["command"] = "python benchmarks/driver_memory.py --sizes " + " ".join(map(str, a.sizes)) + \
+            ("" if a.data == "topics" else f" --data {a.data}")
+        r["data"] = a.data
         r["loadavg"] = os.getloadavg()
         res.setdefault("runs", {})[str(n)] = r
         res["machine"] = machine()

@@ -39,7 +39,7 @@ def _lists(counts: np.ndarray, values: pa.Array) -> pa.ListArray:
 
 
 def write_run(out: Path, rows: int, seed: int = 0) -> None:
-    """A run folder with `rows` training rows, their `_candidates`, `_run/<retrieval id>/items.parquet`, manifest
+    """A run folder with `rows` training rows, their `_candidates`, `_run/<retrieval id>/items.arrow`, manifest
     and stats."""
     from pipeline.write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_table
 
@@ -50,9 +50,11 @@ def write_run(out: Path, rows: int, seed: int = 0) -> None:
     ids = pa.array([f"{h:032x}" for h in rng.integers(0, 2**62, n_items, dtype=np.int64)])
     run = out / "_run" / RETRIEVAL_ID
     run.mkdir(parents=True)
-    write_table(pa.table({"item_id": ids, "text": caps.take(pa.array(np.arange(n_items) % 5000)),
-                          "image_path": paths.take(pa.array(np.arange(n_items) % 5000)),
-                          "modality": pa.array(["image_text"] * n_items)}), run / "items.parquet", "zstd")
+    items = pa.table({"item_id": ids, "text": caps.take(pa.array(np.arange(n_items) % 5000)),
+                      "image_path": paths.take(pa.array(np.arange(n_items) % 5000)),
+                      "modality": pa.array(["image_text"] * n_items)})
+    with pa.OSFile(str(run / "items.arrow"), "wb") as sink, pa.ipc.new_file(sink, items.schema) as writer:
+        writer.write_table(items, max_chunksize=65536)
     epoch = out / "epoch=0000"
     (epoch / "_candidates").mkdir(parents=True)
     files, drops = [], {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,17 +53,25 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_reference.json"))
     parser.add_argument("--alphas", type=float, nargs="*", default=[],
                         help="extra '+ mined + EGA' arms with these alphas (an ablation in the same run)")
+    parser.add_argument("--arms", action="append", default=None,
+                        help="run only this arm, by name (repeatable; default: all), e.g. --arms '+ mined hard "
+                             "negatives' to compare mining filters quickly")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="mining config override KEY=VALUE (repeatable), e.g. --set filters.margin_rel=0.1")
     args = parser.parse_args(argv)
+    arms = ARMS + tuple(Arm(f"+ mined hard negatives + EGA, alpha={a:g}", "mined", alpha=a) for a in args.alphas)
+    if args.arms is not None:
+        unknown = sorted(set(args.arms) - {a.name for a in arms})
+        if unknown:
+            parser.error(f"--arms: unknown {unknown}; the arms are {[a.name for a in arms]}")
+        arms = tuple(a for a in arms if a.name in args.arms)
     torch.set_num_threads(1)  # the student's matrices are small: one thread is as fast, and kind to a shared machine
     pairs = mixed_pairs(args.pairs)
     rcfg = ReferenceConfig(steps=args.steps, seeds=tuple(args.seeds), mine_overrides=tuple(args.overrides))
-    arms = ARMS + tuple(Arm(f"+ mined hard negatives + EGA, alpha={a:g}", "mined", alpha=a) for a in args.alphas)
     results = run_reference(pairs, args.work, rcfg, arms=arms, log=lambda m: print(m, file=sys.stderr, flush=True))
     results["data"] = {"source": "docstrings", **describe(pairs, PACKAGES)}
     given = argv if argv is not None else sys.argv[1:]
-    results["command"] = " ".join(["python -m benchmarks.train_reference", *given])
+    results["command"] = shlex.join(["python", "-m", "benchmarks.train_reference", *given])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(format_table(results))

@@ -292,8 +292,9 @@ def hardneg_negatives(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
 
     epoch = out / "epoch=0000"
     train = pq.read_table(epoch, columns=["query_id", "qry", "neg_text", "neg_scores", "pos_score"]).to_pylist()
-    items_file = next((out / "_run").glob("*/items.parquet"), out / "_run" / "items.parquet")
-    items = pq.read_table(items_file, columns=["item_id", "text"]).to_pydict()
+    from pipeline.blocks import read_items
+
+    items = read_items(next((out / "_run").glob("*/state.json")).parent, ["item_id", "text"]).to_pydict()
     text_of = dict(zip(items["item_id"], items["text"]))
     qry_of = {r["query_id"]: r["qry"] for r in train}
     negs = {r["qry"]: {"negs": r["neg_text"], "scores": r["neg_scores"], "pos_score": r["pos_score"]} for r in train}

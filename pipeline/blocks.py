@@ -5,7 +5,8 @@
   Parquet would be smaller on disk, but decoding its nested lists took ~10x the data in reader memory (a 24 MB part
   of 50k x 50 candidates: 0.5 GB).
 - `queries.arrow`, `items.arrow`: Arrow IPC files, uncompressed, read memory-mapped: a block task slices its queries
-  and `take`s the items it writes without loading either table. `items.parquet` stays for the inspector and exports.
+  and `take`s the items it writes without loading either table; the inspector, exports and reports read the item
+  table there too (`read_items`; a run kept by an older version may hold only `items.parquet`, read in its place).
 - `item_groups.npy`, `modality.npy`, `positives.npy`: the sorted codes and per-item arrays the filters look up,
   memory-mapped by every task.
 - `state.json` goes last, so a half-saved state is never reused. A run kept before this layout (one
@@ -61,28 +62,44 @@ def save_run(state: RunState, run_dir: Path, block_rows: int) -> None:
 
 
 def _write(state: RunState, run_dir: Path, block_rows: int) -> None:
-    (run_dir / PARTS).mkdir(parents=True)
     q, items = state.queries, state.items
     nq, k = state.cand.shape
+    write_items(run_dir, q, items, state.item_groups, block_rows)
     _write_ipc(q, run_dir / "queries.arrow", block_rows)
-    _write_ipc(items, run_dir / "items.arrow", block_rows)
-    pq.write_table(items, run_dir / "items.parquet")
     blocks = []
     for i, start in enumerate(range(0, nq, block_rows)):
         end = min(start + block_rows, nq)
         rows = slice(start, end)
-        _write_ipc(_candidate_table(state.cand[rows], state.scores[rows], state.pos_sims[rows],
-                                    None if state.from_input is None else state.from_input[rows], k),
-                   run_dir / PARTS / f"part-{i:05d}.arrow", block_rows)
+        write_part(run_dir, i, state.cand[rows], state.scores[rows], state.pos_sims[rows],
+                   None if state.from_input is None else state.from_input[rows])
         blocks.append([start, end])
-    np.save(run_dir / "item_groups.npy", state.item_groups)
+    write_state(run_dir, state.rejects, state.n_groups, state.info, nq, items.num_rows, k, blocks,
+                state.from_input is not None)
+
+
+def write_items(run_dir: Path, q: pa.Table, items: pa.Table, item_groups: np.ndarray, block_rows: int) -> None:
+    """What a retrieval's files hold before any search: the items and the arrays the filters look up."""
+    (run_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    _write_ipc(items, run_dir / "items.arrow", block_rows)
+    np.save(run_dir / "item_groups.npy", item_groups)
     np.save(run_dir / "modality.npy", item_modality(items))
     np.save(run_dir / "positives.npy", query_positives(q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy(),
                                                        items.num_rows, extra_positives.pairs(q)))
-    write_jsonl(run_dir / "rejects.jsonl", state.rejects)
-    write_json(run_dir / "state.json", {"n_groups": state.n_groups, "info": state.info, "layout": LAYOUT,
-                                        "queries": nq, "items": items.num_rows, "k": k, "blocks": blocks,
-                                        "from_input": state.from_input is not None})
+
+
+def write_part(run_dir: Path, i: int, cand, scores, pos_sims, from_input) -> None:
+    """Candidates part `i`: one query block's (rows x k) candidates, scores and positive similarities."""
+    _write_ipc(_candidate_table(cand, scores, pos_sims, from_input, cand.shape[1]),
+               run_dir / PARTS / f"part-{i:05d}.arrow", max(len(cand), 1))
+
+
+def write_state(run_dir: Path, rejects: list, n_groups: int, info: dict, nq: int, n_items: int, k: int,
+                blocks: list, from_input: bool) -> None:
+    """The rejects and state.json, last: a retrieval is reused only once this is written."""
+    write_jsonl(run_dir / "rejects.jsonl", rejects)
+    write_json(run_dir / "state.json", {"n_groups": n_groups, "info": info, "layout": LAYOUT,
+                                        "queries": nq, "items": n_items, "k": k, "blocks": blocks,
+                                        "from_input": from_input})
 
 
 def _write_ipc(table: pa.Table, path: Path, batch_rows: int) -> None:
@@ -123,8 +140,27 @@ def upgrade(run_dir: Path, block_rows: int) -> None:
                      _matrix(cands, "from_input", bool) if "from_input" in cands.column_names else None)
     (run_dir / "state.json").unlink()  # stopped half-way, the retrieval is not reused but run again
     _write(state, run_dir, block_rows)  # the judge's score cache (judge/) stays
-    for name in ("candidates.parquet", "queries.parquet"):
+    for name in ("candidates.parquet", "queries.parquet", "items.parquet"):
         (run_dir / name).unlink()
+
+
+def run_context(run_dir: Path, n_groups: int, n_items: int, blocked: np.ndarray, width: int) -> FilterContext:
+    """The filters' look-ups of a retrieval (`write_items`), memory-mapped, for `width` candidates per query."""
+    run_dir = Path(run_dir)
+    return FilterContext(_mmap(run_dir / "item_groups.npy"), n_groups, _mmap(run_dir / "modality.npy"), blocked,
+                         n_items, width, _mmap(run_dir / "positives.npy"))
+
+
+def read_items(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """The item table of a kept retrieval, memory-mapped (`items.arrow`); a run written before that file replaced
+    `items.parquet` is read from the Parquet file. FileNotFoundError when the folder holds neither."""
+    run_dir = Path(run_dir)
+    if (run_dir / "items.arrow").is_file():
+        table = open_ipc(run_dir / "items.arrow")
+        return table if columns is None else table.select(columns)
+    if (run_dir / "items.parquet").is_file():
+        return pq.read_table(run_dir / "items.parquet", columns=columns)
+    raise FileNotFoundError(f"{run_dir} holds no item table (items.arrow)")
 
 
 def _mmap(path: Path) -> np.ndarray:
@@ -162,9 +198,7 @@ class RunStore:
 
     def context(self, blocked: np.ndarray, width: int | None = None) -> FilterContext:
         """What the filters look up, memory-mapped (`blocked`: this epoch's blocklist codes)."""
-        return FilterContext(_mmap(self.dir / "item_groups.npy"), self.n_groups, _mmap(self.dir / "modality.npy"),
-                             blocked, self.n_items, self.k if width is None else width,
-                             _mmap(self.dir / "positives.npy"))
+        return run_context(self.dir, self.n_groups, self.n_items, blocked, self.k if width is None else width)
 
     def candidates(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """cand, scores, pos_sims and from_input of query rows [start, end), from the parts that hold them."""
@@ -184,7 +218,7 @@ class RunStore:
                 _matrix(table, "from_input", bool) if "from_input" in table.column_names else None)
 
     def state(self) -> RunState:
-        """Everything in memory (the judge reads the whole epoch)."""
+        """Everything in memory (tests compare against it)."""
         cand, scores, pos_sims, from_input = self.candidates(0, self.nq)
         return RunState(self.queries(), self.items(), cand, scores, pos_sims, np.load(self.dir / "item_groups.npy"),
                         self.n_groups, self.rejects(), self.info, from_input)

@@ -279,8 +279,9 @@ class RetrieveConfig:
     """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
     candidates, up to deepen_factor * top_k (1: never; only without filters.max_rank)."""
     block_rows: int = 50_000
-    """Queries per block of kept retrieval results (`_run/<id>/candidates/part-NNNNN.arrow`); an epoch is written
-    by one task per output shard, each reading only the blocks its rows are in. Changes no output."""
+    """Queries per block of retrieval: one search task per block (and dataset) writes the block's kept results
+    (`_run/<id>/candidates/part-NNNNN.arrow`); an epoch is written by one task per output shard, each reading only
+    the blocks its rows are in. Changes no output."""
 
 
 @dataclass

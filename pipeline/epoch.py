@@ -7,11 +7,16 @@ Pass 2 (`write_block`) filters with the chosen per-dataset configs, samples and 
 `_candidates` shard, and returns the shard's statistics and rejects; the driver merges them in block order. A block
 reads its candidates, queries and items from `OUT/_run/<retrieval id>/` (pipeline/blocks.py), so the driver holds
 metadata only, and the bytes written do not depend on how many blocks or workers there are.
-With a judge the epoch is still scored whole in the driver (pipeline/judge.py reads every kept candidate at once).
+With a judge, three passes come first (`judge_epoch`): each block writes the pair codes it needs judged, range tasks
+over query items merge them (a repeated query counts once) and plan the pairs the run's judge cache lacks, a Ray Data
+stage scores those into the cache; then both passes above look their candidates' judge scores up in a sorted index
+of the cache (memory-mapped), so the judge's drops and evidence are computed per block too.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +25,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import blocklist, extra_positives, input_negatives
+from . import blocklist, extra_positives, input_negatives, judge
 from .blocks import RunStore
-from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, data_filters, evidence_labels, filter_by_dataset, \
+from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, evidence_labels, filter_by_dataset, resolve, \
     with_extra_positives
 from .config import Config, FilterConfig, SampleConfig
-from .executor import map_blocks
+from .executor import map_blocks, run_task
 from .filters import KEPT, REASONS, CandidateBlock, FilterContext
 from .progress import Progress
 from .run import EpochFolder
@@ -54,8 +59,8 @@ class BlockSpec:
     compression: str = "zstd"
     relabel: bool = False
     on_shortfall: str = "keep"
-    judge_drop: np.ndarray | None = None      # (rows, k) bool, only with a judge
-    blocklist_ids: tuple = ()                 # pass 1: (query_ids, item rows) of the blocklist entries, reviewed ids
+    judge: judge.JudgePlan | None = None      # only with a judge
+    blocklist_ids: tuple = ()                 # (query_ids, item rows) of the blocklist entries, reviewed ids
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Evidence:
     found: dict = field(default_factory=dict)  # {dataset: {kind: true-match pairs}}
     blocked: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     reviewed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    seen: np.ndarray | None = None             # (rows, k) bool: what the judge saw (with a judge)
+    judged: dict = field(default_factory=dict)  # the judge's counts over all of the block's rows
 
 
 @dataclass
@@ -92,11 +99,8 @@ def _read_block(store: RunStore, spec: BlockSpec) -> tuple[pa.Table, CandidateBl
     return q, block, from_input
 
 
-def block_evidence(spec: BlockSpec) -> Evidence:
-    """Pass 1: this block's blocklist codes and calibration evidence (a key-ordered subset per dataset)."""
-    store = RunStore(spec.run_dir)
-    q, block, _ = _read_block(store, spec)
-    query_ids = q.column("query_id")
+def _blocked(spec: BlockSpec, store: RunStore, query_ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """This block's blocklist codes (query_row * n_items + item_row) and the rows a person reviewed."""
     blocked, reviewed = np.zeros(0, np.int64), np.zeros(0, np.int64)
     if spec.blocklist_ids:
         entry_queries, entry_items, reviewed_ids = spec.blocklist_ids
@@ -106,15 +110,44 @@ def block_evidence(spec: BlockSpec) -> Evidence:
                             + np.asarray(entry_items, np.int64)[ok])
         reviewed = np.flatnonzero(pc.is_in(query_ids, value_set=pa.array(list(reviewed_ids), pa.string()))
                                   .to_numpy(zero_copy_only=False)) + spec.start
+    return blocked, reviewed
+
+
+def _judged(block: CandidateBlock, datasets: np.ndarray, ctx: FilterContext, store: RunStore,
+            plan: judge.JudgePlan) -> tuple[np.ndarray, dict]:
+    """Set the judge's drops on `block`; what it saw (every other filter kept) and its counts."""
+    verdict = filter_by_dataset(block, datasets, plan.filters, ctx)
+    block.judge_drop, counts = judge.block_drops(block, verdict, store.n_items, plan)
+    return verdict == KEPT, counts
+
+
+def judge_wanted(spec: BlockSpec) -> int:
+    """Judge pass: write the sorted pair codes this block needs judge scores for; returns how many."""
+    store = RunStore(spec.run_dir)
+    q, block, _ = _read_block(store, spec)
+    ctx = store.context(_blocked(spec, store, q.column("query_id"))[0])
+    verdict = filter_by_dataset(block, q.column("dataset").to_numpy(zero_copy_only=False), spec.judge.filters, ctx)
+    codes = judge.wanted_codes(block, verdict, store.n_items, spec.judge.rule)
+    np.save(Path(spec.judge.work) / f"wanted-{spec.shard:05d}.npy", codes)
+    return len(codes)
+
+
+def block_evidence(spec: BlockSpec) -> Evidence:
+    """Pass 1: this block's blocklist codes and calibration evidence (a key-ordered subset per dataset)."""
+    store = RunStore(spec.run_dir)
+    q, block, _ = _read_block(store, spec)
+    query_ids = q.column("query_id")
+    blocked, reviewed = _blocked(spec, store, query_ids)
     ctx = store.context(blocked)
-    _, found, strength = evidence_labels(block, ctx, None, reviewed)
-    keys = query_keys(query_ids.to_pylist())
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    seen, judged = (None, {}) if spec.judge is None else _judged(block, datasets, ctx, store, spec.judge)
+    _, found, strength = evidence_labels(block, ctx, seen, reviewed)
+    keys = query_keys(query_ids.to_pylist())
     counts = {}
     for ds in np.unique(datasets):
         rows = datasets == ds
         counts[str(ds)] = {kind: int(found[kind][rows].sum()) for kind in EVIDENCE_KINDS if kind in found}
-    ev = Evidence(block.query_row, keys, datasets, strength, block, counts, blocked, reviewed)
+    ev = Evidence(block.query_row, keys, datasets, strength, block, counts, blocked, reviewed, seen, judged)
     return _cut(ev, _selected(ev))
 
 
@@ -137,7 +170,7 @@ def _cut(ev: Evidence, keep: np.ndarray) -> Evidence:
     fields = (getattr(ev.block, f.name) for f in dataclasses.fields(CandidateBlock))
     return Evidence(ev.rows[keep], ev.keys[keep], ev.datasets[keep], ev.strength[keep],
                     CandidateBlock(*(None if v is None else v[keep] for v in fields)), ev.found, ev.blocked,
-                    ev.reviewed)
+                    ev.reviewed, None if ev.seen is None else ev.seen[keep], ev.judged)
 
 
 def _merge_evidence(a: Evidence | None, b: Evidence) -> Evidence:
@@ -152,7 +185,9 @@ def _merge_evidence(a: Evidence | None, b: Evidence) -> Evidence:
             found.setdefault(ds, {})[kind] = found.get(ds, {}).get(kind, 0) + n
     merged = Evidence(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
                       np.concatenate([a.datasets, b.datasets]), np.concatenate([a.strength, b.strength]), block, found,
-                      np.concatenate([a.blocked, b.blocked]), np.concatenate([a.reviewed, b.reviewed]))
+                      np.concatenate([a.blocked, b.blocked]), np.concatenate([a.reviewed, b.reviewed]),
+                      None if a.seen is None else np.concatenate([a.seen, b.seen]),
+                      {k: a.judged.get(k, 0) + n for k, n in b.judged.items()})
     return _cut(merged, _selected(merged))
 
 
@@ -165,6 +200,15 @@ def _subset_codes(codes: np.ndarray, wanted: np.ndarray, divisor: int) -> np.nda
         chunk = np.asarray(codes[start:start + CODE_CHUNK])
         parts.append(chunk[np.isin(chunk // divisor, wanted)])
     return np.unique(np.concatenate(parts)).astype(np.int64)
+
+
+def dataset_pos_scores(store: RunStore) -> dict[str, np.ndarray]:
+    """{dataset: every query-positive score} (the positive_quantile cap is a quantile of them): 4 bytes a query,
+    read from the memory-mapped queries without a Python object per row."""
+    q = store.queries()
+    datasets, pos_score = q.column("dataset"), q.column("pos_score")
+    return {str(ds): pc.filter(pos_score, pc.equal(datasets, ds)).to_numpy()
+            for ds in pc.unique(datasets).to_pylist()}
 
 
 def calibrate_blocks(store: RunStore, ev: Evidence, blocked: np.ndarray, reviewed: np.ndarray, cfg: Config,
@@ -180,11 +224,8 @@ def calibrate_blocks(store: RunStore, ev: Evidence, blocked: np.ndarray, reviewe
                         full.top_k, _subset_codes(full.positives, ev.block.qry_idx, n_items))
     order = np.argsort(ev.rows, kind="stable")
     ev = _cut(ev, order)
-    q = store.queries()  # memory-mapped: the cap is a quantile of every query-positive score of a dataset
-    datasets, pos_score = q.column("dataset").to_numpy(zero_copy_only=False), q.column("pos_score").to_numpy()
-    pos_scores = {str(ds): pos_score[datasets == ds] for ds in np.unique(ev.datasets)}
-    configs, report = calibrate(ev.block, ev.datasets, ev.keys, ctx, cfg.filters, cfg.sample, epoch, None, reviewed,
-                                pos_scores)
+    configs, report = calibrate(ev.block, ev.datasets, ev.keys, ctx, cfg.filters, cfg.sample, epoch, ev.seen,
+                                reviewed, dataset_pos_scores(store))
     for ds, entry in report.items():
         if entry.get("evidence") is not None:
             exact = {k: n for k, n in ev.found.get(ds, {}).items() if n}
@@ -197,9 +238,10 @@ def write_block(spec: BlockSpec) -> BlockResult:
     store = RunStore(spec.run_dir)
     q, block, from_input = _read_block(store, spec)
     items = store.items()
-    block.judge_drop = spec.judge_drop
     ctx = store.context(spec.blocked)
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    if spec.judge is not None:
+        _judged(block, datasets, ctx, store, spec.judge)
     keys = query_keys(q.column("query_id").to_pylist())
     cfg = spec.sample
     verdict = filter_by_dataset(block, datasets, spec.filters, ctx)
@@ -309,6 +351,41 @@ def _item_rows(store: RunStore, item_ids: list[str]) -> np.ndarray:
     return np.array([found.get(i, -1) for i in item_ids], np.int64)
 
 
+def judge_epoch(store: RunStore, cfg: Config, run_root: Path, work: Path, ranges: list, base: dict, ids: tuple,
+                use_ray: bool) -> tuple[judge.JudgePlan, dict]:
+    """Score the pairs this epoch's blocks need and the run's judge cache lacks; the plan the block passes judge
+    with, and the judge's report (its drop counts come with the evidence pass)."""
+    j = cfg.judge
+    fp = judge.judge_fingerprint(j, cfg.teacher.image_placeholder)
+    cache = judge.JudgeCache(run_root / "judge" / fp)
+    rule = judge.resolved_rule(j)
+    filters = {ds: resolve(cfg.filters, ps) for ds, ps in dataset_pos_scores(store).items()}
+    plan = judge.JudgePlan(filters, str(work), str(work / "known-0"), j, rule, judge.judge_class(j).probabilistic)
+    specs = (BlockSpec(start=start, end=end, shard=shard, blocked=np.zeros(0, np.int64), blocklist_ids=ids,
+                       judge=plan, **base) for shard, start, end in ranges)
+    for _ in map_blocks(judge_wanted, specs, use_ray):
+        pass
+    items_path = str(store.dir / "items.arrow")
+    run_task(judge.save_known, (str(cache.dir), items_path, plan.known), use_ray)
+    step = -(-store.n_items // len(ranges))
+    images = judge.takes_images(cfg)
+    specs = (judge.RangeSpec(str(work), plan.known, items_path, store.n_items, lo, min(lo + step, store.n_items), i,
+                             j.batch_size, images) for i, lo in enumerate(range(0, store.n_items, step)))
+    planned = list(map_blocks(judge.plan_range, specs, use_ray))
+    pairs, missing = sum(p["pairs"] for p in planned), sum(p["missing"] for p in planned)
+    info = {"kind": j.kind, "model": j.model or j.cls, "fingerprint": fp, "rule": rule, "pairs": pairs,
+            "reused": pairs - missing, "scored": missing}
+    if missing:
+        from .mine import ensure_ray
+
+        ensure_ray(cfg)
+        info["actors"] = judge.score_plans([(p["path"], p["rows"]) for p in planned if p["path"]],
+                                           any(p["images"] for p in planned), cfg, cache)
+        plan = dataclasses.replace(plan, known=str(work / "known-1"))
+        run_task(judge.save_known, (str(cache.dir), items_path, plan.known), use_ray)
+    return plan, info
+
+
 def write_epoch(store: RunStore, cfg: Config, out: Path, epoch: int, config: dict, extra: dict, started: float,
                 use_ray: bool) -> dict:
     """Filter, sample and write one epoch from the kept retrieval results, block by block; the manifest goes in
@@ -326,51 +403,41 @@ def write_epoch(store: RunStore, cfg: Config, out: Path, epoch: int, config: dic
                 compression=cfg.output.compression, relabel=cfg.filters.relabel,
                 on_shortfall=cfg.sample.on_shortfall)
     ranges = [(shard, start, min(start + step, nq)) for shard, start in enumerate(range(0, nq, step))]
-    judge_drop, judge_info = None, None
-    if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
-        from .judge import judge_drops
-
-        state = store.state()
-        q = state.queries
-        blocked = blocked_list.codes(q, state.items)
-        ctx = store.context(blocked)
-        every = CandidateBlock(state.cand, state.scores, state.pos_sims, q.column("pos_score").to_numpy(),
-                               q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy(),
-                               q.column("group_code").to_numpy(), np.arange(nq))
-        datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-        judged = filter_by_dataset(every, datasets, data_filters(cfg.filters, every.pos_score, datasets), ctx)
-        judge_drop, judge_info = judge_drops(state, judged, cfg, out / "_run")
-        every.judge_drop = judge_drop
-        filter_cfgs, fn_report = calibrate(every, datasets,
-                                           query_keys(q.column("query_id").to_pylist()), ctx, cfg.filters,
-                                           cfg.sample, epoch, judged == KEPT,
-                                           blocked_list.reviewed_rows(q.column("query_id").to_pylist()))
-        del state, every, judged
-    else:
-        entries = blocked_list.entries
-        ids = ((tuple(e["query_id"] for e in entries), _item_rows(store, [e["item_id"] for e in entries]),
-                tuple(sorted(blocked_list.reviewed))) if entries or blocked_list.reviewed else ())
+    entries = blocked_list.entries
+    ids = ((tuple(e["query_id"] for e in entries), _item_rows(store, [e["item_id"] for e in entries]),
+            tuple(sorted(blocked_list.reviewed))) if entries or blocked_list.reviewed else ())
+    judge_plan, judge_info, work = None, None, None
+    try:
+        for left in (out / "_run").glob(".judge-*"):  # a killed run's scratch; the caller holds OUT's writer lock
+            shutil.rmtree(left, ignore_errors=True)
+        if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
+            work = Path(tempfile.mkdtemp(prefix=".judge-", dir=out / "_run"))
+            judge_plan, judge_info = judge_epoch(store, cfg, out / "_run", work, ranges, base, ids, use_ray)
         ev = None
         specs = (BlockSpec(start=start, end=end, shard=shard, blocked=np.zeros(0, np.int64), filters=cfg.filters,
-                           blocklist_ids=ids, **base) for shard, start, end in ranges)
+                           blocklist_ids=ids, judge=judge_plan, **base) for shard, start, end in ranges)
         for part in map_blocks(block_evidence, specs, use_ray):
             ev = _merge_evidence(ev, part)
         blocked = np.unique(ev.blocked) if ev is not None else np.zeros(0, np.int64)
         reviewed = np.unique(ev.reviewed) if ev is not None else np.zeros(0, np.int64)
         filter_cfgs, fn_report = calibrate_blocks(store, ev, blocked, reviewed, cfg, epoch) if ev is not None \
             else ({}, {})
+        if judge_info is not None:
+            judge_info.update(ev.judged)
         del ev
-    specs = (BlockSpec(start=start, end=end, shard=shard, blocked=blocked, filters=filter_cfgs,
-                       judge_drop=None if judge_drop is None else judge_drop[start:end], **base)
-             for shard, start, end in ranges)
-    with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
-        for result in map_blocks(write_block, specs, use_ray):
-            files.append(result.file)
-            cand_files.append(result.cand_file)
-            stats.merge(result.stats)
-            rejects += result.rejects
-            _merge_counts(input_counts, result.input_counts)
-            bar.update(result.rows)
+        specs = (BlockSpec(start=start, end=end, shard=shard, blocked=blocked, filters=filter_cfgs,
+                           judge=judge_plan, **base) for shard, start, end in ranges)
+        with Progress(f"write epoch {epoch}", total=nq, unit="queries", enabled=cfg.run.progress) as bar:
+            for result in map_blocks(write_block, specs, use_ray):
+                files.append(result.file)
+                cand_files.append(result.cand_file)
+                stats.merge(result.stats)
+                rejects += result.rejects
+                _merge_counts(input_counts, result.input_counts)
+                bar.update(result.rows)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     write_jsonl(folder.tmp / "_rejects.jsonl", rejects)
     summary = stats.finish(rejects)
     summary["retrieval"] = store.info.get("retrieval", {})

@@ -33,3 +33,12 @@ def map_blocks(fn: Callable[[S], R], specs: Iterable[S], use_ray: bool, max_in_f
             yield ray.get(pending.popleft())
     while pending:
         yield ray.get(pending.popleft())
+
+
+def run_task(fn: Callable[[S], R], spec: S, use_ray: bool, num_cpus: float = TASK_CPUS) -> R:
+    """fn(spec) in one Ray task when `use_ray`, so what it reads stays out of the driver; else here."""
+    if not use_ray:
+        return fn(spec)
+    import ray
+
+    return ray.get(ray.remote(num_cpus=num_cpus, max_retries=2)(fn).remote(spec))

@@ -616,19 +616,22 @@ def canonical_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np
     D = np.asarray(D, dtype=np.float32)
     I = np.asarray(I, dtype=np.int64)
     D = np.where(I < 0, -np.inf, D).astype(np.float32)
-    key_id = np.where(I < 0, np.iinfo(np.int64).max, I)
-    o1 = np.argsort(key_id, axis=1, kind="stable")
-    D1 = np.take_along_axis(D, o1, 1)
-    I1 = np.take_along_axis(I, o1, 1)
-    o2 = np.argsort(-D1, axis=1, kind="stable")
-    D2 = np.take_along_axis(D1, o2, 1)[:, :k]
-    I2 = np.take_along_axis(I1, o2, 1)[:, :k]
+    order = canonical_order(D, I)
+    D2 = np.take_along_axis(D, order, 1)[:, :k]
+    I2 = np.take_along_axis(I, order, 1)[:, :k]
     if D2.shape[1] < k:  # pad
         pad = k - D2.shape[1]
         D2 = np.hstack([D2, np.full((len(D2), pad), -np.inf, np.float32)])
         I2 = np.hstack([I2, np.full((len(I2), pad), -1, np.int64)])
     I2 = np.where(np.isneginf(D2), -1, I2)
     return np.ascontiguousarray(D2, dtype=np.float32), np.ascontiguousarray(I2, dtype=np.int64)
+
+
+def canonical_order(D: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """The per-row permutation `canonical_topk` applies: score descending, ties by id ascending, -1 ids last."""
+    o1 = np.argsort(np.where(I < 0, np.iinfo(np.int64).max, I), axis=1, kind="stable")
+    o2 = np.argsort(-np.take_along_axis(D, o1, 1), axis=1, kind="stable")
+    return np.take_along_axis(o1, o2, 1)
 
 
 def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

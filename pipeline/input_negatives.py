@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 COLUMN = "input_neg_idx"
 CHUNK = 4096
@@ -26,26 +27,36 @@ def candidate_pools(pools: dict[str, np.ndarray], queries: pa.Table) -> dict[str
     return out
 
 
-def _lists(queries: pa.Table):
-    """(query row, slot, item row) of every input negative, and the widest list; None when the input has none."""
+def width(queries: pa.Table) -> int:
+    """The longest list of input negatives (0 without any): the columns they add to every query's candidates."""
+    if COLUMN not in queries.column_names or not queries.num_rows:
+        return 0
+    return int(pc.max(pc.list_value_length(queries.column(COLUMN))).as_py() or 0)
+
+
+def _lists(queries: pa.Table, columns: int = 0):
+    """(query row, slot, item row) of every input negative, and the (rows x widest list, at least `columns`)
+    matrix of them; None when these queries have none (and no `columns` are asked for)."""
     if COLUMN not in queries.column_names:
         return None
     lists = queries.column(COLUMN).combine_chunks()
     flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if not len(flat):
+    if not len(flat) and not columns:
         return None
-    parents = lists.value_parent_indices().to_numpy().astype(np.int64)
+    parents = lists.value_parent_indices().to_numpy().astype(np.int64) if len(flat) else np.zeros(0, np.int64)
     counts = np.bincount(parents, minlength=queries.num_rows)
     slot = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-    extra = np.full((queries.num_rows, int(counts.max())), -1, np.int64)
+    extra = np.full((queries.num_rows, max(int(counts.max(initial=0)), columns)), -1, np.int64)
     extra[parents, slot] = flat
     return parents, slot, flat, extra
 
 
-def merge(queries: pa.Table, cand: np.ndarray, scores: np.ndarray, pos_sims: np.ndarray, qry_v, cand_v):
+def merge(queries: pa.Table, cand: np.ndarray, scores: np.ndarray, pos_sims: np.ndarray, qry_v, cand_v,
+          columns: int = 0):
     """(cand, scores, pos_sims): the retrieved matrices widened by each query's input negatives that were not
-    retrieved anyway, teacher-scored, rows re-sorted by score."""
-    lists = _lists(queries)
+    retrieved anyway (`columns` wide at least: a block of queries is widened like the whole run, `width`),
+    teacher-scored, rows re-sorted by score."""
+    lists = _lists(queries, columns)
     if lists is None:
         return cand, scores, pos_sims
     parents, slot, flat, extra = lists

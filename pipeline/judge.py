@@ -14,7 +14,8 @@ Judges (`judge.kind`):
 Pairs are scored once per run: scores are kept in `OUT/_run/judge/<judge fingerprint>/` keyed by the (query item,
 candidate item) content hashes, so another epoch (other filters, another seed) only scores the pairs it has not
 seen. Scoring is a Ray Data stage: a CPU task stage decodes images, a pool of judge actors (`judge.num_actors`, or
-one per GPU / fractional CPUs as for embedding) runs the model.
+one per GPU / fractional CPUs as for embedding) runs the model. The epoch judges per query block
+(pipeline/epoch.py `judge_epoch`): the driver handles file names and counts, never the pairs.
 """
 from __future__ import annotations
 
@@ -299,42 +300,58 @@ class JudgeActor:
                          "score": pa.array(np.concatenate(scores).astype(np.float32), pa.float32())})
 
 
-def plan_pairs(pairs: list[tuple[int, int]], items: pa.Table, batch_size: int, images: bool) -> pa.Table:
-    """One row per judge call: the pairs' item ids, texts (embed_text) and image paths ("" when not sent)."""
-    ids = items.column("item_id").to_pylist()
-    texts = items.column("embed_text").to_pylist()
-    paths = items.column("image_path").to_pylist() if images else [""] * items.num_rows
+def plan_pairs(pairs: np.ndarray, items: pa.Table, batch_size: int, images: bool) -> pa.Table:
+    """One row per judge call: the pairs' item ids, texts (embed_text) and image paths ("" when not sent).
+    `pairs`: (n, 2) item rows; only the items they name are read from `items` (memory-mapped)."""
+    used, at = np.unique(pairs, return_inverse=True)
+    at = at.reshape(-1, 2)
+    taken = {c: items.column(c).take(pa.array(used)).to_pylist() for c in ("item_id", "embed_text", "image_path")}
+    ids, texts = taken["item_id"], taken["embed_text"]
+    paths = [p or "" for p in taken["image_path"]] if images else [""] * len(used)
     rows = {k: [] for k in ("query_item_ids", "item_ids", "q_texts", "c_texts", "q_image_paths", "c_image_paths")}
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        rows["query_item_ids"].append([ids[a] for a, _ in chunk])
-        rows["item_ids"].append([ids[b] for _, b in chunk])
-        rows["q_texts"].append([texts[a] for a, _ in chunk])
-        rows["c_texts"].append([texts[b] for _, b in chunk])
-        rows["q_image_paths"].append([paths[a] or "" for a, _ in chunk])
-        rows["c_image_paths"].append([paths[b] or "" for _, b in chunk])
+    for start in range(0, len(at), batch_size):
+        a, b = at[start:start + batch_size, 0].tolist(), at[start:start + batch_size, 1].tolist()
+        rows["query_item_ids"].append([ids[i] for i in a])
+        rows["item_ids"].append([ids[i] for i in b])
+        rows["q_texts"].append([texts[i] for i in a])
+        rows["c_texts"].append([texts[i] for i in b])
+        rows["q_image_paths"].append([paths[i] for i in a])
+        rows["c_image_paths"].append([paths[i] for i in b])
     return pa.table(rows)
 
 
-def score_pairs(pairs: list[tuple[int, int]], items: pa.Table, cfg: Config) -> tuple[pa.Table, int]:
-    """Scores of (query item row, candidate item row) pairs, as a Ray Data stage (decode task stage, judge actors)."""
+def takes_images(cfg: Config) -> bool:
+    j = cfg.judge
+    return judge_class(j).takes_images if j.kind != "bi-encoder" else \
+        bi_encoder_teacher(j).kind != "sentence-transformers"
+
+
+def _read_piece(batch: pa.Table) -> pa.Table:
+    """Judge calls [start, stop) of one plan file."""
+    path, start, stop = (batch.column(c)[0].as_py() for c in ("path", "start", "stop"))
+    return pq.read_table(path).slice(start, stop - start)
+
+
+def score_plans(plans: list[tuple[str, int]], images: bool, cfg: Config, cache: JudgeCache) -> int:
+    """Score the pairs of the plan files ((path, judge calls) each) as a Ray Data stage (plan-reading and decode
+    task stages of half a CPU, judge actors) and add the scores to the cache part by part as they come; returns the
+    number of judge actors. The driver holds file names and row ranges only."""
     import ray
 
-    from .embed import decode_stage, pool_shape
+    from .embed import DECODE_CPUS, decode_stage, pool_shape
     from .teachers.base import max_pixels_of
 
     j = cfg.judge
     shape = pool_shape(dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, num_actors=j.num_actors),
                                            teacher=dataclasses.replace(cfg.teacher, device=j.device)))
-    takes_images = judge_class(j).takes_images if j.kind != "bi-encoder" else \
-        bi_encoder_teacher(j).kind != "sentence-transformers"
-    plan = plan_pairs(pairs, items, j.batch_size, takes_images)
-    actors = min(shape["actors"], plan.num_rows)
-    blocks = min(plan.num_rows, max(4, 2 * actors))
-    step = -(-plan.num_rows // blocks)
-    ds = ray.data.from_arrow([plan.slice(i, step) for i in range(0, plan.num_rows, step)])
-    if takes_images and any(p for col in ("q_image_paths", "c_image_paths")
-                            for paths in plan.column(col).to_pylist() for p in paths):
+    rows = sum(n for _, n in plans)
+    actors = min(shape["actors"], rows)
+    step = -(-rows // min(rows, max(4, 2 * actors)))  # pieces of the plans, so every actor gets work
+    pieces = [{"path": path, "start": start, "stop": min(start + step, n)} for path, n in plans
+              for start in range(0, n, step)]
+    ds = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        _read_piece, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+    if images:
         ds = decode_stage(ds, cfg, {"q_image_paths": "q_images", "c_image_paths": "c_images"},
                           cfg.teacher.min_pixels, max_pixels_of(cfg.teacher) or VLM_DEFAULT_MAX_PIXELS)
     ds = ds.map_batches(JudgeActor, batch_size=1, batch_format="pyarrow",
@@ -342,51 +359,128 @@ def score_pairs(pairs: list[tuple[int, int]], items: pa.Table, cfg: Config) -> t
                         num_gpus=shape["num_gpus"],
                         fn_constructor_kwargs=dict(judge_cfg=j, placeholder=cfg.teacher.image_placeholder,
                                                    threads=shape["threads"]))
-    parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return pa.concat_tables(parts), actors
+    pending, held = [], 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pending.append(batch)
+        held += batch.num_rows
+        if held >= CACHE_PART_ROWS:
+            table = pa.concat_tables(pending)
+            cache.write(table.slice(0, CACHE_PART_ROWS))
+            pending, held = [table.slice(CACHE_PART_ROWS)], table.num_rows - CACHE_PART_ROWS
+    if held:
+        cache.write(pa.concat_tables(pending))
+    return actors
 
 
-def judge_drops(state, verdict: np.ndarray, cfg: Config, run_dir: Path) -> tuple[np.ndarray, dict]:
-    """(nq, k) bool: the candidates that every other filter kept (`verdict == KEPT`) and the judge says match.
-    Scores come from the run's judge cache; the pairs it lacks are scored (and added to it) first."""
+# -- the judge over query blocks (pipeline/epoch.py runs these as block tasks) ------------------------------------
+
+@dataclasses.dataclass
+class JudgePlan:
+    """What a block task needs to judge its candidates: the filters the judge sees the survivors of, and the sorted
+    pair codes and scores the run's judge cache holds (`known`: a folder of two .npy files, memory-mapped)."""
+
+    filters: dict             # {dataset: FilterConfig}: the configured filters with each dataset's score cap
+    work: str                 # the epoch's scratch folder (wanted pairs, plans, known codes)
+    known: str = ""
+    cfg: JudgeConfig | None = None
+    rule: str = "decision"
+    probabilistic: bool = True
+
+
+def block_pairs(block, verdict: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols) of the candidates every other filter kept, and their (query item, candidate) and (query item,
+    positive) pair codes `query_item_row * n_items + item_row`."""
     from .filters import KEPT
 
-    j = cfg.judge
-    fp = judge_fingerprint(j, cfg.teacher.image_placeholder)
-    cache = JudgeCache(Path(run_dir) / "judge" / fp)
-    q, items = state.queries, state.items
-    n = items.num_rows
-    item_ids = items.column("item_id").combine_chunks()
-    qry_idx = q.column("qry_idx").to_numpy().astype(np.int64)
-    pos_idx = q.column("pos_idx").to_numpy().astype(np.int64)
     rows, cols = np.nonzero(verdict == KEPT)
-    cand_codes = qry_idx[rows] * n + state.cand[rows, cols]
-    pos_codes = qry_idx[rows] * n + pos_idx[rows]
-    rule = resolved_rule(j)
-    wanted = np.unique(np.concatenate([cand_codes, pos_codes if rule == "positive" else pos_codes[:0]]))
-    known, known_scores = cache.codes(item_ids)
-    missing = np.setdiff1d(wanted, known, assume_unique=True)
-    info = {"kind": j.kind, "model": j.model or j.cls, "fingerprint": fp, "rule": rule, "pairs": int(len(wanted)),
-            "reused": int(len(wanted) - len(missing)), "scored": int(len(missing))}
-    if len(missing):
-        from .mine import ensure_ray
+    qry = block.qry_idx.astype(np.int64)[rows]
+    return rows, cols, qry * n_items + block.cand[rows, cols], qry * n_items + block.pos_idx.astype(np.int64)[rows]
 
-        ensure_ray(cfg)
-        scored, info["actors"] = score_pairs(list(zip((missing // n).tolist(), (missing % n).tolist())), items, cfg)
-        for start in range(0, scored.num_rows, CACHE_PART_ROWS):
-            cache.write(scored.slice(start, CACHE_PART_ROWS))
-        known, known_scores = cache.codes(item_ids)
 
-    def lookup(codes):
-        at = np.minimum(np.searchsorted(known, codes), max(len(known) - 1, 0))
-        hit = (known[at] == codes) if len(known) else np.zeros(len(codes), bool)
-        return np.where(hit, known_scores[at] if len(known) else np.nan, np.nan).astype(np.float32)
+def wanted_codes(block, verdict: np.ndarray, n_items: int, rule: str) -> np.ndarray:
+    """The sorted pair codes one block needs scores for."""
+    _, _, cand, pos = block_pairs(block, verdict, n_items)
+    return np.unique(np.concatenate([cand, pos if rule == "positive" else pos[:0]]))
 
-    scores = lookup(cand_codes)
-    positive = lookup(pos_codes) if rule == "positive" else np.full(len(rows), np.nan, np.float32)
-    match = decide(scores, positive, j, judge_class(j).probabilistic)
+
+def save_known(spec: tuple[str, str, str]) -> str:
+    """The cache's pairs over the run's items as sorted codes and scores in `dest` (one task reads the cache).
+    `spec`: (cache folder, items.arrow, dest)."""
+    from .blocks import open_ipc
+
+    cache_dir, items_path, dest = spec
+    codes, scores = JudgeCache(Path(cache_dir)).codes(open_ipc(Path(items_path)).column("item_id").combine_chunks())
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    np.save(Path(dest) / "codes.npy", codes)
+    np.save(Path(dest) / "scores.npy", scores)
+    return dest
+
+
+def _known(folder: str) -> tuple[np.ndarray, np.ndarray]:
+    from .blocks import _mmap
+
+    return _mmap(Path(folder) / "codes.npy"), _mmap(Path(folder) / "scores.npy")
+
+
+def lookup(known: np.ndarray, known_scores: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The kept score of each pair code, NaN where the cache has none."""
+    if not len(known):
+        return np.full(len(codes), np.nan, np.float32)
+    at = np.minimum(np.searchsorted(known, codes), len(known) - 1)
+    return np.where(known[at] == codes, known_scores[at], np.nan).astype(np.float32)
+
+
+def block_drops(block, verdict: np.ndarray, n_items: int, plan: JudgePlan) -> tuple[np.ndarray, dict]:
+    """(rows, k) bool: the candidates that every other filter kept (`verdict == KEPT`) and the judge says match,
+    with the counts `_stats.json` reports (dropped, abstained)."""
+    known, known_scores = _known(plan.known)
+    rows, cols, cand, pos = block_pairs(block, verdict, n_items)
+    scores = lookup(known, known_scores, cand)
+    positive = lookup(known, known_scores, pos) if plan.rule == "positive" else np.full(len(rows), np.nan,
+                                                                                      np.float32)
+    match = decide(scores, positive, plan.cfg, plan.probabilistic)
     drop = np.zeros(verdict.shape, bool)
     drop[rows[match], cols[match]] = True
-    info["dropped"] = int(match.sum())
-    info["abstained"] = int(np.isnan(scores).sum())
-    return drop, info
+    return drop, {"dropped": int(match.sum()), "abstained": int(np.isnan(scores).sum())}
+
+
+@dataclasses.dataclass
+class RangeSpec:
+    """One dedup task: the pair codes of query items [lo, hi) over every block's wanted file."""
+
+    work: str
+    known: str
+    items_path: str
+    n_items: int
+    lo: int
+    hi: int
+    index: int
+    batch_size: int
+    images: bool
+
+
+def plan_range(spec: RangeSpec) -> dict:
+    """The distinct pairs of this range of query items that blocks want, and those the cache lacks written as a
+    plan file of judge calls (`path`, `rows`; `images`: some call sends an image). A query repeated in several
+    blocks counts once, so the counts do not depend on the blocks."""
+    from .blocks import open_ipc
+
+    work = Path(spec.work)
+    lo, hi = spec.lo * spec.n_items, spec.hi * spec.n_items
+    parts = []
+    for path in sorted(work.glob("wanted-*.npy")):
+        codes = np.load(path, mmap_mode="r")
+        parts.append(np.asarray(codes[np.searchsorted(codes, lo):np.searchsorted(codes, hi)]))
+    wanted = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    known, _ = _known(spec.known)
+    known = np.asarray(known[np.searchsorted(known, lo):np.searchsorted(known, hi)])
+    missing = np.setdiff1d(wanted, known, assume_unique=True)
+    out = {"pairs": len(wanted), "missing": len(missing), "path": None, "rows": 0, "images": False}
+    if not len(missing):
+        return out
+    plan = plan_pairs(np.stack([missing // spec.n_items, missing % spec.n_items], 1),
+                      open_ipc(Path(spec.items_path)), spec.batch_size, spec.images)
+    path = work / f"plan-{spec.index:05d}.parquet"
+    pq.write_table(plan, path)
+    images = any(p for col in ("q_image_paths", "c_image_paths") for p in pc.list_flatten(plan.column(col)).to_pylist())
+    return {**out, "path": str(path), "rows": plan.num_rows, "images": images}

@@ -13,24 +13,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 
-from .blocks import RunState, RunStore, is_legacy, item_modality, save_run, upgrade
+from .blocks import RunStore, is_legacy, upgrade, write_state
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
-from .embed import embed_or_reject, embed_roles_by_dataset
+from .embed import embed_or_reject
 from .epoch import write_epoch
-from .filters import KEPT, CandidateBlock, FilterContext, query_positives
-from .calibrate import data_filters, filter_by_dataset
-from . import extra_positives, input_negatives
-from .read import Corpus, load_corpus
-from .retrieve import retrieve
+from .read import load_corpus
+from .search import retrieve_run
 from .teachers import teacher_fingerprint
 from .run import RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
 
 RUN_VERSION = 1
 BINDS_EPOCH = (RUN, RETRIEVAL, EPOCH)  # what an epoch already written must match to be reused; `free` keys need not
-SIM_CHUNK = 2048
 
 
 @dataclass
@@ -145,7 +139,8 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
     return MineResult(out, final, stats, reused)
 
 
-def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> RunState:
+def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> None:
+    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last."""
     t0 = time.time()
     corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
     if not ensure_ray(cfg, corpus.items.num_rows):  # a small job: every stage in this process
@@ -154,148 +149,9 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
         corpus = embed_or_reject(corpus, cfg)
     t_read = time.time()
-    state, info = _retrieve_all(corpus, cfg, base, mix)
-    info["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
-    state.info = info
-    save_run(state, state_dir, cfg.retrieve.block_rows)
-    return state
-
-
-def _query_rows(q: pa.Table) -> dict:
-    """{dataset: item rows of its queries}: a query item is embedded with its own dataset's instruction."""
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_idx = q.column("qry_idx").to_numpy().astype(np.int64)
-    return {str(ds): qry_idx[datasets == ds] for ds in np.unique(datasets)}
-
-
-def _retrieve_all(corpus: Corpus, cfg: Config, base: Config | None, mix: float) -> tuple[RunState, dict]:
-    q, items = corpus.queries, corpus.items
-    nq, k = q.num_rows, cfg.retrieve.top_k
-    # Vectors per (role, dataset): with teacher.instructions an item's vector depends on its dataset's prompt.
-    # One embedding pass (one actor pool, one model load) for candidates and queries.
-    (cand_v, cand_stats), (qry_v, qry_stats) = embed_roles_by_dataset(
-        items, [("candidate", input_negatives.candidate_pools(corpus.pools, q), "candidates"),
-                ("query", _query_rows(q), "queries")], cfg)
-
-    cand = np.full((nq, k), -1, np.int64)
-    scores = np.full((nq, k), -np.inf, np.float32)
-    pos_score = np.zeros(nq, np.float32)
-    pos_sims = np.full((nq, k), -np.inf, np.float32)
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
-    per_dataset = {}
-    for ds in sorted(corpus.pools):
-        rows = np.flatnonzero(datasets == ds)
-        if not len(rows):
-            continue
-        pool = corpus.pools[ds]
-        kk = min(k, len(pool))
-        q_vecs, pos_vecs = qry_v.get(ds, qry_idx[rows]), cand_v.get(ds, pos_idx[rows])
-        pos_score[rows] = np.einsum("ij,ij->i", q_vecs, pos_vecs)
-        s, ids, index_info = retrieve(cand_v.get(ds, pool), q_vecs, kk, cfg.index)
-        cand[rows, :kk] = np.where(ids >= 0, pool[np.maximum(ids, 0)], -1)
-        scores[rows, :kk] = s
-        per_dataset[ds] = {"queries": int(len(rows)), "pool": int(len(pool)), "k": kk, "index": index_info}
-        pos_sims[rows] = _pos_sims(cand_v, ds, cand[rows], pos_vecs)
-    cand, scores, pos_sims = _deepen(cfg, corpus, pos_score, cand, scores, pos_sims, cand_v, qry_v, per_dataset)
-    embed_stats = {"candidates": cand_stats, "queries": qry_stats}
-    cand, scores, pos_sims = input_negatives.merge(q, cand, scores, pos_sims, qry_v, cand_v)
-    if mix:
-        scores, pos_score, pos_sims, cand = _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims,
-                                                    input_negatives.candidate_pools(corpus.pools, q), embed_stats)
-    queries = extra_positives.score(q.append_column("pos_score", pa.array(pos_score, pa.float32())), qry_v, cand_v)
-    info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
-            "embed": embed_stats, "retrieval": per_dataset}
-    state = RunState(queries, items, cand, scores, pos_sims, corpus.item_groups, corpus.n_groups, corpus.rejects,
-                     from_input=input_negatives.marks(q, cand))
-    return state, info
-
-
-def _pos_sims(cand_v, ds: str, block: np.ndarray, pos_vecs: np.ndarray) -> np.ndarray:
-    """Candidate-positive cosines of a block of retrieved candidates (-inf where none)."""
-    out = np.full(block.shape, -np.inf, np.float32)
-    for start in range(0, len(block), SIM_CHUNK):
-        part = block[start:start + SIM_CHUNK]
-        sims = np.einsum("ikd,id->ik", cand_v.get(ds, np.maximum(part, 0)), pos_vecs[start:start + SIM_CHUNK])
-        out[start:start + SIM_CHUNK] = np.where(part >= 0, sims, -np.inf)
-    return out
-
-
-def _deepen(cfg: Config, corpus: Corpus, pos_score, cand, scores, pos_sims, cand_v, qry_v, per_dataset):
-    """Queries that the filters leave with fewer than n_negatives are retrieved again with 2x, 4x ... top_k
-    candidates, up to `retrieve.deepen_factor * top_k` (only those queries); counted per dataset."""
-    q = corpus.queries
-    k = cand.shape[1]
-    if cfg.retrieve.deepen_factor <= 1 or cfg.filters.max_rank is not None or not q.num_rows:
-        return cand, scores, pos_sims
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
-    width = k
-    while width < k * cfg.retrieve.deepen_factor:
-        ctx = filter_context(corpus.items, corpus.item_groups, corpus.n_groups, q, np.zeros(0, np.int64), width)
-        rows = np.arange(q.num_rows)
-        block = CandidateBlock(cand, scores, pos_sims, pos_score, qry_idx, pos_idx,
-                               q.column("group_code").to_numpy(), rows)
-        configs = data_filters(cfg.filters, pos_score, datasets)  # with each dataset's positive-score cap
-        survivors = (filter_by_dataset(block, datasets, configs, ctx) == KEPT).sum(axis=1)
-        width = min(2 * width, k * cfg.retrieve.deepen_factor)
-        todo = {}
-        for ds in sorted(corpus.pools):
-            pool = corpus.pools[ds]
-            # short, and the pool holds more than was retrieved for them
-            short = rows[(datasets == ds) & (survivors < cfg.sample.n_negatives) & (cand[:, -1] >= 0)]
-            if len(short) and len(pool) > cand.shape[1]:
-                todo[ds] = (short, pool)
-        if not todo:
-            break
-        pad = width - cand.shape[1]
-        cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
-        scores, pos_sims = (np.pad(m, ((0, 0), (0, pad)), constant_values=-np.inf) for m in (scores, pos_sims))
-        for ds, (short, pool) in todo.items():
-            kk = min(width, len(pool))
-            s, ids, _ = retrieve(cand_v.get(ds, pool), qry_v.get(ds, qry_idx[short]), kk, cfg.index)
-            cand[short, :kk] = np.where(ids >= 0, pool[np.maximum(ids, 0)], -1)
-            scores[short, :kk] = s
-            pos_sims[short, :kk] = _pos_sims(cand_v, ds, cand[short, :kk], cand_v.get(ds, pos_idx[short]))
-            deep = per_dataset[ds].setdefault("deepened", {"queries": 0, "by_k": {}})
-            deep["by_k"][str(kk)] = int(len(short))
-            deep["queries"] = max(deep["queries"], int(len(short)))
-    return cand, scores, pos_sims
-
-
-def filter_context(items: pa.Table, item_groups: np.ndarray, n_groups: int, queries: pa.Table, blocked: np.ndarray,
-                   width: int) -> FilterContext:
-    """What the filters look up, for `width` retrieved candidates per query."""
-    modality = item_modality(items)
-    positives = query_positives(queries.column("qry_idx").to_numpy(), queries.column("pos_idx").to_numpy(),
-                                items.num_rows, extra_positives.pairs(queries))
-    return FilterContext(item_groups, n_groups, modality, blocked, items.num_rows, width, positives)
-
-
-def _mix_in(base, mix, items, q, cand, scores, pos_score, pos_sims, pools, embed_stats):
-    """Blend the base teacher's scores into the checkpoint's for the retrieved candidates, then re-rank."""
-    (b_cand, stats_c), (b_qry, stats_q) = embed_roles_by_dataset(
-        items, [("candidate", pools, "candidates (mixed-in teacher)"),
-                ("query", _query_rows(q), "queries (mixed-in teacher)")], base)
-    embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
-    pos_score = pos_score.astype(np.float64)
-    for ds in np.unique(datasets):
-        ds_rows = np.flatnonzero(datasets == ds)
-        for start in range(0, len(ds_rows), SIM_CHUNK):
-            rows = ds_rows[start:start + SIM_CHUNK]
-            q_vecs, pos_vecs = b_qry.get(ds, qry_idx[rows]), b_cand.get(ds, pos_idx[rows])
-            pos_score[rows] = (1 - mix) * pos_score[rows] + mix * np.einsum("ij,ij->i", q_vecs, pos_vecs)
-            vecs = b_cand.get(ds, np.maximum(cand[rows], 0))
-            valid = cand[rows] >= 0
-            scores[rows] = np.where(valid, (1 - mix) * scores[rows]
-                                    + mix * np.einsum("ikd,id->ik", vecs, q_vecs), -np.inf)
-            pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
-                                      + mix * np.einsum("ikd,id->ik", vecs, pos_vecs), -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
-    return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)
+    meta = retrieve_run(corpus, cfg, state_dir, base, mix)
+    meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
+    write_state(state_dir, **meta)
 
 
 def _read_json(path: Path):

@@ -312,11 +312,15 @@ def _text_field(row: dict, name: str) -> tuple[str, Optional[str]]:
     return value, None
 
 
+QUERY_FIELDS = ("query_id", "dataset", "qry", "qry_image_path", "pos_text", "pos_image_path", "group", "qry_item_id",
+                "pos_item_id", "input_neg_ids", "pos_extra_ids", "_path", "_n")
+
+
 def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     """Read and validate every input file; see the module docstring."""
     rejects: list[dict] = []
-    raw: list[tuple[str, int, dict]] = []
-    numbers: dict[tuple[str, int], int] = {}  # (file, index among its rows) -> line or row number
+    raw: list[tuple[str, int, dict] | None] = []  # (file, index among its rows, row); each freed once read
+    numbers: dict[str, list[int]] = {}  # file -> line or row number of each of its rows
     for path in cfg.pairs:
         rows, nums, bad = read_numbered(path)
         if not rows and not bad:
@@ -324,7 +328,8 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         rejects.extend(bad)
         _check_columns(path, rows, cfg)
         raw.extend((path, i, r) for i, r in enumerate(rows))
-        numbers.update(((path, i), num) for i, num in enumerate(nums))
+        numbers[path] = nums
+        del rows
     rows_in = len(raw) + len(rejects)
 
     captions = _load_captions(cfg.captions) if caption_mode else {}
@@ -335,12 +340,15 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
                for p in _as_list(r.get(c)) if isinstance(p, str)})
 
     items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
-    queries, seen_ids, seen_content = [], {}, {}
+    queries: dict[str, list] = {name: [] for name in QUERY_FIELDS}  # one list a column, not a dict a row
+    seen_ids, seen_content = {}, {}
     group_pairs: set[tuple[str, str]] = set()
     file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
-    for path, n, row in raw:
-        qid, num = row.get("id"), numbers[(path, n)]
+    for at in range(len(raw)):
+        path, n, row = raw[at]
+        raw[at] = None
+        qid, num = row.get("id"), numbers[path][n]
         row, more = _split_positives(row)
         dataset = row.get("dataset") or file_dataset[path]
         has_id = qid is not None
@@ -389,18 +397,20 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         extras = _extra_positives(more, {sides[1][0]}, probe, captions, caption_mode, path, num, qid, rejects)
         for iid, text, image, embed_text in negs + extras:
             items.setdefault(iid, (text, image, embed_text))
-        queries.append({"query_id": qid, "dataset": str(dataset), "qry": row.get("qry") or "",
-                        "input_neg_ids": [neg[0] for neg in negs] if _has_negatives(row) else None,
-                        "qry_image_path": row.get("qry_image_path") or "", "pos_text": row.get("pos_text") or "",
-                        "pos_image_path": row.get("pos_image_path") or "", "group": group,
-                        "qry_item_id": sides[0][0], "pos_item_id": sides[1][0], "_order": (path, n),
-                        "pos_extra_ids": [e[0] for e in extras]})
+        for name, value in (("query_id", qid), ("dataset", str(dataset)), ("qry", row.get("qry") or ""),
+                            ("input_neg_ids", [neg[0] for neg in negs] if _has_negatives(row) else None),
+                            ("qry_image_path", row.get("qry_image_path") or ""),
+                            ("pos_text", row.get("pos_text") or ""),
+                            ("pos_image_path", row.get("pos_image_path") or ""), ("group", group),
+                            ("qry_item_id", sides[0][0]), ("pos_item_id", sides[1][0]), ("_path", path), ("_n", n),
+                            ("pos_extra_ids", [e[0] for e in extras] or None)):
+            queries[name].append(value)
         if group is not None:
             group_pairs.update((iid, group) for iid in [sides[1][0], *(e[0] for e in extras)])
 
     pool_members: dict[str, set[str]] = {}
-    for q in queries:  # the default pool: every positive of the dataset, extra positives too
-        pool_members.setdefault(q["dataset"], set()).update([q["pos_item_id"], *q["pos_extra_ids"]])
+    for ds, pos, extra in zip(queries["dataset"], queries["pos_item_id"], queries["pos_extra_ids"]):
+        pool_members.setdefault(ds, set()).update([pos, *(extra or ())])  # the default pool: every positive
     candidate_rejects = 0
     if cfg.candidates:
         candidate_rejects = _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, group_pairs,
@@ -604,24 +614,29 @@ def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> N
 
 def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects) -> Corpus:
     """Tables and row numbers from what the reader collected; column work is Arrow / numpy, not per item."""
-    texts, images, embed_texts = (list(c) for c in zip(*items.values())) if items else ([], [], [])
-    unsorted = pa.array(list(items), pa.string())
-    order = pc.sort_indices(unsorted)  # UTF-8 byte order: the order of sorted() on the ids
-    ids = unsorted.take(order)
-    image_col = pa.array(images, pa.string()).take(order)
-    text_col = pa.array(texts, pa.string()).take(order)
+    keys = sorted(items)  # ids are hex digests: sorted() is also their UTF-8 byte order
+
+    def column(at: int) -> pa.Array:
+        return pa.array([items[key][at] for key in keys], pa.string())
+
+    ids, text_col, image_col, embed_col = pa.array(keys, pa.string()), column(0), column(1), column(2)
+    items.clear()  # the Python strings go as soon as Arrow holds them
+    del keys
     if pc.any(pc.not_equal(image_col, "")).as_py():
         modality = pa.array([MODALITIES[(2 if t.strip() and im else 1 if im else 0)]
                              for t, im in zip(text_col.to_pylist(), image_col.to_pylist())], pa.string())
     else:  # no item has an image: every item is text
         modality = pa.array(["text"] * len(ids), pa.string())
     item_table = pa.table({"item_id": ids, "text": text_col, "image_path": image_col, "modality": modality,
-                           "embed_text": pa.array(embed_texts, pa.string()).take(order)})
-    queries.sort(key=lambda q: (q["dataset"], q.pop("_order")))
-    qtable = pa.Table.from_pylist(queries, schema=pa.schema([
-        ("query_id", pa.string()), ("dataset", pa.string()), ("qry", pa.string()), ("qry_image_path", pa.string()),
-        ("pos_text", pa.string()), ("pos_image_path", pa.string()), ("group", pa.string()),
-        ("qry_item_id", pa.string()), ("pos_item_id", pa.string())]))
+                           "embed_text": embed_col})
+    # rows by dataset, then file path, then place in the file (UTF-8 byte order is the order of sorted() on str)
+    order = pc.sort_indices(pa.table({"d": pa.array(queries["dataset"], pa.string()),
+                                      "p": pa.array(queries.pop("_path"), pa.string()),
+                                      "n": pa.array(queries.pop("_n"), pa.int64())}),
+                            sort_keys=[("d", "ascending"), ("p", "ascending"), ("n", "ascending")])
+    qtable = pa.table({name: pa.array(queries.pop(name), pa.string()) for name in QUERY_FIELDS[:9]})
+    if np.any(np.diff(order.to_numpy().astype(np.int64)) < 0):  # not in order yet: one sorted copy of the table
+        qtable = qtable.take(order)
 
     def rows_of(values) -> pa.Array:
         return pc.index_in(values, value_set=ids)
@@ -630,7 +645,7 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
     qtable = qtable.append_column("pos_idx", rows_of(qtable.column("pos_item_id")).cast(pa.int32()))
     pools = {ds: np.sort(rows_of(pa.array(list(members), pa.string())).to_numpy().astype(np.int64))
              for ds, members in pool_members.items()}
-    groups = sorted({g for _, g in group_pairs} | {q["group"] for q in queries if q["group"] is not None})
+    groups = sorted({g for _, g in group_pairs} | set(pc.unique(qtable.column("group")).drop_null().to_pylist()))
     gindex = {g: k for k, g in enumerate(groups)}
     if group_pairs:
         pair_items, pair_groups = zip(*group_pairs)
@@ -641,12 +656,12 @@ def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candi
         item_groups = np.zeros(0, np.int64)
     group_code = pc.index_in(qtable.column("group"), value_set=pa.array(groups, pa.string()))
     qtable = qtable.append_column("group_code", pc.fill_null(group_code, -1).cast(pa.int32()))
-    if any(q["pos_extra_ids"] for q in queries):  # the input has extra positives: their item rows
-        lists = pa.array([q["pos_extra_ids"] for q in queries], pa.list_(pa.string()))
+    if any(queries["pos_extra_ids"]):  # the input has extra positives: their item rows
+        lists = pa.array([x or [] for x in queries["pos_extra_ids"]], pa.list_(pa.string())).take(order)
         qtable = qtable.append_column(extra_positives.COLUMN, pa.ListArray.from_arrays(
             lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
-    if any(q["input_neg_ids"] is not None for q in queries):  # the input has negatives: their item rows
-        lists = pa.array([q["input_neg_ids"] or [] for q in queries], pa.list_(pa.string()))
+    if any(x is not None for x in queries["input_neg_ids"]):  # the input has negatives: their item rows
+        lists = pa.array([x or [] for x in queries["input_neg_ids"]], pa.list_(pa.string())).take(order)
         qtable = qtable.append_column("input_neg_idx", pa.ListArray.from_arrays(
             lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
     return Corpus(qtable, item_table, pools, item_groups, max(len(groups), 1), rejects, rows_in, candidate_rejects)

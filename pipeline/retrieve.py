@@ -94,6 +94,9 @@ class _LocalSearcher:
 
     search_all = search
 
+    def client(self) -> "_LocalSearcher":
+        return self  # in this process only
+
     def exact(self, q: np.ndarray, k: int):
         return exact_search(self.src, q, k)
 
@@ -194,6 +197,35 @@ class _SearchStage:
         return {"row": rows, "scores": D, "ids": I}
 
 
+def _refined_k(plan: dict, k: int, n: int) -> int:
+    """How many candidates to ask a lossy index for, to rescore exactly and keep k."""
+    rf = int(plan["params"].get("refine_factor") or 1) if plan["lossy"] else 1
+    return max(1, min(k * rf, n)) if rf > 1 else k
+
+
+class ShardClient:
+    """Searches the shard actors of one index from any process: their handles, the plan and a pool source that
+    re-opens itself (`NpyShards`) pickle to a few KB, so a block task on any worker can hold one."""
+
+    def __init__(self, shards: list, plan: dict, source: VectorSource, query_batch: int = 4096):
+        self.shards, self.plan, self.source, self.query_batch = shards, plan, source, int(query_batch)
+
+    def search(self, q: np.ndarray, k: int):
+        import ray
+
+        kk = _refined_k(self.plan, k, self.source.n)
+        outD, outI = [np.zeros((0, kk), np.float32)], [np.zeros((0, kk), np.int64)]
+        for s in range(0, len(q), self.query_batch):
+            qref = ray.put(np.ascontiguousarray(q[s:s + self.query_batch], dtype=np.float32))
+            D, I = merge_topk(ray.get([sh.search.remote(qref, kk) for sh in self.shards]), kk)
+            outD.append(D)
+            outI.append(I)
+        D, I = np.concatenate(outD), np.concatenate(outI)
+        if self.plan["lossy"]:
+            D = rescore_exact(self.source, _f32(q), I)
+        return canonical_topk(D, I, k)
+
+
 class _RaySearcher:
     mode = "ray"
 
@@ -280,8 +312,7 @@ class _RaySearcher:
         return used
 
     def _kk(self, k):
-        rf = int(self.plan["params"].get("refine_factor") or 1) if self.plan["lossy"] else 1
-        return max(1, min(k * rf, self.src.n)) if rf > 1 else k
+        return _refined_k(self.plan, k, self.src.n)
 
     def exact(self, q: np.ndarray, k: int):
         """Exact top-k for the recall check: each shard actor scans its own rows of the pool files (in parallel,
@@ -293,22 +324,12 @@ class _RaySearcher:
         batch = int(_cfg(self.cfg, "add_batch", 65_536))
         return merge_topk(self.ray.get([sh.exact.remote(spec, qref, k, batch) for sh in self.shards]), k)
 
+    def client(self) -> "ShardClient":
+        return ShardClient(self.shards, self.plan, self.src, int(_cfg(self.cfg, "query_batch", 4096)))
+
     def search(self, q: np.ndarray, k: int):
         """Direct fan-out (used for the recall sample)."""
-        ray = self.ray
-        kk = self._kk(k)
-        qb = int(_cfg(self.cfg, "query_batch", 4096))
-        outD, outI = [], []
-        for s in range(0, len(q), qb):
-            qref = ray.put(np.ascontiguousarray(q[s:s + qb]))
-            parts = ray.get([sh.search.remote(qref, kk) for sh in self.shards])
-            D, I = merge_topk(parts, kk)
-            outD.append(D)
-            outI.append(I)
-        D, I = np.concatenate(outD), np.concatenate(outI)
-        if self.plan["lossy"]:
-            D = rescore_exact(self.src, q, I)
-        return canonical_topk(D, I, k)
+        return self.client().search(q, k)
 
     def search_all(self, q: np.ndarray, k: int):
         """The full query set as a Ray Data stage over query blocks (explicit block count, fractional CPUs)."""
@@ -409,6 +430,29 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
     if src.n == 0 or nq == 0:
         return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64),
                 {"kind": "empty", "ntotal": src.n, "k": k, "recall_at_k": None})
+    searcher, info = open_index(src, nq, k, cfg, lambda rows: q[rows])
+    try:
+        t1 = time.perf_counter()
+        D, I = searcher.search_all(q, k)
+        search_s = time.perf_counter() - t1
+        info.update({"search_s": round(search_s, 3), "qps": round(nq / search_s, 1) if search_s > 0 else None,
+                     "total_s": round(time.perf_counter() - t_all, 3)})
+        return D, I, info
+    finally:
+        searcher.close()
+
+
+def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
+    """Build the index over `pool` for `nq` queries (in-process, or in shard actors on Ray: `index.distributed`),
+    measure recall@k on `recall_sample` of them (`sample(rows)`: the vectors of those query rows) against exact
+    search and raise nprobe / efSearch until `recall_floor` is met. Returns (searcher, info); the caller searches
+    (`searcher.search`, or a picklable `searcher.client()` on Ray) and closes it."""
+    cfg = cfg if cfg is not None else IndexConfig()
+    check_config(cfg)
+    src = as_source(pool)
+    k = int(k)
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
     gp0 = gpu_plan(cfg, k=k, kind="ivf_flat")
     plan = choose_index(src.n, src.dim, cfg, gpu_available=gp0["use_gpu"])
     Searcher = _RaySearcher if _use_ray(cfg, src.n, nq) else _LocalSearcher
@@ -422,7 +466,7 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
         recall = None
         if m > 0:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
-            qs = q[rows]
+            qs = _f32(sample(rows))
             exact_D, exact_I = searcher.exact(qs, k)
             while True:
                 ann_D, ann_I = searcher.search(qs, k)
@@ -446,19 +490,15 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
                     raise RecallFloorError(recall, float(floor), k, info, why, at_max)
                 searcher.set_params(**step)
         recall_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        D, I = searcher.search_all(q, k)
-        search_s = time.perf_counter() - t1
         info = searcher.index_info()
         info.update({
             "k": k, "nq": nq, "mode": searcher.mode, "num_shards": searcher.num_shards,
             "recall_at_k": None if recall is None else round(float(recall), 5), "recall_k": k,
             "recall_sample": m, "recall_floor": floor, "recall_trials": trials,
             "tuned": len(trials) > 1,
-            "build_s": round(searcher.build_s, 3), "recall_s": round(recall_s, 3), "search_s": round(search_s, 3),
-            "qps": round(nq / search_s, 1) if search_s > 0 else None,
-            "total_s": round(time.perf_counter() - t_all, 3),
+            "build_s": round(searcher.build_s, 3), "recall_s": round(recall_s, 3),
         })
-        return D, I, info
-    finally:
+        return searcher, info
+    except BaseException:
         searcher.close()
+        raise

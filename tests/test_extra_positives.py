@@ -16,6 +16,7 @@ import pytest
 
 from corpus import DEMO, base_config, write_jsonl
 from export_run import export_pairs
+from pipeline.blocks import read_items
 from pipeline.config import InputConfig, config_from_dict
 from pipeline.read import drop_items, item_id, load_corpus
 
@@ -40,7 +41,7 @@ def mined(ray_session, shared_cache, tmp_path_factory):
     raw = base_config(write_jsonl(tmp / "plain.jsonl", pairs), shared_cache, **sections)
     plain = mine(config_from_dict(raw), tmp / "plain")
     shard = _shard(plain)
-    items = pq.read_table(plain.out / "_run" / plain.stats["retrieval_id"] / "items.parquet").to_pylist()
+    items = read_items(plain.out / "_run" / plain.stats["retrieval_id"]).to_pylist()
     items = {it["item_id"]: it for it in items}
     by_id = {p["id"]: copy.deepcopy(p) for p in pairs}
     extras = {}

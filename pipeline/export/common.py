@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from ..blocks import read_items
 from ..errors import UserError
 from ..run import epoch_dir
 from ..write import sha256_file
@@ -145,11 +146,12 @@ class EpochSource:
         """The run's items (item_id, text, image_path) of this epoch's retrieval, for candidates the shards do not
         carry. This is the corpus, not the epoch: the miner holds it too."""
         if self._items is None:
-            path = self.out / "_run" / str(self.manifest.get("retrieval_id")) / "items.parquet"
-            if not path.exists():
-                raise ExportError(f"{path} does not exist: the run's retrieval state is gone, so the candidates of "
-                                  "this epoch cannot be named; mine the epoch again")
-            self._items = ItemLookup(pq.read_table(path, columns=["item_id", "text", "image_path"]))
+            path = self.out / "_run" / str(self.manifest.get("retrieval_id"))
+            try:
+                self._items = ItemLookup(read_items(path, ["item_id", "text", "image_path"]))
+            except FileNotFoundError:
+                raise ExportError(f"{path / 'items.arrow'} does not exist: the run's retrieval state is gone, so the "
+                                  "candidates of this epoch cannot be named; mine the epoch again") from None
         return self._items
 
 

@@ -272,7 +272,7 @@ def _candidates(view: View, row: dict, cands: dict | None, items: dict[str, dict
                    f'<td class="verdict">{esc(verdict)}</td>'
                    f'<td><div class="cell">{pic}<div><div class="text">{esc(info.get("text"))}</div>'
                    f'<span class="mono muted">{esc(item)}</span>'
-                   f'{"" if info or not item else " <span class=muted>(not in items.parquet)</span>"}'
+                   f'{"" if info or not item else " <span class=muted>(not in the item table)</span>"}'
                    f"{mark}</div></div></td></tr>")
     table = (f'<table class="cands"><thead><tr><th class="num">rank</th><th class="num">score</th>'
              f'<th class="num">margin</th><th>verdict</th><th>item</th></tr></thead><tbody>{"".join(trs)}</tbody>'

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import blocklist
+from pipeline.blocks import read_items
 from pipeline.run import epoch_dir
 
 EPOCH_DIR = re.compile(r"^epoch=(\d+)$")
@@ -225,8 +226,8 @@ class Epoch:
         self.total = int(self.offsets[-1])
         self._datasets: list[str] | None = None
         rid = str(self.manifest.get("retrieval_id") or "")
-        path = out / "_run" / rid / "items.parquet"
-        self.items_shard = Shard(path) if RETRIEVAL_ID.match(rid) and path.is_file() else None
+        path = out / "_run" / rid
+        self.items_dir = path if RETRIEVAL_ID.match(rid) and path.is_dir() else None
 
     def locate(self, row: int) -> tuple[int, int]:
         i = int(np.searchsorted(self.offsets, row, side="right")) - 1
@@ -311,24 +312,21 @@ class Epoch:
 
     def items(self, ids: list[str]) -> dict[str, dict]:
         """text / image_path / modality of the given item ids from the item table of the retrieval this epoch was
-        mined from (`_run/<retrieval_id>/items.parquet`, named by the manifest): row groups whose id range holds
-        none of them are skipped, the scan stops once all are found."""
-        if not ids or self.items_shard is None:
+        mined from (`_run/<retrieval_id>/items.arrow`, named by the manifest), memory-mapped: the scan touches the
+        id column and the rows it finds, and stops once all are found."""
+        if not ids or self.items_dir is None:
             return {}
-        shard, want = self.items_shard, pa.array(sorted(set(ids)), pa.string())
-        lo, hi = want[0].as_py(), want[-1].as_py()
+        try:
+            table = read_items(self.items_dir, ITEM_COLUMNS)
+        except FileNotFoundError:
+            return {}
+        want = pa.array(sorted(set(ids)), pa.string())
         found: dict[str, dict] = {}
-        pf = shard.open()
-        for g in range(shard.meta.num_row_groups):
-            st = shard.stats(g).get("item_id")
-            if st and (st[1] < lo or st[0] > hi):
-                continue
-            for batch in pf.iter_batches(batch_size=SCAN_BATCH, row_groups=[g], columns=ITEM_COLUMNS,
-                                         use_threads=False):
-                hit = pc.is_in(batch["item_id"], value_set=want)
-                found.update((r["item_id"], r) for r in batch.filter(hit).to_pylist())
-                if len(found) == len(want):
-                    return found
+        for batch in table.to_batches(max_chunksize=SCAN_BATCH):
+            hit = pc.is_in(batch["item_id"], value_set=want)
+            found.update((r["item_id"], r) for r in batch.filter(hit).to_pylist())
+            if len(found) == len(want):
+                return found
         return found
 
     def datasets(self) -> list[str]:

@@ -1,0 +1,101 @@
+"""Peak memory and time of the read stage alone (`pipeline.read.load_corpus`) as the input grows.
+
+Per size, in a child process of its own: random-word (query, positive) pairs in one Parquet file (made once,
+outside the measurement; a fast variant of `benchmarks.driver_memory.random_word_pairs`: 4-10 words a query, a
+positive repeating half of them among 8-20 others, ids and a dataset column), then `load_corpus` once. Measured:
+the child's peak RSS (`ru_maxrss`) before and after, the growth per pair, the wall time, and the sizes of the
+corpus tables it returns (Arrow bytes). The read stage runs in the driver, so its peak is the driver's at read.
+
+    python benchmarks/read_memory.py --sizes 100000 400000 1600000   # -> benchmarks/results/read_memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def write_word_pairs(n: int, path: Path, seed: int = 0, vocab: int = 30_000) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    syll = np.array([c + v for c in "bdfgklmnprstvz" for v in "aeiou"])
+    words = ["".join(rng.choice(syll, size=int(m))) for m in rng.integers(2, 5, size=vocab)]
+    p = 1.0 / (np.arange(vocab) + 10.0)
+    qlen, plen = rng.integers(4, 11, size=n).tolist(), rng.integers(8, 21, size=n).tolist()
+    draws = rng.choice(vocab, size=(n, 30), p=p / p.sum()).tolist()
+    qry, pos = [], []
+    for i in range(n):
+        d, q = draws[i], qlen[i]
+        qry.append(f"{i} " + " ".join(words[j] for j in d[:q]))
+        pos.append(" ".join(words[j] for j in d[:(q + 1) // 2] + d[10:10 + plen[i]]))
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "dataset": ["words"] * n, "qry": qry,
+                             "pos_text": pos}), path)
+    return path
+
+
+def child(pairs: str) -> dict:
+    from pipeline.config import InputConfig
+    from pipeline.read import load_corpus
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    corpus = load_corpus(InputConfig(pairs=[pairs]), False)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_rss": peak, "rss_before": before, "wall_s": round(wall, 2),
+            "queries": corpus.queries.num_rows, "items": corpus.items.num_rows,
+            "tables_bytes": corpus.queries.nbytes + corpus.items.nbytes}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hardneg-read-memory"))
+    p.add_argument("--out", default=str(RESULTS / "read_memory.json"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child)))
+        return 0
+    if a.make:
+        write_word_pairs(int(a.make[0]), Path(a.make[1]))
+        return 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for n in a.sizes:
+        pairs = work / f"words-{n}.parquet"
+        if not pairs.exists():  # in a process of its own: a child inherits its parent's peak RSS
+            subprocess.run([sys.executable, __file__, "--make", str(n), str(pairs)], check=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "--child", str(pairs)], capture_output=True, text=True,
+                             check=True, env=env)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["pairs"] = n
+        r["peak_rss_mb"] = round(r["peak_rss"] / 2**20, 1)
+        r["growth_bytes_per_pair"] = round((r["peak_rss"] - r["rss_before"]) / n)
+        runs[str(n)] = r
+        print(f"{n:>9,} pairs: peak {r['peak_rss_mb']:,.0f} MB ({r['growth_bytes_per_pair']:,} B/pair over the "
+              f"{r['rss_before'] / 2**20:,.0f} MB before), tables {r['tables_bytes'] / 2**20:,.0f} MB, "
+              f"{r['wall_s']} s", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"command": "python benchmarks/read_memory.py --sizes "
+                                       + " ".join(map(str, a.sizes)), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

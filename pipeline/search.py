@@ -1,0 +1,335 @@
+"""Retrieval as block tasks: embed, write the vectors to disk, search each dataset's index per query block, and
+write the candidates parts, so neither the vectors nor the (queries x k) matrices are ever whole in one process.
+
+1. Embed queries and candidates into the cache (one pass), then write each (role, dataset)'s vectors as `.npy`
+   shards under the state dir (pipeline/vectors.py); with a mixed-in teacher its vectors too.
+2. With deepening on, a cheap first pass returns each query's positive score (one float a query: the driver
+   derives each dataset's positive-score cap from them, as the filters will).
+3. Per dataset: build its index over the pool shards (in this process, or in shard actors on Ray), measure recall,
+   then one task per query block searches it (`search_block`): exact scores, positive similarities and, for queries
+   the filters leave short, deeper searches. Each writes its rows to a staging file.
+4. Per query block (`finish_block`): the block's rows of every dataset, padded to the run's width, merged with the
+   input's negatives, blended with the mixed-in teacher, the extra positives scored; written as
+   `candidates/part-NNNNN.arrow` (pipeline/blocks.py) and the block's per-query columns.
+
+Every query's result depends on its own vectors and the per-dataset thresholds only, and scores are recomputed
+exactly after the index search, so the bytes do not depend on block, task or actor counts.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import extra_positives, input_negatives
+from .blocks import _write_ipc, open_ipc, run_context, write_items, write_part
+from .calibrate import data_filters
+from .config import Config
+from .embed import embed_roles, role_fingerprint
+from .executor import map_blocks
+from .filters import KEPT, CandidateBlock, filter_candidates
+from .index import canonical_order
+from .ray_session import ray_active
+from .retrieve import open_index
+from .vectors import VectorStore, layout, write_store
+
+SIM_CHUNK = 256  # queries per chunk of cosines: 256 x k x d floats (20 MB at k=51, d=384)
+STAGING = "search"
+QUERIES_IN = "queries_in.arrow"
+
+
+@dataclass
+class Stores:
+    """The vector stores of one retrieval: the teacher's, and the mixed-in teacher's when there is one."""
+
+    query: VectorStore
+    cand: VectorStore
+    base_query: VectorStore | None = None
+    base_cand: VectorStore | None = None
+
+
+@dataclass
+class SearchSpec:
+    """One dataset's query rows of one query block (phase 3), or a whole block (phases 2 and 4)."""
+
+    state_dir: str
+    block: int
+    start: int
+    end: int
+    stores: Stores
+    dataset: str = ""
+    ds_index: int = 0
+    rows: np.ndarray | None = None   # global query rows of `dataset` in [start, end)
+    client: object = None            # the index: an in-process searcher, or a picklable ShardClient
+    top_k: int = 0
+    kk: int = 0
+    deepen: dict = field(default_factory=dict)  # factor, n_negatives, filters (this dataset's), n_groups, n_items
+    width: int = 0                   # phase 4: the run's candidate width; input_width: the input's negatives
+    input_width: int = 0
+    mix: float = 0.0
+    parts: tuple = ()                # phase 4: ds_index of the datasets with rows in this block
+
+
+def query_rows(q: pa.Table) -> dict:
+    """{dataset: item rows of its queries}: a query item is embedded with its own dataset's instruction."""
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx = q.column("qry_idx").to_numpy().astype(np.int64)
+    return {str(ds): qry_idx[datasets == ds] for ds in np.unique(datasets)}
+
+
+def _stores(root: Path, items_path: Path, cfg: Config, pools: dict, corpus_pools: dict, qrows: dict,
+            use_ray: bool) -> tuple[VectorStore, VectorStore]:
+    fps = lambda role, rows: {ds: role_fingerprint(cfg, role, ds) for ds in rows}  # noqa: E731
+    cand = layout(pools, corpus_pools)
+    query = layout(qrows)
+    return (write_store(root / "query", items_path, query, fps("query", query), cfg, use_ray),
+            write_store(root / "candidate", items_path, cand, fps("candidate", cand), cfg, use_ray, corpus_pools))
+
+
+def retrieve_run(corpus, cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> dict:
+    """Retrieve every query's candidates into `state_dir` (all of pipeline/blocks.py's files but state.json);
+    returns the state's metadata and info for `write_state`."""
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    q, items = corpus.queries, corpus.items
+    block_rows = cfg.retrieve.block_rows
+    write_items(state_dir, q, items, corpus.item_groups, block_rows)
+    _write_ipc(q, state_dir / QUERIES_IN, block_rows)
+    use_ray = ray_active(cfg)
+    pools = input_negatives.candidate_pools(corpus.pools, q)
+    qrows = query_rows(q)
+    cand_stats, qry_stats = embed_roles(items, [("candidate", pools, "candidates"), ("query", qrows, "queries")], cfg)
+    embed_stats = {"candidates": cand_stats, "queries": qry_stats}
+    vec_dir = state_dir / "vectors"
+    stores = Stores(*_stores(vec_dir / "teacher", state_dir / "items.arrow", cfg, pools, corpus.pools, qrows,
+                             use_ray))
+    if mix:
+        stats_c, stats_q = embed_roles(items, [("candidate", pools, "candidates (mixed-in teacher)"),
+                                               ("query", qrows, "queries (mixed-in teacher)")], base)
+        embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
+        stores.base_query, stores.base_cand = _stores(vec_dir / "mixed_in", state_dir / "items.arrow", base, pools,
+                                                      corpus.pools, qrows, ray_active(base))
+
+    nq = q.num_rows
+    blocks = [(i, s, min(s + block_rows, nq)) for i, s in enumerate(range(0, nq, block_rows))]
+    per_dataset, width, in_block = _search_datasets(corpus, cfg, state_dir, stores, blocks, use_ray)
+    m = input_negatives.width(q)
+    finish = [SearchSpec(str(state_dir), i, s, e, stores, width=width, input_width=m, mix=mix,
+                         parts=tuple(in_block[i])) for i, s, e in blocks]
+    columns = list(map_blocks(finish_block, finish, use_ray))
+    q = q.append_column("pos_score", _concat([c.column("pos_score") for c in columns], pa.float32()))
+    if extra_positives.COLUMN in q.column_names:
+        q = q.append_column(extra_positives.SCORES, _concat([c.column(extra_positives.SCORES) for c in columns],
+                                                            pa.list_(pa.float32())))
+    _write_ipc(q, state_dir / "queries.arrow", block_rows)
+    for name in (vec_dir, state_dir / STAGING):
+        shutil.rmtree(name, ignore_errors=True)
+    (state_dir / QUERIES_IN).unlink()
+    info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
+            "embed": embed_stats, "retrieval": per_dataset}
+    return {"rejects": corpus.rejects, "n_groups": corpus.n_groups, "info": info, "nq": nq,
+            "n_items": items.num_rows, "k": width + m, "blocks": [[s, e] for _, s, e in blocks], "from_input": m > 0}
+
+
+def _search_datasets(corpus, cfg: Config, state_dir: Path, stores: Stores, blocks: list, use_ray: bool):
+    """Phases 2 and 3: per dataset, open its index, search its queries block by block (deepening the short ones),
+    close it. Returns (per-dataset info, the run's candidate width, {block: datasets with rows in it})."""
+    q, items = corpus.queries, corpus.items
+    nq, k = q.num_rows, cfg.retrieve.top_k
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    deepen = cfg.retrieve.deepen_factor > 1 and cfg.filters.max_rank is None and nq > 0
+    thresholds = {}
+    if deepen:  # each dataset's positive-score cap, from one float a query
+        pos_score = np.concatenate([np.zeros(0, np.float32), *map_blocks(
+            positive_scores, [SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks], use_ray)])
+        thresholds = data_filters(cfg.filters, pos_score, datasets)
+        del pos_score
+    per_dataset, width, in_block = {}, k, {i: [] for i, _, _ in blocks}
+    qry_idx = q.column("qry_idx").to_numpy()
+    for j, ds in enumerate(sorted(corpus.pools)):
+        rows = np.flatnonzero(datasets == ds)
+        pool = corpus.pools[ds]
+        if not len(rows) or not len(pool):
+            continue
+        t0 = time.perf_counter()
+        kk = min(k, len(pool))
+        searcher, info = open_index(stores.cand.pool(ds), len(rows), kk, cfg.index,
+                                    lambda r: stores.query.get(ds, qry_idx[rows[r]]))
+        try:
+            deep = {"factor": cfg.retrieve.deepen_factor, "n_negatives": cfg.sample.n_negatives,
+                    "filters": thresholds.get(str(ds)), "n_groups": corpus.n_groups, "n_items": items.num_rows}
+            specs = []
+            for i, s, e in blocks:
+                mine = rows[(rows >= s) & (rows < e)]
+                if len(mine):
+                    in_block[i].append(j)
+                    specs.append(SearchSpec(str(state_dir), i, s, e, stores, str(ds), j, mine, searcher.client(), k,
+                                            kk, deep if deepen else {}))
+            t1 = time.perf_counter()
+            results = list(map_blocks(search_block, specs, use_ray and searcher.mode == "ray"))
+        finally:
+            searcher.close()
+        search_s = time.perf_counter() - t1
+        info.update({"search_s": round(search_s, 3), "qps": round(len(rows) / search_s, 1) if search_s > 0 else None,
+                     "total_s": round(time.perf_counter() - t0, 3)})
+        per_dataset[ds] = {"queries": int(len(rows)), "pool": int(len(pool)), "k": kk, "index": info}
+        by_k = {}
+        for w, counts in results:
+            width = max(width, w)
+            for key, n in counts.items():
+                by_k[key] = by_k.get(key, 0) + n
+        if by_k:
+            by_k = {str(key): by_k[key] for key in sorted(by_k)}
+            per_dataset[ds]["deepened"] = {"queries": max(by_k.values()), "by_k": by_k}
+    return per_dataset, width, in_block
+
+
+def _concat(columns: list, type_=None) -> pa.Array:
+    """One array of the blocks' columns (one chunk: the queries file's batches do not depend on the block count)."""
+    chunks = [c for col in columns for c in col.chunks]
+    if not chunks:
+        return pa.array([], type_ or pa.float32())
+    return pa.concat_arrays(chunks)
+
+
+def _queries(spec: SearchSpec) -> pa.Table:
+    q = open_ipc(Path(spec.state_dir) / QUERIES_IN)
+    return q.take(pa.array(spec.rows, pa.int64())) if spec.rows is not None else q.slice(spec.start,
+                                                                                         spec.end - spec.start)
+
+
+def positive_scores(spec: SearchSpec) -> np.ndarray:
+    """Phase 2: the query-positive cosine of the block's queries (0 where their dataset has no pool)."""
+    q = _queries(spec)
+    out = np.zeros(q.num_rows, np.float32)
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
+    for ds in np.unique(datasets):
+        if str(ds) in spec.stores.cand.datasets and str(ds) in spec.stores.query.datasets:
+            rows = np.flatnonzero(datasets == ds)
+            out[rows] = _dot(spec.stores.query.get(ds, qry_idx[rows]), spec.stores.cand.get(ds, pos_idx[rows]))
+    return out
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", a, b)
+
+
+def _search(spec: SearchSpec, q_vecs: np.ndarray, pos_vecs: np.ndarray, kk: int):
+    """(cand item rows, scores, pos_sims), each (rows, kk): the index's top-kk, scored again exactly (the index's
+    own scores depend on how many queries it is given at once) and ordered by score, then item row."""
+    _, ids = spec.client.search(q_vecs, kk)
+    pool = np.load(Path(spec.stores.cand.root) / spec.stores.cand.datasets[spec.dataset]["dir"] / "rows.npy",
+                   mmap_mode="r")
+    cand = np.where(ids >= 0, np.asarray(pool[np.maximum(ids, 0).ravel()]).reshape(ids.shape), -1)
+    scores = _sims(spec.stores.cand, spec.dataset, cand, q_vecs)
+    order = canonical_order(scores, cand)
+    cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
+    cand = np.where(np.isneginf(scores), -1, cand)
+    return cand, scores, _sims(spec.stores.cand, spec.dataset, cand, pos_vecs)
+
+
+def _sims(store: VectorStore, ds: str, block: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Cosines of each row's candidates (item rows, -1 none) with that row's vector (-inf where none)."""
+    out = np.full(block.shape, -np.inf, np.float32)
+    for start in range(0, len(block), SIM_CHUNK):
+        part = block[start:start + SIM_CHUNK]
+        valid = part >= 0
+        cands = np.zeros(part.shape + (store.dim,), np.float32)
+        cands[valid] = store.get(ds, part[valid])
+        sims = np.einsum("ikd,id->ik", cands, vecs[start:start + SIM_CHUNK])
+        out[start:start + SIM_CHUNK] = np.where(valid, sims, -np.inf)
+    return out
+
+
+def search_block(spec: SearchSpec) -> tuple[int, dict]:
+    """Phase 3: search one dataset's queries of one block, deepen those the filters leave short, stage the rows.
+    Returns (the width reached, {k: queries searched at that depth} of the deeper searches)."""
+    q = _queries(spec)
+    ds, k = spec.dataset, spec.top_k
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
+    q_vecs, pos_vecs = spec.stores.query.get(ds, qry_idx), spec.stores.cand.get(ds, pos_idx)
+    pos_score = _dot(q_vecs, pos_vecs)
+    n = len(spec.rows)
+    cand = np.full((n, k), -1, np.int64)
+    scores, pos_sims = np.full((n, k), -np.inf, np.float32), np.full((n, k), -np.inf, np.float32)
+    cand[:, :spec.kk], scores[:, :spec.kk], pos_sims[:, :spec.kk] = _search(spec, q_vecs, pos_vecs, spec.kk)
+    by_k = {}
+    deep = spec.deepen
+    n_pool = spec.stores.cand.datasets[ds]["pool"]
+    width = k
+    while deep and width < k * deep["factor"]:
+        ctx = run_context(Path(spec.state_dir), deep["n_groups"], deep["n_items"], np.zeros(0, np.int64), width)
+        block = CandidateBlock(cand, scores, pos_sims, pos_score, qry_idx, pos_idx,
+                               q.column("group_code").to_numpy(), spec.rows)
+        survivors = (filter_candidates(block, deep["filters"], ctx) == KEPT).sum(axis=1)
+        width = min(2 * width, k * deep["factor"])
+        short = np.flatnonzero((survivors < deep["n_negatives"]) & (cand[:, -1] >= 0))
+        if not len(short) or n_pool <= cand.shape[1]:
+            break
+        pad = width - cand.shape[1]
+        cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-1)
+        scores, pos_sims = (np.pad(a, ((0, 0), (0, pad)), constant_values=-np.inf) for a in (scores, pos_sims))
+        kk = min(width, n_pool)
+        cand[short, :kk], scores[short, :kk], pos_sims[short, :kk] = _search(spec, q_vecs[short], pos_vecs[short],
+                                                                             kk)
+        by_k[kk] = by_k.get(kk, 0) + int(len(short))
+    path = Path(spec.state_dir) / STAGING / f"ds-{spec.ds_index:05d}" / f"part-{spec.block:05d}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, rows=spec.rows, cand=cand, scores=scores, pos_sims=pos_sims, pos_score=pos_score)
+    return cand.shape[1], by_k
+
+
+def finish_block(spec: SearchSpec) -> pa.Table:
+    """Phase 4: one query block's candidates part (every dataset's rows at the run's width, the input's negatives
+    merged, the mixed-in teacher blended in) and its per-query columns (pos_score, extra positives' scores)."""
+    q = _queries(spec)
+    n, width = q.num_rows, spec.width
+    cand = np.full((n, width), -1, np.int64)
+    scores, pos_sims = np.full((n, width), -np.inf, np.float32), np.full((n, width), -np.inf, np.float32)
+    pos_score = np.zeros(n, np.float32)
+    for j in spec.parts:
+        with np.load(Path(spec.state_dir) / STAGING / f"ds-{j:05d}" / f"part-{spec.block:05d}.npz") as part:
+            at, w = part["rows"] - spec.start, part["cand"].shape[1]
+            cand[at, :w], scores[at, :w], pos_sims[at, :w] = part["cand"], part["scores"], part["pos_sims"]
+            pos_score[at] = part["pos_score"]
+    stores = spec.stores
+    cand, scores, pos_sims = input_negatives.merge(q, cand, scores, pos_sims, stores.query, stores.cand,
+                                                   spec.input_width)
+    if spec.mix:
+        scores, pos_score, pos_sims, cand = mix_in(q, cand, scores, pos_score, pos_sims, stores, spec.mix)
+    scored = extra_positives.score(q.append_column("pos_score", pa.array(pos_score, pa.float32())), stores.query,
+                                   stores.cand)
+    from_input = input_negatives.marks(q, cand) if spec.input_width else None
+    if spec.input_width and from_input is None:
+        from_input = np.zeros(cand.shape, bool)
+    write_part(Path(spec.state_dir), spec.block, cand, scores, pos_sims, from_input)
+    return scored.select([c for c in ("pos_score", extra_positives.SCORES) if c in scored.column_names])
+
+
+def mix_in(q: pa.Table, cand, scores, pos_score, pos_sims, stores: Stores, mix: float):
+    """Blend the mixed-in teacher's scores into the teacher's for a block's candidates, then re-rank."""
+    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    qry_idx, pos_idx = q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy()
+    pos_score = pos_score.astype(np.float64)
+    for ds in np.unique(datasets):
+        if str(ds) not in stores.base_cand.datasets:
+            continue
+        ds_rows = np.flatnonzero(datasets == ds)
+        for start in range(0, len(ds_rows), SIM_CHUNK):
+            rows = ds_rows[start:start + SIM_CHUNK]
+            q_vecs, pos_vecs = stores.base_query.get(ds, qry_idx[rows]), stores.base_cand.get(ds, pos_idx[rows])
+            pos_score[rows] = (1 - mix) * pos_score[rows] + mix * _dot(q_vecs, pos_vecs)
+            valid = cand[rows] >= 0
+            scores[rows] = np.where(valid, (1 - mix) * scores[rows]
+                                    + mix * _sims(stores.base_cand, ds, cand[rows], q_vecs), -np.inf)
+            pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
+                                      + mix * _sims(stores.base_cand, ds, cand[rows], pos_vecs), -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
+    return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)

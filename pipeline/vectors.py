@@ -1,0 +1,112 @@
+"""One role's vectors of a retrieval, per dataset, as float32 `.npy` shards on disk: what search block tasks read.
+
+After the embedding pass, block tasks look the vectors of each (role, dataset) up in the cache parts and write them
+in row order (a dataset's pool first, so the pool is a prefix that `NpyShards` indexes, then its other rows) under
+the run's state dir. `VectorStore` is paths and a few numbers: it pickles to a few KB, travels to any worker, and
+`get(dataset, rows)` memory-maps the shards. No process holds the n x d array.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .blocks import open_ipc
+from .embed import EmbeddingCache, input_keys
+from .executor import map_blocks
+from .index import NpyShards
+
+SHARD_ROWS = 65_536
+
+
+@dataclass
+class VectorStore:
+    """Vectors of item rows as one role, per dataset: `get(dataset, rows)`, memory-mapped from `root`."""
+
+    root: str
+    datasets: dict = field(default_factory=dict)  # dataset -> {"dir", "n", "pool", "shards": [[lo, hi], ...]}
+    dim: int = 0
+
+    def _dir(self, dataset) -> Path:
+        return Path(self.root) / self.datasets[str(dataset)]["dir"]
+
+    def shard_paths(self, dataset, pool_only: bool = False) -> list[str]:
+        meta = self.datasets[str(dataset)]
+        return [str(self._dir(dataset) / f"part-{i:05d}.npy") for i, (lo, _) in enumerate(meta["shards"])
+                if not pool_only or lo < meta["pool"]]
+
+    def pool(self, dataset) -> NpyShards:
+        """The dataset's pool rows (the first `pool` rows, whole shards), as an index reads them."""
+        return NpyShards(self.shard_paths(dataset, pool_only=True))
+
+    def positions(self, dataset, rows) -> np.ndarray:
+        d = self._dir(dataset)
+        order, ordered = np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r")
+        rows = np.asarray(rows, np.int64)
+        at = np.minimum(np.searchsorted(ordered, rows), max(len(ordered) - 1, 0))
+        if len(rows) and (not len(ordered) or (ordered[at] != rows).any()):
+            missing = rows[(ordered[at] != rows) if len(ordered) else slice(None)]
+            raise KeyError(f"item rows {missing[:5].tolist()} have no vector in {d} (dataset {dataset!r})")
+        return np.asarray(order[at], np.int64) if len(rows) else np.zeros(0, np.int64)
+
+    def get(self, dataset, rows) -> np.ndarray:
+        at = self.positions(dataset, rows)
+        if not len(at):
+            return np.zeros((0, self.dim), np.float32)
+        return NpyShards(self.shard_paths(dataset)).take(at)
+
+
+def layout(rows_by_dataset: dict, pools: dict | None = None) -> dict:
+    """{dataset: item rows in store order}: a dataset's pool first (in pool order), then its other rows, sorted."""
+    out = {}
+    for ds, rows in rows_by_dataset.items():
+        rows = np.unique(np.asarray(rows, np.int64))
+        pool = np.asarray(pools[ds], np.int64) if pools is not None and ds in pools else np.zeros(0, np.int64)
+        out[str(ds)] = np.concatenate([pool, np.setdiff1d(rows, pool)])
+    return out
+
+
+def write_store(root: Path, items_path: Path, rows: dict, fingerprints: dict, cfg, use_ray: bool,
+                pools: dict | None = None, shard_rows: int = SHARD_ROWS) -> VectorStore:
+    """Write the vectors of `rows` ({dataset: item rows in store order}, `layout`) from the embedding cache
+    (`fingerprints`: {dataset: teacher fingerprint}) as `.npy` shards under `root`, one block task per shard.
+    Shards end where the pool ends, so the pool is whole shards."""
+    root = Path(root)
+    store = VectorStore(str(root))
+    specs = []
+    for j, (ds, order) in enumerate(sorted(rows.items())):
+        d = root / f"ds-{j:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "rows.npy", order)
+        by_row = np.argsort(order, kind="stable")
+        np.save(d / "order.npy", by_row)
+        np.save(d / "sorted.npy", order[by_row])
+        n_pool = len(pools[ds]) if pools is not None and ds in pools else 0
+        cuts = sorted({0, n_pool, len(order), *range(0, len(order), shard_rows), *range(n_pool, len(order), shard_rows)})
+        shards = [[lo, hi] for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+        store.datasets[ds] = {"dir": d.name, "n": int(len(order)), "pool": int(n_pool), "shards": shards}
+        specs += [(str(d), i, lo, hi, fingerprints[ds], str(items_path), cfg.embed.cache_dir,
+                   cfg.embed.storage_options) for i, (lo, hi) in enumerate(shards)]
+    dims = set(map_blocks(_write_shard, specs, use_ray))
+    store.dim = int(max(dims)) if dims else 0
+    return store
+
+
+def _write_shard(spec) -> int:
+    """One shard: rows [lo, hi) of the store order, looked up in the cache parts; returns the width."""
+    folder, i, lo, hi, fingerprint, items_path, cache_dir, storage_options = spec
+    rows = np.load(Path(folder) / "rows.npy", mmap_mode="r")[lo:hi]
+    items = open_ipc(Path(items_path)).take(pa.array(np.asarray(rows, np.int64)))
+    keys = input_keys(items.select(["item_id", "embed_text"]))
+    found, vectors = EmbeddingCache(cache_dir, fingerprint, storage_options).lookup(keys)
+    if not found.all():
+        raise RuntimeError(f"embedding cache {cache_dir} is missing {int((~found).sum())} vectors of "
+                           f"{fingerprint} after embedding: mine again to embed them")
+    path = Path(folder) / f"part-{i:05d}.npy"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, np.ascontiguousarray(vectors, np.float32))
+    tmp.replace(path)
+    return int(vectors.shape[1])
