@@ -190,7 +190,8 @@ class EmbedConfig:
     cpus_per_actor: float = 0.0
     """CPUs reserved by each actor; 0 = derived so the pool never takes every CPU (which deadlocks Ray Data)."""
     threads_per_actor: int = 0
-    """torch threads in each actor; 0 = derived from cpus_per_actor. Results do not depend on it."""
+    """torch threads in each actor; 0 = its `cpus_per_actor`, at least 1 (never from the number of actors: torch's CPU
+    kernels may differ in the last bits between thread counts, so vectors match byte for byte at the same value)."""
     cache_dir: str = "~/.cache/hardneg"
     """Embedding cache, keyed by (teacher fingerprint, content hash); shared by runs; relative to the config. A local
     path (a shared mount on a cluster) or an fsspec URI (`s3://bucket/cache`, `gs://...`) every node reaches: the

@@ -325,7 +325,9 @@ def pool_shape(cfg: Config, on_ray: bool | None = None) -> dict:
                 "threads": cfg.embed.threads_per_actor or 2}
     actors = cfg.embed.num_actors or max(1, int(cpus) - 1)
     per_actor = cfg.embed.cpus_per_actor or max(0.25, min(1.0, (cpus - 0.5) / actors))
-    threads = cfg.embed.threads_per_actor or max(1, int(cpus // actors))
+    # torch's CPU kernels give slightly different bits at different thread counts: the default follows each
+    # actor's own CPUs, never the number of actors, so 1 or 8 actors write the same vectors.
+    threads = cfg.embed.threads_per_actor or max(1, int(per_actor))
     return {"actors": actors, "num_cpus": per_actor, "num_gpus": 0.0, "threads": threads}
 
 
