@@ -524,19 +524,24 @@ def bench_short(a, work: Path) -> dict:
         return measured(argv, work, tag, out)
 
     reps = []
+    if a.warm_only and not all((work / f"{c}-cache-0").is_dir() for c in ("st", "hn")):
+        raise SystemExit(f"--warm-only needs the caches of an earlier run of this size in {work} (st-cache-0, "
+                         "hn-cache-0): run once without it")
     for rep in range(a.reps):
-        st_cache, hn_cache = work / f"st-cache-{rep}", work / f"hn-cache-{rep}"
-        for c in (st_cache, hn_cache):
-            shutil.rmtree(c, ignore_errors=True)
+        cache_rep = 0 if a.warm_only else rep
+        st_cache, hn_cache = work / f"st-cache-{cache_rep}", work / f"hn-cache-{cache_rep}"
         cold = [("st", "st", st_cache), ("hardneg", "hardneg", hn_cache)] + ([] if fe_missing else [("fe", "fe", None)])
-        cold = cold[rep % len(cold):] + cold[:rep % len(cold)]  # each tool goes first in turn
+        cold = [] if a.warm_only else cold[rep % len(cold):] + cold[:rep % len(cold)]  # each tool first in turn
+        for c in (st_cache, hn_cache) if cold else ():
+            shutil.rmtree(c, ignore_errors=True)
         warm = [("hardneg", "hardneg-2", hn_cache), ("st", "st-2", st_cache)]
         if rep % 2:
             warm.reverse()
         print(f"short texts {n} x {m}, repetition {rep + 1}/{a.reps}", flush=True)
         reps.append({tag: one(tool, tag, cache) for tool, tag, cache in cold + warm})
-    st = st_negatives(Path(reps[0]["st"]["out"]) / "st.parquet")
-    hn, hn_cands = hardneg_negatives(Path(reps[0]["hardneg"]["out"]))
+    st_tag, hn_tag = ("st-2", "hardneg-2") if a.warm_only else ("st", "hardneg")
+    st = st_negatives(Path(reps[0][st_tag]["out"]) / "st.parquet")
+    hn, hn_cands = hardneg_negatives(Path(reps[0][hn_tag]["out"]))
     agreement = {k: v for k, v in compare(st, hn, hn_cands, [p["qry"] for p in pairs], a.k, a.margin).items()
                  if k != "examples"}
     data = describe(pairs)
@@ -658,6 +663,9 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="the short-text case (three tools) instead of --sizes")
     p.add_argument("--short-pairs", type=int, default=4000)
     p.add_argument("--short-candidates", type=int, default=22565)
+    p.add_argument("--warm-only", action="store_true",
+                   help="--short: only the warm runs, `--reps` times, from the caches an earlier run of the same "
+                        "size left in --work (a fresh output folder each time)")
     p.add_argument("--fe-venv", default=str(REPO / ".fe-venv"),
                    help="a venv with FlagEmbedding (transformers<5) and faiss-cpu; absent: that peer is skipped")
     p.add_argument("--fe-script", default="", help="FlagEmbedding's scripts/hn_mine.py (not in its wheel)")
@@ -670,7 +678,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_warmup and a.short:
         print("warm-up (unmeasured): every tool on 300 short pairs over 1000 candidates", flush=True)
-        bench_short(argparse.Namespace(**{**vars(a), "reps": 1, "short_pairs": 300, "short_candidates": 1000}),
+        bench_short(argparse.Namespace(**{**vars(a), "reps": 1, "short_pairs": 300, "short_candidates": 1000,
+                                          "warm_only": False}),
                     work / "warmup")
     elif not a.no_warmup:
         print("warm-up (unmeasured): both tools on 300 pairs", flush=True)

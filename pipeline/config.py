@@ -243,7 +243,8 @@ class IndexConfig:
     """Recall@k against exact search, measured on `recall_sample` queries every run; below it the run raises
     nprobe / ef_search (`auto_tune`) or stops with RecallFloorError. null: measure and report only."""
     recall_sample: int = 500
-    """Queries sampled for the recall measurement (0: skip it)."""
+    """Queries sampled for the recall measurement (0: skip it). A Flat index is exact search: not measured, its
+    recall is reported as 1.0 (`recall_exact`)."""
     auto_tune: bool = True
     """Below `recall_floor`, double nprobe / ef_search until the floor is met (or the maximum is reached)."""
     gpu: Literal["auto", "true", "false", True, False] = "auto"
