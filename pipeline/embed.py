@@ -479,8 +479,10 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
         stats["by_role"] = _role_stats(groups, by_dataset, role_of, counted, stats)
     if gather:
         vectors, found_all = gather_vectors(caches, groups, items.column("item_id"))
-    else:
+    elif missing_parts:
         vectors, found_all = None, _found(caches, groups, items.column("item_id"))
+    else:  # every key was in the cache already: a warm run reads the keys once
+        vectors, found_all = None, np.ones(items.num_rows, bool)
     if not found_all.all():
         if not allow_failed:
             raise RuntimeError(f"embedding cache {cfg.embed.cache_dir} is missing {int((~found_all).sum())} vectors "
