@@ -35,7 +35,7 @@ from .filters import KEPT, CandidateBlock, filter_candidates
 from .index import canonical_order
 from .ray_session import ray_active
 from .retrieve import open_index
-from .vectors import VectorStore, layout, write_store
+from .vectors import VectorStore, layout, write_stores
 
 SIM_CHUNK = 256  # queries per chunk of cosines: 256 x k x d floats (20 MB at k=51, d=384)
 STAGING = "search"
@@ -86,8 +86,9 @@ def _stores(root: Path, items_path: Path, cfg: Config, pools: dict, corpus_pools
     fps = lambda role, rows: {ds: role_fingerprint(cfg, role, ds) for ds in rows}  # noqa: E731
     cand = layout(pools, corpus_pools)
     query = layout(qrows)
-    return (write_store(root / "query", items_path, query, fps("query", query), cfg, use_ray),
-            write_store(root / "candidate", items_path, cand, fps("candidate", cand), cfg, use_ray, corpus_pools))
+    return tuple(write_stores([(root / "query", query, fps("query", query), None),
+                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)], items_path, cfg,
+                              use_ray))
 
 
 def retrieve_run(corpus, cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> dict:
