@@ -29,6 +29,20 @@ class VectorStore:
     root: str
     datasets: dict = field(default_factory=dict)  # dataset -> {"dir", "n", "pool", "shards": [[lo, hi], ...]}
     dim: int = 0
+    _open: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # dataset -> its mapped files
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # maps stay in the process that opened them
+
+    def _opened(self, dataset) -> tuple:
+        """(order, sorted rows, shards) of a dataset, memory-mapped once per process: a search task calls `get`
+        per chunk of queries (opening them per call cost ~0.5 ms)."""
+        ds = str(dataset)
+        if ds not in self._open:
+            d = self._dir(ds)
+            self._open[ds] = (np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r"),
+                              NpyShards(self.shard_paths(ds)))
+        return self._open[ds]
 
     def _dir(self, dataset) -> Path:
         return Path(self.root) / self.datasets[str(dataset)]["dir"]
@@ -44,7 +58,7 @@ class VectorStore:
 
     def positions(self, dataset, rows) -> np.ndarray:
         d = self._dir(dataset)
-        order, ordered = np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r")
+        order, ordered, _ = self._opened(dataset)
         rows = np.asarray(rows, np.int64)
         at = np.minimum(np.searchsorted(ordered, rows), max(len(ordered) - 1, 0))
         if len(rows) and (not len(ordered) or (ordered[at] != rows).any()):
@@ -56,7 +70,7 @@ class VectorStore:
         at = self.positions(dataset, rows)
         if not len(at):
             return np.zeros((0, self.dim), np.float32)
-        return NpyShards(self.shard_paths(dataset)).take(at)
+        return self._opened(dataset)[2].take(at)
 
 
 def layout(rows_by_dataset: dict, pools: dict | None = None) -> dict:
