@@ -244,8 +244,10 @@ def _sims(store: VectorStore, ds: str, block: np.ndarray, *vecs: np.ndarray) -> 
     for start in range(0, len(block), SIM_CHUNK):
         part = block[start:start + SIM_CHUNK]
         valid = part >= 0
-        cands = np.zeros(part.shape + (store.dim,), np.float32)
-        cands[valid] = store.get(ds, part[valid])
+        if not valid.any():
+            continue
+        # one gather in place: an empty slot reads some valid row's vector, its cosine is masked below
+        cands = store.get(ds, np.where(valid, part, part[valid][0]).ravel()).reshape(part.shape + (store.dim,))
         for o, v in zip(out, vecs):
             o[start:start + SIM_CHUNK] = np.where(valid, np.einsum("ikd,id->ik", cands, v[start:start + SIM_CHUNK]),
                                                   -np.inf)
