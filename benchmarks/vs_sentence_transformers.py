@@ -37,6 +37,10 @@ Short texts (`--short`, issue 15 item 5): 4,000 short queries over 22,565 short 
 venv (`--fe-venv`, `--fe-script`; skipped with a message when absent); cold runs rotate which tool goes first.
 
     python benchmarks/vs_sentence_transformers.py --short --fe-venv .fe-venv --fe-script /tmp/hn_mine.py
+
+`--short --warm-only` runs only the warm pair, `--reps` times, from the caches a first run left in `--work`. Each
+tool also reports its CPU time after imports (`cpu_s`), which a machine loaded by others stretches far less than
+wall time.
 """
 from __future__ import annotations
 
