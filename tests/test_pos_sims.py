@@ -28,7 +28,7 @@ def test_pos_sims_chunked_bounded_and_equal_to_one_pass():
     block[::7, -3:] = -1  # queries with fewer candidates than k
     pos = rng.standard_normal((nq, d)).astype(np.float32)
     source = Vectors(vectors)
-    got = search._sims(source, "ds", block, pos)
+    got, = search._sims(source, "ds", block, pos)
     want = np.where(block >= 0, np.einsum("ikd,id->ik", vectors[np.maximum(block, 0)], pos), -np.inf)
     assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
     assert np.isneginf(got[::7, -3:]).all()

@@ -15,7 +15,9 @@ def test_in_process_flat_is_exact_and_reports_recall():
     s, i, info = retrieve(x, q, 25, IndexConfig(distributed="never"))
     es, ei = brute(x, q, 25)
     assert np.array_equal(i, ei) and np.allclose(s, es, atol=1e-5)
-    assert (info["kind"], info["mode"], info["recall_at_k"], info["recall_sample"]) == ("flat", "in_process", 1.0, 300)
+    # exact search: recall 1.0 by construction, reported without searching a sample
+    assert (info["kind"], info["mode"], info["recall_at_k"], info["recall_exact"]) == ("flat", "in_process", 1.0, True)
+    assert info["recall_sample"] == 0 and info["recall_trials"] == []
     assert info["ntotal"] == 2000 and info["k"] == 25 and not info["tuned"]
     import json
     json.dumps(info)  # goes into _stats.json / _manifest.json as is

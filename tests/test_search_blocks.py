@@ -99,7 +99,7 @@ def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
     store's prefix, whole shards, for the index; a row it does not hold is a clear error."""
     from pipeline.blocks import _write_ipc
     from pipeline.embed import EmbeddingCache, input_keys
-    from pipeline.vectors import layout, write_store
+    from pipeline.vectors import layout, write_stores
 
     n, d = 50, 8
     items = pa.table({"item_id": [f"i{i}" for i in range(n)], "embed_text": [f"text {i}" for i in range(n)]})
@@ -111,8 +111,8 @@ def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
     cfg = SimpleNamespace(embed=SimpleNamespace(cache_dir=str(tmp_path / "cache"), storage_options=None))
     pools = {"a": np.arange(0, 40, 2)}
     rows = layout({"a": np.r_[np.arange(0, 40, 2), [41, 3, 41]]}, pools)
-    store = write_store(tmp_path / "store", tmp_path / "items.arrow", rows, {"a": "fp"}, cfg, False, pools,
-                        shard_rows=8)
+    store, = write_stores([(tmp_path / "store", rows, {"a": "fp"}, pools)], tmp_path / "items.arrow", cfg, False,
+                          shard_rows=8)
     want = np.array([41, 0, 38, 3, 4])
     assert store.get("a", want).tobytes() == vectors[want].tobytes()
     assert store.pool("a").n == 20 and store.pool("a").take(np.arange(20)).tobytes() == vectors[pools["a"]].tobytes()
