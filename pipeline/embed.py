@@ -31,16 +31,20 @@ from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long in an actor before they are written to the cache
+PLAN_CHUNK = 10_000  # rows per step of the driver's per-row Python work (keys, token counts): its memory is bounded
 
 
 def input_keys(items: pa.Table) -> pa.Array:
     """Each item's cache key within a teacher fingerprint: a hash of exactly what the teacher is given, the item's
     content id (its normalised text and image bytes) and the text it embeds (`embed_text`: with
     `teacher.image_mode: caption` the image's caption, which the content id does not cover)."""
-    ids = items.column("item_id").to_pylist()
-    texts = items.column("embed_text").to_pylist()
-    return pa.array([hashlib.blake2b(f"{i}\0{t or ''}".encode(), digest_size=16).hexdigest()
-                     for i, t in zip(ids, texts)], pa.string())
+    keys = [pa.array([], pa.string())]
+    for start in range(0, items.num_rows, PLAN_CHUNK):  # Python strings for a chunk of rows at a time
+        part = items.slice(start, PLAN_CHUNK)
+        keys.append(pa.array([hashlib.blake2b(f"{i}\0{t or ''}".encode(), digest_size=16).hexdigest()
+                              for i, t in zip(part.column("item_id").to_pylist(),
+                                              part.column("embed_text").to_pylist())], pa.string()))
+    return pa.concat_arrays(keys)
 
 
 class EmbeddingCache:
@@ -132,10 +136,11 @@ def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = 
 def _budget_starts(sizes: np.ndarray, batch_size: int, budget: int) -> np.ndarray:
     """Batch starts over ascending sizes: a batch ends at `batch_size` items or before items x size > budget."""
     starts, start = [0], 0
-    for i, size in enumerate(sizes.tolist()):
-        if i > start and (i - start >= batch_size or (i - start + 1) * size > budget):
-            starts.append(i)
-            start = i
+    for lo in range(0, len(sizes), PLAN_CHUNK):  # Python ints for a chunk of items at a time
+        for i, size in enumerate(sizes[lo:lo + PLAN_CHUNK].tolist(), lo):
+            if i > start and (i - start >= batch_size or (i - start + 1) * size > budget):
+                starts.append(i)
+                start = i
     return np.asarray(starts)
 
 
@@ -156,19 +161,24 @@ def _fast_tokenizer(path: str):
 
 
 def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray | None:
-    """Token counts of `texts` from the model's own fast tokenizer (`tokenizer.json` in its folder), or None when
-    there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding than
-    batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py)."""
+    """Token counts (int32) of `texts` from the model's own fast tokenizer (`tokenizer.json` in its folder), or None
+    when there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding
+    than batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py).
+    Encoded `PLAN_CHUNK` texts at a time: the tokenizer's objects for every text at once held kilobytes a text in
+    the driver, and the allocator kept them after they were freed (docs/scale.md)."""
     try:
         path = Path(resolve_model_path(model)) / "tokenizer.json"
         if not path.is_file():
             return None
         tokenizer = _fast_tokenizer(str(path))
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no character offsets
-        encoded = encode([t or "" for t in texts.to_pylist()], add_special_tokens=False)
+        lengths = np.zeros(len(texts), np.int32)
+        for start in range(0, len(texts), PLAN_CHUNK):
+            chunk = [t or "" for t in texts.slice(start, PLAN_CHUNK).to_pylist()]
+            lengths[start:start + len(chunk)] = [len(e) for e in encode(chunk, add_special_tokens=False)]
     except Exception:  # no tokenizers package, an unreadable file: characters will do
         return None
-    return np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
+    return lengths
 
 
 def model_token_limit(model: str) -> int | None:
