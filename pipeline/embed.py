@@ -421,7 +421,8 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
 
     `roles` (one role per row, or None) embeds several roles in the same pass (one actor pool, one model load);
     rows of roles whose prompts are equal share one vector per item, and `stats["by_role"]` counts each role as if
-    the roles had been embedded one after the other, in the order they first appear.
+    the roles had been embedded one after the other, in the order they first appear. Both `roles` and `datasets`
+    take a sequence or an Arrow dictionary array of unique names (`embed_roles`: no Python object per row).
 
     `datasets` (one name per row, or None) picks each row's instruction (`teacher.instructions`): a row is then an
     (item, dataset) pair, rows may repeat an item, and datasets whose prompts are equal share one vector per item
