@@ -32,16 +32,21 @@ from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long in an actor before they are written to the cache
+ITEM_COLUMNS = ("item_id", "embed_text", "image_path")  # what embedding reads of an item
+PLAN_CHUNK = 10_000  # rows per step of the driver's per-row Python work (keys, token counts): its memory is bounded
 
 
 def input_keys(items: pa.Table) -> pa.Array:
     """Each item's cache key within a teacher fingerprint: a hash of exactly what the teacher is given, the item's
     content id (its normalised text and image bytes) and the text it embeds (`embed_text`: with
     `teacher.image_mode: caption` the image's caption, which the content id does not cover)."""
-    ids = items.column("item_id").to_pylist()
-    texts = items.column("embed_text").to_pylist()
-    return pa.array([hashlib.blake2b(f"{i}\0{t or ''}".encode(), digest_size=16).hexdigest()
-                     for i, t in zip(ids, texts)], pa.string())
+    keys = [pa.array([], pa.string())]
+    for start in range(0, items.num_rows, PLAN_CHUNK):  # Python strings for a chunk of rows at a time
+        part = items.slice(start, PLAN_CHUNK)
+        keys.append(pa.array([hashlib.blake2b(f"{i}\0{t or ''}".encode(), digest_size=16).hexdigest()
+                              for i, t in zip(part.column("item_id").to_pylist(),
+                                              part.column("embed_text").to_pylist())], pa.string()))
+    return pa.concat_arrays(keys)
 
 
 class EmbeddingCache:
@@ -70,7 +75,7 @@ class EmbeddingCache:
 
     def _read(self, columns: list[str], ids: pa.Array) -> pa.Table | None:
         parts = self.parts()
-        if not parts:
+        if not parts or not len(ids):  # no keys: pyarrow cannot type the filter of an empty ChunkedArray
             return None
         filesystem = None
         if not self.local:
@@ -139,10 +144,11 @@ def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = 
 def _budget_starts(sizes: np.ndarray, batch_size: int, budget: int) -> np.ndarray:
     """Batch starts over ascending sizes: a batch ends at `batch_size` items or before items x size > budget."""
     starts, start = [0], 0
-    for i, size in enumerate(sizes.tolist()):
-        if i > start and (i - start >= batch_size or (i - start + 1) * size > budget):
-            starts.append(i)
-            start = i
+    for lo in range(0, len(sizes), PLAN_CHUNK):  # Python ints for a chunk of items at a time
+        for i, size in enumerate(sizes[lo:lo + PLAN_CHUNK].tolist(), lo):
+            if i > start and (i - start >= batch_size or (i - start + 1) * size > budget):
+                starts.append(i)
+                start = i
     return np.asarray(starts)
 
 
@@ -163,19 +169,24 @@ def _fast_tokenizer(path: str):
 
 
 def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray | None:
-    """Token counts of `texts` from the model's own fast tokenizer (`tokenizer.json` in its folder), or None when
-    there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding than
-    batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py)."""
+    """Token counts (int32) of `texts` from the model's own fast tokenizer (`tokenizer.json` in its folder), or None
+    when there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding
+    than batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py).
+    Encoded `PLAN_CHUNK` texts at a time: the tokenizer's objects for every text at once held kilobytes a text in
+    the driver, and the allocator kept them after they were freed (docs/scale.md)."""
     try:
         path = Path(resolve_model_path(model)) / "tokenizer.json"
         if not path.is_file():
             return None
         tokenizer = _fast_tokenizer(str(path))
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no character offsets
-        encoded = encode([t or "" for t in texts.to_pylist()], add_special_tokens=False)
+        lengths = np.zeros(len(texts), np.int32)
+        for start in range(0, len(texts), PLAN_CHUNK):
+            chunk = [t or "" for t in texts.slice(start, PLAN_CHUNK).to_pylist()]
+            lengths[start:start + len(chunk)] = [len(e) for e in encode(chunk, add_special_tokens=False)]
     except Exception:  # no tokenizers package, an unreadable file: characters will do
         return None
-    return np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
+    return lengths
 
 
 def model_token_limit(model: str) -> int | None:
@@ -370,24 +381,39 @@ def resolve_batch_size(teacher_cfg, shape: dict) -> int:
     return teacher_class(teacher_cfg).auto_batch_size(teacher_cfg, memory, on_gpu)
 
 
-def _groups(role: str, cfg: Config, n: int, datasets, roles=None) -> tuple[dict, dict]:
+def _codes(values) -> tuple[np.ndarray, list]:
+    """(a code per row, the names they index) of per-row names (a sequence, or an Arrow dictionary array of unique
+    names as `embed_roles` builds): a mining run's million rows as int32 codes, not a Python string per row."""
+    if not isinstance(values, pa.DictionaryArray):
+        values = pa.array([str(v) for v in values], pa.string()).dictionary_encode()
+    return values.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), values.dictionary.to_pylist()
+
+
+def _first_seen(codes: np.ndarray) -> np.ndarray:
+    """The distinct codes in the order of their first row."""
+    distinct, first = np.unique(codes, return_index=True)
+    return distinct[np.argsort(first)]
+
+
+def _groups(role: str, cfg: Config, n: int, datasets=None, roles=None) -> tuple[dict, dict]:
     """(fingerprint -> (dataset whose instruction it is, rows, role), dataset -> fingerprint): rows of datasets
-    (and roles) with equal prompts share one fingerprint, so one vector per item. `roles` (one per row) overrides
-    `role`; rows of one role come in the order of their first row."""
+    (and roles) with equal prompts share one fingerprint, so one vector per item. `datasets` and `roles` are
+    `_codes` of one name per row, or None; `roles` overrides `role`; rows of one role come in the order of their
+    first row."""
     if datasets is None and roles is None:
         return {teacher_fingerprint(cfg.teacher, role): (None, np.arange(n), role)}, {}
     per_role = roles is not None
-    roles = np.asarray(roles if per_role else [role] * n, dtype=object)
+    role_codes, role_names = roles if per_role else (np.zeros(n, np.int32), [role])
     groups: dict[str, tuple] = {}
     by_dataset: dict = {}  # dataset -> fingerprint; with `roles`: role -> {dataset -> fingerprint}
-    for r in dict.fromkeys(roles.tolist()):
-        of_role = roles == r
+    for code in _first_seen(role_codes):
+        r, of_role = role_names[code], role_codes == code
         if datasets is None:
             names, where = [None], [np.flatnonzero(of_role)]
         else:
-            ds_arr = np.asarray(datasets, dtype=object)
-            names = sorted({str(d) for d in ds_arr[of_role]})
-            where = [np.flatnonzero(of_role & (ds_arr == ds)) for ds in names]
+            ds_codes, ds_names = datasets
+            present = sorted((ds_names[c], c) for c in np.unique(ds_codes[of_role]).tolist())
+            names, where = [ds for ds, _ in present], [np.flatnonzero(of_role & (ds_codes == c)) for _, c in present]
         for ds, rows in zip(names, where):
             fp = teacher_fingerprint(cfg.teacher, r, ds)
             (by_dataset.setdefault(r, {}) if per_role else by_dataset)[ds] = fp
@@ -404,7 +430,8 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
 
     `roles` (one role per row, or None) embeds several roles in the same pass (one actor pool, one model load);
     rows of roles whose prompts are equal share one vector per item, and `stats["by_role"]` counts each role as if
-    the roles had been embedded one after the other, in the order they first appear.
+    the roles had been embedded one after the other, in the order they first appear. Both `roles` and `datasets`
+    take a sequence or an Arrow dictionary array of unique names (`embed_roles`: no Python object per row).
 
     `datasets` (one name per row, or None) picks each row's instruction (`teacher.instructions`): a row is then an
     (item, dataset) pair, rows may repeat an item, and datasets whose prompts are equal share one vector per item
@@ -420,72 +447,80 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     Without Ray (`run.executor`, pipeline/ray_session.py) the same blocks of the same planned batches go through one
     `EmbedActor` in this process (`embed_local`): the same vectors, byte for byte, and the same cache parts.
     """
+    items = items.select(list(ITEM_COLUMNS))
     item_ids = items.column("item_id")
-    items = items.set_column(items.schema.get_field_index("item_id"), "item_id", input_keys(items))  # cache keys
-    groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles if roles is None else list(roles))
+    items = items.set_column(0, "item_id", input_keys(items))  # cache keys
+    datasets = _codes(datasets) if datasets is not None else None
+    roles = _codes(roles) if roles is not None else None
+    groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles)
     caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp, cfg.embed.storage_options) for fp in groups}
     on_ray = ray_active(cfg)
     stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups)),
              "executor": "ray" if on_ray else "local"}
     if len(groups) > 1 and roles is None:
         stats["fingerprints"] = by_dataset  # every dataset's; datasets with equal prompts share one
-    role_of = np.asarray(roles, dtype=object) if roles is not None else None
     missing_parts, counted = [], {"embedded": [], "found": [], "cross": []}
     for fp, (rep, rows, rep_role) in groups.items():
-        sub = items.take(pa.array(rows, pa.int64()))
-        found = caches[fp].contains(sub.column("item_id"))
+        keys = items.column("item_id").take(pa.array(rows, pa.int64()))
+        found = caches[fp].contains(keys)
         stats["cached"] += int(found.sum())
         kept = np.flatnonzero(~found)
         if len(kept) and (datasets is not None or roles is not None):  # an item under two names of one prompt: once
-            _, first, inverse = np.unique(sub.column("item_id").take(pa.array(kept)).to_numpy(zero_copy_only=False),
-                                          return_index=True, return_inverse=True)
-            if role_of is not None:  # rows whose item an earlier role embeds: cached, had the roles run in turn
-                own = role_of[rows[kept]]
+            # codes numbered in order of first appearance: an item's first row is where its code first appears
+            inverse = keys.take(pa.array(kept)).combine_chunks().dictionary_encode().indices.to_numpy()
+            first = np.unique(inverse, return_index=True)[1]
+            if roles is not None:  # rows whose item an earlier role embeds: cached, had the roles run in turn
+                own = roles[0][rows[kept]]
                 counted["cross"].append(rows[kept][own[first][inverse] != own])
-            kept = kept[np.sort(first)]
+            kept = kept[first]
+        del keys
         counted["found"].append(rows[found])
         counted["embedded"].append(rows[kept])
         stats["embedded"] += len(kept)
-        row_roles = role_of[rows[kept]] if role_of is not None else np.full(len(kept), rep_role, dtype=object)
-        for r in dict.fromkeys(row_roles.tolist()):  # one part per role, in order: a role's batches run together
-            missing_parts.append((fp, rep, sub.take(pa.array(kept[row_roles == r], pa.int64())), r))
+        if roles is None:
+            missing_parts += [(fp, rep, rows[kept], rep_role)] if len(kept) else []
+            continue
+        row_roles = roles[0][rows[kept]]
+        for code in _first_seen(row_roles):  # one part per role, in order: a role's batches run together
+            missing_parts.append((fp, rep, rows[kept[row_roles == code]], roles[1][code]))
     if missing_parts:
         shape = pool_shape(cfg, on_ray)
         batch_size = resolve_batch_size(cfg.teacher, shape)
         max_tokens = cfg.teacher.batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
         plans = []
-        for fp, rep, missing, rep_role in missing_parts:
+        for fp, rep, part_rows, rep_role in missing_parts:  # each part's items only while it is planned
+            missing = items.take(pa.array(part_rows, pa.int64()))
             plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model),
                                 cfg.teacher.batch_tokens, max_tokens)
             plan = plan.append_column("role", pa.array([rep_role] * plan.num_rows, pa.string()))
             plan = plan.append_column("dataset", pa.array([rep] * plan.num_rows, pa.string()))
             plans.append(plan.append_column("fingerprint", pa.array([fp] * plan.num_rows, pa.string())))
-        plan = pa.concat_tables(plans)
-        actors = min(shape["actors"], plan.num_rows)
-        blocks = cfg.embed.num_blocks or min(plan.num_rows, max(8, 4 * actors))
-        step = -(-plan.num_rows // blocks)
-        images = cfg.teacher.image_mode == "native" and any(p for paths in plan.column("image_paths").to_pylist()
-                                                            for p in paths)
+        del missing, plan
+        n_batches = sum(part.num_rows for part in plans)
+        actors = min(shape["actors"], n_batches)
+        blocks = cfg.embed.num_blocks or min(n_batches, max(8, 4 * actors))
+        step = -(-n_batches // blocks)
+        images = cfg.teacher.image_mode == "native" and any(_has_paths(part.column("image_paths")) for part in plans)
         # A block holds the batches of one part (one role) only.
-        slices, start = [], 0
-        for part in plans:
-            slices += [plan.slice(start + i, min(step, part.num_rows - i)) for i in range(0, part.num_rows, step)]
-            start += part.num_rows
+        slices = [part.slice(i, step) for part in plans for i in range(0, part.num_rows, step)]
+        del plans
         if on_ray:
             import ray
 
-            done = embed_stage(ray.data.from_arrow(slices), cfg, role, shape, actors, images).iter_batches(
-                batch_size=None, batch_format="pyarrow")
+            ds = ray.data.from_arrow(slices)
+            del slices  # in the object store now: the driver keeps no copy of the plan while the pool runs
+            done = embed_stage(ds, cfg, role, shape, actors, images).iter_batches(batch_size=None,
+                                                                                  batch_format="pyarrow")
         else:
             done = embed_local(slices, cfg, role, shape, images)
-        total = sum(m.num_rows for _, _, m, _ in missing_parts)
+        total = sum(len(part_rows) for _, _, part_rows, _ in missing_parts)
         with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
             for out in done:  # what the actors wrote, no vectors
                 bar.update(int(pc.sum(out.column("rows")).as_py() or 0))
         stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
-                     blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=plan.num_rows)
+                     blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=n_batches)
     if roles is not None:
-        stats["by_role"] = _role_stats(groups, by_dataset, role_of, counted, stats)
+        stats["by_role"] = _role_stats(groups, by_dataset, roles, counted, stats)
     if gather:
         vectors, found_all = gather_vectors(caches, groups, items.column("item_id"))
     elif missing_parts:
@@ -571,6 +606,12 @@ def embed_local(blocks: list, cfg: Config, role: str, shape: dict, images: bool 
         yield out
 
 
+def _has_paths(image_paths: pa.ChunkedArray) -> bool:
+    """Whether any planned batch (a list of image paths each) holds an image path."""
+    lengths = pc.utf8_length(pc.list_flatten(image_paths).cast(pa.string()))
+    return bool(pc.any(pc.greater(lengths, 0)).as_py())
+
+
 def _found(caches: dict, groups: dict, keys: pa.Array) -> np.ndarray:
     """Which items (cache keys `keys`) the cache holds a vector of; reads the keys only."""
     found_all = np.zeros(len(keys), bool)
@@ -600,17 +641,18 @@ def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarr
 POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size", "batch_tokens", "batches")
 
 
-def _role_stats(groups: dict, by_role: dict, roles: np.ndarray, counted: dict, stats: dict) -> dict:
-    """Per role, the stats that embedding the roles one after the other would have given: an item shared with
-    an earlier role of the same prompt counts as cached for the later one."""
+def _role_stats(groups: dict, by_role: dict, roles: tuple, counted: dict, stats: dict) -> dict:
+    """Per role (`roles`: `_codes` of one role per row), the stats that embedding the roles one after the other
+    would have given: an item shared with an earlier role of the same prompt counts as cached for the later one."""
+    codes, names = roles
     masks = {}
     for key, parts in counted.items():
-        masks[key] = np.zeros(len(roles), bool)
+        masks[key] = np.zeros(len(codes), bool)
         for rows in parts:
             masks[key][rows] = True
     out = {}
-    for r in dict.fromkeys(roles.tolist()):
-        of_role = roles == r
+    for code in _first_seen(codes):
+        r, of_role = names[code], codes == code
         fps = by_role.get(r, {})
         n_embedded = int((masks["embedded"] & of_role).sum())
         n_cached = int(((masks["found"] | masks["cross"]) & of_role).sum())
@@ -638,6 +680,13 @@ def role_fingerprint(cfg: Config, role: str, dataset) -> str:
     return teacher_fingerprint(cfg.teacher, role, str(dataset) if cfg.teacher.instructions else None)
 
 
+def _repeat(names: list[str], sizes: list[int]) -> pa.DictionaryArray:
+    """names[i] `sizes[i]` times, as codes into the distinct names (what `_codes` reads)."""
+    distinct = list(dict.fromkeys(names))
+    codes = np.repeat(np.array([distinct.index(n) for n in names], np.int32), sizes)
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(distinct, pa.string()))
+
+
 def embed_roles(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Config,
                 allow_failed: bool = False) -> list[dict]:
     """Embed `items` rows for several `(role, {dataset: item rows}, label)` requests in one embedding pass into the
@@ -650,20 +699,21 @@ def embed_roles(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Con
     if not len(flat):  # nothing to embed: each request on its own gives its empty stats
         return [embed_items(items.take(pa.array([], pa.int64())), role, cfg, lbl, allow_failed, gather=False)[1]
                 for role, _, lbl in requests]
-    roles = [role for (role, _, _), (_, all_rows) in zip(requests, parts) for r in all_rows for _ in range(len(r))]
-    names = ([str(ds) for order, all_rows in parts for ds, r in zip(order, all_rows) for _ in range(len(r))]
-             if cfg.teacher.instructions else None)
+    sizes = [len(r) for _, all_rows in parts for r in all_rows]
+    roles = _repeat([role for (role, _, _), (_, all_rows) in zip(requests, parts) for _ in all_rows], sizes)
+    names = _repeat([str(ds) for order, _ in parts for ds in order], sizes) if cfg.teacher.instructions else None
     label = " + ".join(lbl for _, _, lbl in requests)
-    _, stats = embed_items(items.take(pa.array(flat, pa.int64())), requests[0][0], cfg, label, allow_failed,
-                           datasets=names, roles=roles, gather=False)
+    _, stats = embed_items(items.select(list(ITEM_COLUMNS)).take(pa.array(flat, pa.int64())), requests[0][0], cfg,
+                           label, allow_failed, datasets=names, roles=roles, gather=False)
     out = []
     for (role, _, _), (order, all_rows) in zip(requests, parts):
         role_stats = dict(stats["by_role"].get(role, {"items": 0, "cached": 0, "embedded": 0,
                                                       "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
         if "failed_item_ids" in stats:
-            mine = set(items.column("item_id").take(pa.array(np.concatenate([np.zeros(0, np.int64), *all_rows]),
-                                                             pa.int64())).to_pylist())
-            role_stats["failed_item_ids"] = [i for i in stats["failed_item_ids"] if i in mine]
+            mine = items.column("item_id").take(pa.array(np.concatenate([np.zeros(0, np.int64), *all_rows]),
+                                                         pa.int64())).combine_chunks()
+            failed = pa.array(stats["failed_item_ids"], mine.type)
+            role_stats["failed_item_ids"] = failed.filter(pc.is_in(failed, value_set=mine)).to_pylist()
         out.append(role_stats)
     return out
 
