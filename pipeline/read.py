@@ -643,32 +643,35 @@ class _Reader:
 
 
 class _Seen:
-    """64-bit hashes of what accepted pairs have (ids, contents) with the pair each came from, sorted a batch at a
-    time: 16 bytes a pair instead of a dict entry, and a batch's membership test is a vectorised search per batch
-    before it. The arrays are never grown in place (growing them would leave the heap fragmented)."""
+    """64-bit hashes of what accepted pairs have (ids, contents) with the pair each came from: 16 bytes a pair
+    instead of a dict entry, and a batch's membership test is a vectorised search. Kept as sorted runs that merge
+    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times."""
 
     def __init__(self):
-        self.hashes: list[np.ndarray] = []
-        self.pairs: list[np.ndarray] = []
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their pairs)
 
     def hits(self, hashes: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(hashes), bool)
-        for sorted_hashes in self.hashes:
+        for sorted_hashes, _ in self.runs:
             at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
             hit |= sorted_hashes[at] == hashes
         return hit
 
     def rows(self, h: int) -> list[int]:
         """The pairs with hash `h`, first first."""
-        return sorted(int(p) for hashes, pairs in zip(self.hashes, self.pairs)
+        return sorted(int(p) for hashes, pairs in self.runs
                       for p in pairs[np.searchsorted(hashes, h):np.searchsorted(hashes, h, "right")])
 
     def add(self, hashes: np.ndarray, first_pair: int) -> None:
         """The hashes of pairs `first_pair`, `first_pair + 1`, ..."""
-        if len(hashes):
-            order = np.argsort(hashes, kind="stable")
-            self.hashes.append(hashes[order])
-            self.pairs.append(first_pair + order)
+        if not len(hashes):
+            return
+        run = (hashes, first_pair + np.arange(len(hashes)))
+        while self.runs and len(self.runs[-1][0]) <= len(run[0]):
+            last = self.runs.pop()
+            run = (np.concatenate([last[0], run[0]]), np.concatenate([last[1], run[1]]))
+        order = np.argsort(run[0], kind="stable")
+        self.runs.append((run[0][order], run[1][order]))
 
 
 def _array(values: list, kind: pa.DataType) -> pa.Array:
