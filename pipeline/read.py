@@ -366,7 +366,7 @@ QUERY_COLUMNS = {"query_id": pa.string(), "dataset": pa.string(), "qry": pa.stri
                  "pos_item_id": _ID, "input_neg_ids": pa.list_(_ID), "pos_extra_ids": pa.list_(_ID),
                  "_file": pa.int32(), "_n": pa.int64()}
 """What the reader keeps of an accepted pair, a column each (`_file`: its index in input.pairs, `_n`: its number)."""
-ITEM_COLUMNS = {"item_id": _ID, "text": pa.string(), "image_path": pa.string(), "embed_text": pa.string()}
+ITEM_COLUMNS = ("item_id", "text", "image_path", "embed_text")
 
 
 def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
