@@ -69,7 +69,8 @@ def _item_key(text: str, image_digest: str) -> bytes:
 
 
 BATCH_ROWS = 10_000
-"""Rows a batch: the reader holds one batch of input rows as Python objects at a time."""
+"""Rows a batch: the reader holds one batch of input rows as Python objects at a time. At least 1,000: a file's
+columns are checked on its first 1,000 rows, which its first batch holds."""
 
 
 def read_rows(path: str) -> tuple[list[dict], list[dict]]:
