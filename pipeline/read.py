@@ -6,6 +6,7 @@ copy of the positive can never come back as its own negative.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +58,19 @@ def normalise_text(text: str) -> str:
 
 
 def item_id(text: str, image_digest: str) -> str:
+    return _item_key(text, image_digest).hex()
+
+
+def _item_key(text: str, image_digest: str) -> bytes:
+    """`item_id` as its 16 bytes: what the reader keeps per item until it writes the corpus tables."""
     h = hashlib.blake2b(digest_size=16)
     h.update(b"t:" + normalise_text(text).encode() + b"\0i:" + image_digest.encode())
-    return h.hexdigest()
+    return h.digest()
+
+
+BATCH_ROWS = 10_000
+"""Rows a batch: the reader holds one batch of input rows as Python objects at a time. At least 1,000: a file's
+columns are checked on its first 1,000 rows, which its first batch holds."""
 
 
 def read_rows(path: str) -> tuple[list[dict], list[dict]]:
@@ -71,28 +82,58 @@ def read_rows(path: str) -> tuple[list[dict], list[dict]]:
 def read_numbered(path: str) -> tuple[list[dict], list[int], list[dict]]:
     """(rows, their numbers, rejects). A row's number is what a person looks it up by: its line number (1-based)
     in a JSONL file, its row index (0-based) in a Parquet file."""
+    rows, numbers, rejects = [], [], []
+    for batch_rows, batch_numbers, batch_rejects in iter_numbered(path):
+        rows += batch_rows
+        numbers += batch_numbers
+        rejects += batch_rejects
+    return rows, numbers, rejects
+
+
+def iter_numbered(path: str, batch_rows: Optional[int] = None) -> Iterator[tuple[list[dict], list[int], list[dict]]]:
+    """`read_numbered` a batch of up to `batch_rows` rows (default BATCH_ROWS) at a time, so that a caller holds one
+    batch of Python rows, not the file's. A JSONL batch carries the rejects of its lines."""
+    batch_rows = batch_rows or BATCH_ROWS
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
-            rows = pq.read_table(path).to_pylist()
+            yield from _parquet_batches(path, batch_rows)
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"{path}: cannot read Parquet file: {exc}") from exc
-        return rows, list(range(len(rows))), []
+        return
     if suffix in (".jsonl", ".json", ".ndjson"):
         try:
-            return _read_jsonl(path)
+            yield from _jsonl_batches(path, batch_rows)
         except IsADirectoryError:
             raise InputError(f"{path} is a folder; give a JSONL or Parquet file") from None
         except OSError as exc:
             raise InputError(f"{path}: cannot read JSONL file: {exc.strerror or exc}") from None
+        return
     raise InputError(f"{path}: unsupported file type {suffix!r}; give Parquet (.parquet) or JSON lines (.jsonl)")
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], list[int], list[dict]]:
+def _parquet_batches(path: str, batch_rows: int):
+    """What `pq.read_table(path)` reads, a batch at a time. Opened as read_table opens it (the same errors; a file,
+    or a folder of them with hive partitions); a file that is the whole table streams through ParquetFile, which
+    holds less than a dataset scan (no read-ahead)."""
+    dataset = pq.ParquetDataset(path)
+    start = 0
+    for fragment in dataset.fragments:
+        whole = fragment.physical_schema.equals(dataset.schema)
+        for batch in (pq.ParquetFile(fragment.path, filesystem=dataset.filesystem, buffer_size=1 << 20,
+                                     pre_buffer=False)
+                      .iter_batches(batch_size=batch_rows)
+                      if whole else fragment.to_batches(schema=dataset.schema, batch_size=batch_rows)):
+            rows = batch.to_pylist()
+            yield rows, list(range(start, start + len(rows))), []
+            start += len(rows)
+
+
+def _jsonl_batches(path: str, batch_rows: int):
     """Line by line with the json module: strings stay strings (pyarrow's reader turns "2021-05-01" into a date),
     every row keeps its line number, and a line that is not UTF-8 is rejected instead of altered."""
     rows, numbers, rejects = [], [], []
-    first, first_line, array = None, None, False
+    first, first_line, any_rows = None, None, False
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
@@ -108,8 +149,8 @@ def _read_jsonl(path: str) -> tuple[list[dict], list[int], list[dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                if n == first_line:
-                    array = first.startswith(b"[") or first == b"{"
+                if n == first_line and (first.startswith(b"[") or first == b"{"):
+                    raise _not_json_lines(path, first) from None
                 if bad_bytes is not None:
                     rejects.append(_bad_encoding(path, n, None, bad_bytes))
                 else:
@@ -126,12 +167,20 @@ def _read_jsonl(path: str) -> tuple[list[dict], list[int], list[dict]]:
                 continue
             rows.append(row)
             numbers.append(n)
-    if array or (rejects and not rows):  # one JSON document, not one object a line: say so once, not per line
-        hint = ("it holds a JSON array (convert it, e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if first.startswith(b"[")
-                else "it holds one JSON document spread over several lines" if first.startswith(b"{")
-                else "no line of it is a JSON object")
-        raise InputError(f"{path}: expected JSON Lines (one object per line); {hint}")
-    return rows, numbers, rejects
+            if len(rows) == batch_rows:
+                yield rows, numbers, rejects
+                rows, numbers, rejects, any_rows = [], [], [], True
+    if rejects and not rows and not any_rows:
+        raise _not_json_lines(path, first)
+    yield rows, numbers, rejects
+
+
+def _not_json_lines(path: str, first: bytes) -> InputError:
+    """One JSON document, not one object a line: said once, not per line."""
+    hint = ("it holds a JSON array (convert it, e.g. `jq -c '.[]' FILE > FILE.jsonl`)" if first.startswith(b"[")
+            else "it holds one JSON document spread over several lines" if first.startswith(b"{")
+            else "no line of it is a JSON object")
+    return InputError(f"{path}: expected JSON Lines (one object per line); {hint}")
 
 
 def _json_type(value) -> str:
@@ -312,112 +361,357 @@ def _text_field(row: dict, name: str) -> tuple[str, Optional[str]]:
     return value, None
 
 
-QUERY_FIELDS = ("query_id", "dataset", "qry", "qry_image_path", "pos_text", "pos_image_path", "group", "qry_item_id",
-                "pos_item_id", "input_neg_ids", "pos_extra_ids", "_path", "_n")
+_ID = pa.binary(16)
+QUERY_COLUMNS = {"query_id": pa.string(), "dataset": pa.string(), "qry": pa.string(), "qry_image_path": pa.string(),
+                 "pos_text": pa.string(), "pos_image_path": pa.string(), "group": pa.string(), "qry_item_id": _ID,
+                 "pos_item_id": _ID, "input_neg_ids": pa.list_(_ID), "pos_extra_ids": pa.list_(_ID),
+                 "_file": pa.int32(), "_n": pa.int64()}
+"""What the reader keeps of an accepted pair, a column each (`_file`: its index in input.pairs, `_n`: its number)."""
+ITEM_COLUMNS = ("item_id", "text", "image_path", "embed_text")
 
 
 def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
-    """Read and validate every input file; see the module docstring."""
-    rejects: list[dict] = []
-    raw: list[tuple[str, int, dict] | None] = []  # (file, index among its rows, row); each freed once read
-    numbers: dict[str, list[int]] = {}  # file -> line or row number of each of its rows
-    for path in cfg.pairs:
-        rows, nums, bad = read_numbered(path)
-        if not rows and not bad:
-            raise InputError(f"{path} holds no rows; give a file of (query, positive) pairs")
-        rejects.extend(bad)
-        _check_columns(path, rows, cfg)
-        raw.extend((path, i, r) for i, r in enumerate(rows))
-        numbers[path] = nums
-        del rows
-    rows_in = len(raw) + len(rejects)
-
-    captions = _load_captions(cfg.captions) if caption_mode else {}
-    probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
-                       max_bytes=cfg.max_image_bytes)
-    probe.run({r.get(c) for _, _, r in raw for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
-    probe.run({p for _, _, r in raw for c in ("neg_image_path", "pos_image_path", "pos_extra_image_path")
-               for p in _as_list(r.get(c)) if isinstance(p, str)})
-
-    items: dict[str, tuple[str, str, str]] = {}  # item_id -> (text, image_path, embed_text)
-    queries: dict[str, list] = {name: [] for name in QUERY_FIELDS}  # one list a column, not a dict a row
-    seen_ids, seen_content = {}, {}
-    group_pairs: set[tuple[str, str]] = set()
+    """Read and validate every input file (see the module docstring), a batch of rows at a time: only the batch is
+    Python objects; what is kept of it is Arrow / numpy columns, so the driver grows by bytes a pair, not objects."""
+    reader = _Reader(cfg, caption_mode)
     file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
-    for at in range(len(raw)):
-        path, n, row = raw[at]
-        raw[at] = None
-        qid, num = row.get("id"), numbers[path][n]
-        row, more = _split_positives(row)
-        dataset = row.get("dataset") or file_dataset[path]
-        has_id = qid is not None
-        if has_id:
-            qid = str(qid)
-        else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
-            qid = f"{dataset}:{Path(path).stem}:{n}" if file_dataset[path] in shared else f"{dataset}:{n}"
-        sides, problem = [], _key_type_problem(path, num, qid, row)
-        for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
-            if problem:
-                break
-            side = _side(row, text_col, image_col, probe, captions, caption_mode)
-            if isinstance(side, dict):
-                problem = _reject(path, num, qid, side["field"], side["reason"], side["detail"])
-                break
-            sides.append(side)
-        if problem is None and cfg.group_key and row.get(cfg.group_key) is not None \
-                and not isinstance(row.get(cfg.group_key), (str, int)):
-            problem = _reject(path, num, qid, cfg.group_key, "bad_type",
-                              f"group key must be a string or integer, got {row.get(cfg.group_key)!r}")
-        if problem is None:
-            key = (sides[0][0], sides[1][0])
-            content = (str(dataset), *key)
-            if qid in seen_ids:
-                first_path, first_num, first_key = seen_ids[qid]
-                same = first_key == key
-                problem = _reject(path, num, qid, "id", "duplicate_row" if same else "duplicate_id",
-                                  f"id {qid!r} already used by {_where(first_path, first_num)}"
-                                  + ("" if same else " with different content; give every pair a unique id"))
-            elif not has_id and content in seen_content:
-                # No id to tell them apart: the same query and positive in one dataset is the same pair again
-                problem = _reject(path, num, qid, None, "duplicate_row",
-                                  f"same query, positive and dataset as {_where(*seen_content[content])}; "
-                                  "remove the repeated row")
-            else:
-                seen_ids[qid] = (path, num, key)
-                seen_content.setdefault(content, (path, num))
-        if problem:
-            rejects.append(problem)
-            continue
-        group = row.get(cfg.group_key) if cfg.group_key else None
-        group = None if group is None else str(group)
-        for iid, text, image, embed_text in sides:
-            items.setdefault(iid, (text, image, embed_text))
-        negs = _input_negatives(row, probe, captions, caption_mode, path, num, qid, rejects)
-        extras = _extra_positives(more, {sides[1][0]}, probe, captions, caption_mode, path, num, qid, rejects)
-        for iid, text, image, embed_text in negs + extras:
-            items.setdefault(iid, (text, image, embed_text))
-        for name, value in (("query_id", qid), ("dataset", str(dataset)), ("qry", row.get("qry") or ""),
-                            ("input_neg_ids", [neg[0] for neg in negs] if _has_negatives(row) else None),
-                            ("qry_image_path", row.get("qry_image_path") or ""),
-                            ("pos_text", row.get("pos_text") or ""),
-                            ("pos_image_path", row.get("pos_image_path") or ""), ("group", group),
-                            ("qry_item_id", sides[0][0]), ("pos_item_id", sides[1][0]), ("_path", path), ("_n", n),
-                            ("pos_extra_ids", [e[0] for e in extras] or None)):
-            queries[name].append(value)
-        if group is not None:
-            group_pairs.update((iid, group) for iid in [sides[1][0], *(e[0] for e in extras)])
-
-    pool_members: dict[str, set[str]] = {}
-    for ds, pos, extra in zip(queries["dataset"], queries["pos_item_id"], queries["pos_extra_ids"]):
-        pool_members.setdefault(ds, set()).update([pos, *(extra or ())])  # the default pool: every positive
-    candidate_rejects = 0
-    if cfg.candidates:
-        candidate_rejects = _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, group_pairs,
-                                            rejects)
-
+    rows_in = 0
+    for k, path in enumerate(cfg.pairs):
+        n_rows = n_bad = 0
+        for rows, numbers, bad in iter_numbered(path):
+            reader.read_rejects.extend(bad)
+            if rows and not n_rows:
+                _check_columns(path, rows, cfg)
+            reader.add_pairs(k, rows, numbers, n_rows, file_dataset[path], file_dataset[path] in shared)
+            n_rows, n_bad = n_rows + len(rows), n_bad + len(bad)
+        if not n_rows and not n_bad:
+            raise InputError(f"{path} holds no rows; give a file of (query, positive) pairs")
+        rows_in += n_rows + n_bad
+    candidate_rejects = reader.add_candidates() if cfg.candidates else 0
+    rejects = reader.read_rejects + reader.rejects + reader.candidate_read_rejects + reader.candidate_rejects
     _check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
-    return _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects)
+    return reader.corpus(rejects, rows_in, candidate_rejects)
+
+
+class _Reader:
+    """What `load_corpus` keeps between batches: accepted pairs and found items as Arrow chunks, the ids and contents
+    of accepted pairs as sorted hashes (`_Seen`), pool and group memberships as arrays. Rejects stay dicts."""
+
+    def __init__(self, cfg: InputConfig, caption_mode: bool):
+        self.cfg, self.caption_mode = cfg, caption_mode
+        self.captions = _load_captions(cfg.captions) if caption_mode else {}
+        self.probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
+                                max_bytes=cfg.max_image_bytes)
+        self.read_rejects, self.rejects = [], []
+        self.candidate_read_rejects, self.candidate_rejects = [], []
+        self.queries = {name: [] for name in QUERY_COLUMNS}  # chunks, one a batch
+        self.starts = [0]  # accepted pairs before each chunk
+        self.items = {name: [] for name in ITEM_COLUMNS}  # every batch's new items (an item may recur across them)
+        self.seen = {"id": _Seen(), "content": _Seen()}
+        self.pools: dict[str, int] = {}  # dataset -> pool number, in the order the pools appear
+        self.candidate_pools: dict[str, list] = {"item_id": [], "pool": []}  # pool -1 - k: the first k pools
+        self.group_pairs: dict[str, list] = {"item_id": [], "group": []}
+        self.has_negatives = self.has_extras = False
+
+    def add_pairs(self, k, rows, numbers, first_n, file_dataset, shared) -> None:
+        """Validate one batch of pairs rows (the `first_n`-th row of file `k` on); keep the accepted ones."""
+        cfg, probe, captions, caption_mode = self.cfg, self.probe, self.captions, self.caption_mode
+        path = cfg.pairs[k]
+        probe.run({r.get(c) for r in rows for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
+        probe.run({p for r in rows for c in ("neg_image_path", "pos_image_path", "pos_extra_image_path")
+                   for p in _as_list(r.get(c)) if isinstance(p, str)})
+        checked = []
+        for i, row in enumerate(rows):
+            n, num, qid = first_n + i, numbers[i], row.get("id")
+            row, more = _split_positives(row)
+            dataset = row.get("dataset") or file_dataset
+            has_id = qid is not None
+            if has_id:
+                qid = str(qid)
+            else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
+                qid = f"{dataset}:{Path(path).stem}:{n}" if shared else f"{dataset}:{n}"
+            sides, problem = [], _key_type_problem(path, num, qid, row)
+            for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
+                if problem:
+                    break
+                side = _side(row, text_col, image_col, probe, captions, caption_mode)
+                if isinstance(side, dict):
+                    problem = _reject(path, num, qid, side["field"], side["reason"], side["detail"])
+                    break
+                sides.append(side)
+            if problem is None and cfg.group_key and row.get(cfg.group_key) is not None \
+                    and not isinstance(row.get(cfg.group_key), (str, int)):
+                problem = _reject(path, num, qid, cfg.group_key, "bad_type",
+                                  f"group key must be a string or integer, got {row.get(cfg.group_key)!r}")
+            content = None if problem else (str(dataset), sides[0][0], sides[1][0])
+            checked.append((problem, row, more, qid, has_id, dataset, sides, num, content))
+        # which ids and contents an earlier batch has: a hash match, confirmed against that pair in `_first`
+        valid = [c for c in checked if c[0] is None]
+        id_hash = np.array([hash(c[3]) for c in valid], np.int64)
+        content_hash = np.array([hash(c[8]) for c in valid], np.int64)
+        id_hit, content_hit = self.seen["id"].hits(id_hash), self.seen["content"].hits(content_hash)
+
+        batch_ids, batch_content, accepted = {}, {}, []
+        columns: dict[str, list] = {name: [] for name in QUERY_COLUMNS}
+        items: dict[bytes, tuple] = {}
+        group_pairs: set[tuple[bytes, str]] = set()
+        j = -1
+        for problem, row, more, qid, has_id, dataset, sides, num, content in checked:
+            if problem is None:
+                j += 1
+                key = content[1:]
+                first = (self._first("id", qid, id_hash[j]) if id_hit[j] else None) or batch_ids.get(qid)
+                if first:
+                    first_path, first_num, first_key = first
+                    same = first_key == key
+                    problem = _reject(path, num, qid, "id", "duplicate_row" if same else "duplicate_id",
+                                      f"id {qid!r} already used by {_where(first_path, first_num)}"
+                                      + ("" if same else " with different content; give every pair a unique id"))
+                elif not has_id and (first := (self._first("content", content, content_hash[j])
+                                               if content_hit[j] else None) or batch_content.get(content)):
+                    # No id to tell them apart: the same query and positive in one dataset is the same pair again
+                    problem = _reject(path, num, qid, None, "duplicate_row",
+                                      f"same query, positive and dataset as {_where(*first[:2])}; "
+                                      "remove the repeated row")
+                else:
+                    batch_ids[qid] = (path, num, key)
+                    batch_content.setdefault(content, (path, num, key))
+                    accepted.append(j)
+            if problem:
+                self.rejects.append(problem)
+                continue
+            group = row.get(cfg.group_key) if cfg.group_key else None
+            group = None if group is None else str(group)
+            for iid, text, image, embed_text in sides:
+                items.setdefault(iid, (text, image, embed_text))
+            negs = _input_negatives(row, probe, captions, caption_mode, path, num, qid, self.rejects)
+            extras = _extra_positives(more, {sides[1][0]}, probe, captions, caption_mode, path, num, qid,
+                                      self.rejects)
+            for iid, text, image, embed_text in negs + extras:
+                items.setdefault(iid, (text, image, embed_text))
+            self.has_negatives |= _has_negatives(row)
+            self.has_extras |= bool(extras)
+            self.pools.setdefault(str(dataset), len(self.pools))
+            for name, value in (("query_id", qid), ("dataset", str(dataset)), ("qry", row.get("qry") or ""),
+                                ("input_neg_ids", [neg[0] for neg in negs]),
+                                ("qry_image_path", row.get("qry_image_path") or ""),
+                                ("pos_text", row.get("pos_text") or ""),
+                                ("pos_image_path", row.get("pos_image_path") or ""), ("group", group),
+                                ("qry_item_id", sides[0][0]), ("pos_item_id", sides[1][0]), ("_file", k),
+                                ("_n", num), ("pos_extra_ids", [e[0] for e in extras])):
+                columns[name].append(value)
+            if group is not None:
+                group_pairs.update((iid, group) for iid in [sides[1][0], *(e[0] for e in extras)])
+        del checked, valid
+        for name, kind in (("id", id_hash), ("content", content_hash)):
+            self.seen[name].add(kind[accepted], self.starts[-1])
+        self.starts.append(self.starts[-1] + len(accepted))
+        for name, values in columns.items():
+            self.queries[name].append(_array(values, QUERY_COLUMNS[name]))
+        self._keep_items(items)
+        self._keep_groups(group_pairs)
+
+    def _first(self, kind: str, value, h: int) -> Optional[tuple]:
+        """(path, number, (query item, positive item)) of the first accepted pair of an earlier batch whose id
+        (kind "id") or (dataset, query item, positive item) (kind "content") is `value`; None if there is none."""
+        for g in self.seen[kind].rows(h):
+            c = bisect.bisect_right(self.starts, g) - 1
+            pair = {name: self.queries[name][c][g - self.starts[c]].as_py()
+                    for name in ("query_id", "dataset", "qry_item_id", "pos_item_id", "_file", "_n")}
+            key = (pair["qry_item_id"], pair["pos_item_id"])
+            if (pair["query_id"] if kind == "id" else (pair["dataset"], *key)) == value:
+                return self.cfg.pairs[pair["_file"]], pair["_n"], key
+        return None
+
+    def _keep_items(self, items: dict[bytes, tuple]) -> None:
+        """A batch's items as chunks; `embed_text` is null where it is the text (no caption), shared at the end."""
+        self.items["item_id"].append(_array(list(items), _ID))
+        for at, name in enumerate(("text", "image_path")):
+            self.items[name].append(_array([v[at] for v in items.values()], pa.string()))
+        self.items["embed_text"].append(_array([None if v[2] == v[0] else v[2] for v in items.values()],
+                                             pa.string()))
+
+    def _keep_groups(self, group_pairs: set[tuple[bytes, str]]) -> None:
+        self.group_pairs["item_id"].append(_array([iid for iid, _ in group_pairs], _ID))
+        self.group_pairs["group"].append(_array([g for _, g in group_pairs], pa.string()))
+
+    def add_candidates(self) -> int:
+        """The candidate corpus (input.candidates) into the items and pools; returns how many rows it rejected."""
+        cfg, probe, captions, caption_mode = self.cfg, self.probe, self.captions, self.caption_mode
+        count = 0
+        for rows, numbers, bad in iter_numbered(cfg.candidates):
+            self.candidate_read_rejects.extend({**r, "kind": "candidate"} for r in bad)
+            count += len(bad)
+            probe.run({r.get("image_path") for r in rows if isinstance(r.get("image_path"), str)})
+            items: dict[bytes, tuple] = {}
+            group_pairs: set[tuple[bytes, str]] = set()
+            members, pools = [], []
+            for n, row in zip(numbers, rows):
+                text, p1 = _text_field(row, "text")
+                image, p2 = _text_field(row, "image_path")
+                side = {"field": "text", "reason": "bad_type", "detail": p1 or p2} if (p1 or p2) else \
+                    _content(text, image, "text", "image_path", probe, captions, caption_mode)
+                if isinstance(side, dict):
+                    self.candidate_rejects.append(_reject(cfg.candidates, n, row.get("id"), side["field"],
+                                                          side["reason"], side["detail"], kind="candidate"))
+                    count += 1
+                    continue
+                iid = side[0]
+                items.setdefault(iid, side[1:])
+                members.append(iid)  # into its dataset's pool, or (no dataset) into every pool there is so far
+                pools.append(self.pools.setdefault(str(row["dataset"]), len(self.pools)) if row.get("dataset")
+                             else -1 - len(self.pools))
+                if cfg.group_key and row.get(cfg.group_key) is not None:
+                    group_pairs.add((iid, str(row[cfg.group_key])))
+            self.candidate_pools["item_id"].append(_array(members, _ID))
+            self.candidate_pools["pool"].append(np.array(pools, np.int64))
+            self._keep_items(items)
+            self._keep_groups(group_pairs)
+        return count
+
+    def corpus(self, rejects: list[dict], rows_in: int, candidate_rejects: int) -> Corpus:
+        """The tables and row numbers, a column at a time (each column's chunks go as it is joined)."""
+        ids, keep = _first_of_each(_ids(_concat(self.items.pop("item_id"), _ID)))
+        text, image = (_concat(self.items.pop(name), pa.string()).take(keep) for name in ("text", "image_path"))
+        embed = _concat(self.items.pop("embed_text"), pa.string())
+        embed = text if embed.null_count == len(embed) else pc.coalesce(embed.take(keep), text)
+        del keep
+        codes = np.zeros(len(text), np.int8)
+        with_image = np.flatnonzero(pc.not_equal(image, "").to_numpy(zero_copy_only=False))
+        if len(with_image):
+            codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
+        item_table = pa.table({"item_id": _hex(ids), "text": text, "image_path": image,
+                               "modality": pa.array(MODALITIES, pa.string()).take(codes), "embed_text": embed})
+        del text, image, embed, codes
+
+        q = {name: _concat(self.queries.pop(name), kind) for name, kind in QUERY_COLUMNS.items()}
+        rank = {path: r for r, path in enumerate(sorted(set(self.cfg.pairs)))}  # sorted(): UTF-8 byte order
+        ranks = np.array([rank[path] for path in self.cfg.pairs], np.int32)
+        # rows by dataset, then file path, then place in the file
+        keys = pa.table({"d": q["dataset"], "p": ranks[q.pop("_file").to_numpy()], "n": q.pop("_n")})
+        order = pc.sort_indices(keys, sort_keys=[("d", "ascending"), ("p", "ascending"), ("n", "ascending")])
+        del keys
+        qry_rows, pos_rows = (np.searchsorted(ids, _ids(q[name])) for name in ("qry_item_id", "pos_item_id"))
+        qtable = pa.table({name: _hex(_ids(q.pop(name))) if QUERY_COLUMNS[name] == _ID else q[name]
+                           for name in list(QUERY_COLUMNS)[:9]})
+        groups = pa.concat_arrays([_concat(self.group_pairs["group"], pa.string()), q["group"].drop_null()])
+        groups = pc.unique(groups)
+        groups = groups.take(pc.sort_indices(groups))
+        n_groups = max(len(groups), 1)
+        group_code = pc.fill_null(pc.index_in(q["group"], value_set=groups), -1).cast(pa.int32())
+        qtable = qtable.append_column("qry_idx", pa.array(qry_rows.astype(np.int32)))
+        qtable = qtable.append_column("pos_idx", pa.array(pos_rows.astype(np.int32)))
+        qtable = qtable.append_column("group_code", group_code)
+        if np.any(np.diff(order.to_numpy().astype(np.int64)) < 0):  # not in order yet: one sorted copy of the table
+            qtable = qtable.take(order)
+        extra_lists = q.pop("pos_extra_ids")
+        for flag, name, lists in ((self.has_extras, extra_positives.COLUMN, extra_lists),
+                                  (self.has_negatives, "input_neg_idx", q.pop("input_neg_ids"))):
+            if flag:  # the input has extra positives / negatives: their item rows
+                lists = lists.take(order)
+                qtable = qtable.append_column(name, pa.ListArray.from_arrays(
+                    lists.offsets, pa.array(np.searchsorted(ids, _ids(lists.flatten())).astype(np.int32))))
+
+        # the default pool of a dataset: its pairs' positives (and extra positives); then the candidates'
+        pool_of = pc.index_in(q["dataset"], value_set=pa.array(list(self.pools), pa.string())).to_numpy()
+        extra_rows = np.searchsorted(ids, _ids(extra_lists.flatten()))
+        member_rows = [pos_rows, extra_rows]
+        member_pools = [pool_of, np.repeat(pool_of, np.diff(extra_lists.offsets.to_numpy()))]
+        if self.cfg.candidates:
+            rows = np.searchsorted(ids, _ids(_concat(self.candidate_pools["item_id"], _ID)))
+            pools = np.concatenate(self.candidate_pools["pool"] or [np.zeros(0, np.int64)])
+            named = pools >= 0
+            member_rows.append(rows[named])
+            member_pools.append(pools[named])
+            upto = -1 - pools[~named]  # a row without a dataset: in each of the first `upto` pools
+            member_rows.append(np.repeat(rows[~named], upto))
+            member_pools.append(np.arange(upto.sum()) - np.repeat(np.cumsum(upto) - upto, upto))
+        codes = np.unique(np.concatenate(member_pools).astype(np.int64) * len(ids)
+                          + np.concatenate(member_rows).astype(np.int64))
+        bounds = np.searchsorted(codes, np.arange(len(self.pools) + 1) * len(ids))
+        pools = {ds: codes[bounds[p]:bounds[p + 1]] - p * len(ids) for ds, p in self.pools.items()}
+        del q, member_rows, member_pools, codes
+
+        group_items = _concat(self.group_pairs["item_id"], _ID)
+        if len(group_items):
+            item_rows = np.searchsorted(ids, _ids(group_items)).astype(np.int64)
+            codes = pc.index_in(_concat(self.group_pairs["group"], pa.string()), value_set=groups).to_numpy()
+            item_groups = np.unique(item_rows * n_groups + codes)
+        else:
+            item_groups = np.zeros(0, np.int64)
+        return Corpus(qtable, item_table, pools, item_groups, n_groups, rejects, rows_in, candidate_rejects)
+
+
+class _Seen:
+    """64-bit hashes of what accepted pairs have (ids, contents) with the pair each came from: 16 bytes a pair
+    instead of a dict entry, and a batch's membership test is a vectorised search. Kept as sorted runs that merge
+    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their pairs)
+
+    def hits(self, hashes: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(hashes), bool)
+        for sorted_hashes, _ in self.runs:
+            at = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+            hit |= sorted_hashes[at] == hashes
+        return hit
+
+    def rows(self, h: int) -> list[int]:
+        """The pairs with hash `h`, first first."""
+        return sorted(int(p) for hashes, pairs in self.runs
+                      for p in pairs[np.searchsorted(hashes, h):np.searchsorted(hashes, h, "right")])
+
+    def add(self, hashes: np.ndarray, first_pair: int) -> None:
+        """The hashes of pairs `first_pair`, `first_pair + 1`, ..."""
+        if not len(hashes):
+            return
+        run = (hashes, first_pair + np.arange(len(hashes)))
+        while self.runs and len(self.runs[-1][0]) <= len(run[0]):
+            last = self.runs.pop()
+            run = (np.concatenate([last[0], run[0]]), np.concatenate([last[1], run[1]]))
+        order = np.argsort(run[0], kind="stable")
+        self.runs.append((run[0][order], run[1][order]))
+
+
+def _array(values: list, kind: pa.DataType) -> pa.Array:
+    """`pa.array` in buffers of its exact size: a builder's grown-and-freed buffers, batch after batch between the
+    kept ones, leave the allocator fragmented (measured: RSS ~50% above the bytes kept)."""
+    return pa.concat_arrays([pa.array(values, kind)])
+
+
+def _concat(chunks: list[pa.Array], kind: pa.DataType) -> pa.Array:
+    return pa.concat_arrays(chunks) if chunks else pa.array([], kind)
+
+
+def _ids(array: pa.Array) -> np.ndarray:
+    """16-byte ids (binary(16), no nulls) as a numpy `S16` view: sorted and searched like their bytes."""
+    return np.frombuffer(array.buffers()[1], "S16", count=array.offset + len(array))[array.offset:]
+
+
+def _first_of_each(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids sorted, where each first occurs): the first occurrence of an item is the one kept."""
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    first = np.ones(len(ids), bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered[first], order[first]
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _hex(ids: np.ndarray) -> pa.Array:
+    """The ids as 32-character hex strings (their `item_id`), written straight into Arrow buffers: not a Python
+    string each, and in Arrow's pool, which reuses the memory the reader frees."""
+    raw = np.ascontiguousarray(ids).view(np.uint8)
+    data, offsets = pa.allocate_buffer(2 * len(raw)), pa.allocate_buffer(4 * (len(ids) + 1))
+    digits = np.frombuffer(data, np.uint8).reshape(-1, 2)
+    np.take(_HEX_DIGITS, raw >> 4, out=digits[:, 0])
+    np.take(_HEX_DIGITS, raw & 15, out=digits[:, 1])
+    np.multiply(np.arange(len(ids) + 1, dtype=np.int32), 32, out=np.frombuffer(offsets, np.int32))
+    return pa.Array.from_buffers(pa.string(), len(ids), [None, offsets, data], null_count=0)
 
 
 def _where(source: str, number) -> str:
@@ -484,7 +778,7 @@ def _content(text, image, text_col, image_col, probe, captions, caption_mode):
             return {"field": image_col, "reason": "no_caption",
                     "detail": f"teacher.image_mode is caption but input.captions has no caption for {image!r}"}
         embed_text = f"{caption} {text}".strip() if text.strip() else caption
-    return item_id(text, digest), text, image, embed_text
+    return _item_key(text, digest), text, image, embed_text
 
 
 def _as_list(value) -> list:
@@ -570,31 +864,6 @@ def _load_captions(path: str) -> dict[str, str]:
     return {r["image_path"]: r["caption"] for r in rows if isinstance(r.get("caption"), str) and r["caption"].strip()}
 
 
-def _add_candidates(cfg, probe, captions, caption_mode, items, pool_members, group_pairs, rejects) -> int:
-    rows, numbers, bad = read_numbered(cfg.candidates)
-    rejects.extend({**r, "kind": "candidate"} for r in bad)
-    probe.run({r.get("image_path") for r in rows if isinstance(r.get("image_path"), str)})
-    count = len(bad)
-    for n, row in zip(numbers, rows):
-        text, p1 = _text_field(row, "text")
-        image, p2 = _text_field(row, "image_path")
-        side = {"field": "text", "reason": "bad_type", "detail": p1 or p2} if (p1 or p2) else \
-            _content(text, image, "text", "image_path", probe, captions, caption_mode)
-        if isinstance(side, dict):
-            rejects.append(_reject(cfg.candidates, n, row.get("id"), side["field"], side["reason"], side["detail"],
-                                   kind="candidate"))
-            count += 1
-            continue
-        iid = side[0]
-        items.setdefault(iid, side[1:])
-        targets = [row["dataset"]] if row.get("dataset") else list(pool_members)
-        for ds in targets:
-            pool_members.setdefault(str(ds), set()).add(iid)
-        if cfg.group_key and row.get(cfg.group_key) is not None:
-            group_pairs.add((iid, str(row[cfg.group_key])))
-    return count
-
-
 def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> None:
     n_rejected = len(rejects)
     over_fraction = rows_in and n_rejected / rows_in > cfg.max_reject_fraction
@@ -610,61 +879,6 @@ def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> N
             f"{n_rejected} of {rows_in} input rows are unusable (above {limit}): {reasons}. First: "
             f"{_where(first['source'], first['row'])} field {first['field']}: {first['detail']}. Fix the input "
             "(or the image root), or raise the threshold.")
-
-
-def _assemble(queries, items, pool_members, group_pairs, rejects, rows_in, candidate_rejects) -> Corpus:
-    """Tables and row numbers from what the reader collected; column work is Arrow / numpy, not per item."""
-    keys = sorted(items)  # ids are hex digests: sorted() is also their UTF-8 byte order
-
-    def column(at: int) -> pa.Array:
-        return pa.array([items[key][at] for key in keys], pa.string())
-
-    ids, text_col, image_col, embed_col = pa.array(keys, pa.string()), column(0), column(1), column(2)
-    items.clear()  # the Python strings go as soon as Arrow holds them
-    del keys
-    if pc.any(pc.not_equal(image_col, "")).as_py():
-        modality = pa.array([MODALITIES[(2 if t.strip() and im else 1 if im else 0)]
-                             for t, im in zip(text_col.to_pylist(), image_col.to_pylist())], pa.string())
-    else:  # no item has an image: every item is text
-        modality = pa.array(["text"] * len(ids), pa.string())
-    item_table = pa.table({"item_id": ids, "text": text_col, "image_path": image_col, "modality": modality,
-                           "embed_text": embed_col})
-    # rows by dataset, then file path, then place in the file (UTF-8 byte order is the order of sorted() on str)
-    order = pc.sort_indices(pa.table({"d": pa.array(queries["dataset"], pa.string()),
-                                      "p": pa.array(queries.pop("_path"), pa.string()),
-                                      "n": pa.array(queries.pop("_n"), pa.int64())}),
-                            sort_keys=[("d", "ascending"), ("p", "ascending"), ("n", "ascending")])
-    qtable = pa.table({name: pa.array(queries.pop(name), pa.string()) for name in QUERY_FIELDS[:9]})
-    if np.any(np.diff(order.to_numpy().astype(np.int64)) < 0):  # not in order yet: one sorted copy of the table
-        qtable = qtable.take(order)
-
-    def rows_of(values) -> pa.Array:
-        return pc.index_in(values, value_set=ids)
-
-    qtable = qtable.append_column("qry_idx", rows_of(qtable.column("qry_item_id")).cast(pa.int32()))
-    qtable = qtable.append_column("pos_idx", rows_of(qtable.column("pos_item_id")).cast(pa.int32()))
-    pools = {ds: np.sort(rows_of(pa.array(list(members), pa.string())).to_numpy().astype(np.int64))
-             for ds, members in pool_members.items()}
-    groups = sorted({g for _, g in group_pairs} | set(pc.unique(qtable.column("group")).drop_null().to_pylist()))
-    gindex = {g: k for k, g in enumerate(groups)}
-    if group_pairs:
-        pair_items, pair_groups = zip(*group_pairs)
-        item_rows = rows_of(pa.array(pair_items, pa.string())).to_numpy().astype(np.int64)
-        codes = np.array([gindex[g] for g in pair_groups], np.int64)
-        item_groups = np.sort(item_rows * max(len(groups), 1) + codes)
-    else:
-        item_groups = np.zeros(0, np.int64)
-    group_code = pc.index_in(qtable.column("group"), value_set=pa.array(groups, pa.string()))
-    qtable = qtable.append_column("group_code", pc.fill_null(group_code, -1).cast(pa.int32()))
-    if any(queries["pos_extra_ids"]):  # the input has extra positives: their item rows
-        lists = pa.array([x or [] for x in queries["pos_extra_ids"]], pa.list_(pa.string())).take(order)
-        qtable = qtable.append_column(extra_positives.COLUMN, pa.ListArray.from_arrays(
-            lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
-    if any(x is not None for x in queries["input_neg_ids"]):  # the input has negatives: their item rows
-        lists = pa.array([x or [] for x in queries["input_neg_ids"]], pa.list_(pa.string())).take(order)
-        qtable = qtable.append_column("input_neg_idx", pa.ListArray.from_arrays(
-            lists.offsets, rows_of(lists.flatten()).cast(pa.int32())))
-    return Corpus(qtable, item_table, pools, item_groups, max(len(groups), 1), rejects, rows_in, candidate_rejects)
 
 
 def drop_items(corpus: Corpus, failed: set[str], reason: str, detail: str) -> Corpus:

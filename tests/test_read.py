@@ -198,3 +198,40 @@ def test_reject_details_carry_no_object_reprs(tmp_path):
     (bad,) = corpus.rejects
     assert bad["reason"] == "corrupt_image" and "not an image in a readable format" in bad["detail"]
     assert " object at 0x" not in bad["detail"] and "<_io" not in bad["detail"]
+
+
+def test_batch_boundaries_do_not_change_the_corpus(tmp_path, monkeypatch):
+    """Rows are read a batch at a time: ids, contents and items seen in an earlier batch count exactly as in one."""
+    import numpy as np
+
+    import pipeline.read as read
+
+    rows = [{"id": "a", "qry": "red  ball", "pos_text": "a ball", "grp": "g1", "neg_text": ["blue car", " "]},
+            {"qry": "sky", "pos_text": "blue sky", "pos_extra_text": ["the sky", "blue sky"], "grp": 2},
+            {"id": "b", "qry": "tree", "pos_text": "a tree"},
+            {"id": "a", "qry": "red ball", "pos_text": "a ball"},  # same id and content: a repeated row
+            {"qry": "sky", "pos_text": "blue sky"},  # no id, same content as the second row
+            {"id": "b", "qry": "bush", "pos_text": "a bush"},  # same id, other content
+            {"id": "c", "qry": "red ball", "pos_text": "the sky", "grp": "g1"}]
+    jsonl = write_jsonl(tmp_path / "one.jsonl", rows)
+    with open(jsonl, "a") as f:
+        f.write("{broken\n")
+    pq.write_table(pa.table({"id": ["d", "a", "e"], "qry": ["cat", "dog", "red ball "], "pos_text": ["a cat"] * 3,
+                             "grp": ["g2", None, "g1"]}), tmp_path / "two.parquet")
+    candidates = write_jsonl(tmp_path / "cands.jsonl", [{"text": "a cat"}, {"text": "moon", "dataset": "other"},
+                                                        {"text": "sun", "grp": "g3"}, {"text": ""}])
+    cfg = InputConfig(pairs=[str(jsonl), str(tmp_path / "two.parquet")], candidates=str(candidates),
+                      group_key="grp", max_reject_fraction=0.9)
+    whole = load_corpus(cfg, caption_mode=False)
+    monkeypatch.setattr(read, "BATCH_ROWS", 2)
+    batched = load_corpus(cfg, caption_mode=False)
+    assert [(r["query_id"], r["reason"]) for r in whole.rejects] == [
+        (None, "bad_json"), ("a", "duplicate_row"), ("one:4", "duplicate_row"), ("b", "duplicate_id"),
+        ("a", "duplicate_id"), (None, "empty_text")]
+    assert whole.items.column("text").to_pylist()[whole.queries.column("qry_idx")[0].as_py()] == "red  ball"
+    assert batched.queries.equals(whole.queries) and batched.items.equals(whole.items)
+    assert list(batched.pools) == list(whole.pools) == ["one", "two", "other"]
+    assert all(np.array_equal(batched.pools[k], whole.pools[k]) for k in whole.pools)
+    assert np.array_equal(batched.item_groups, whole.item_groups) and batched.n_groups == whole.n_groups == 4
+    assert (batched.rejects, batched.rows_in, batched.candidate_rows_rejected) == \
+        (whole.rejects, whole.rows_in, whole.candidate_rows_rejected)
