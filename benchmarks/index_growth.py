@@ -95,3 +95,152 @@ def topic_vectors(n: int, nq: int, work: Path, seed: int = 0) -> tuple[np.ndarra
     np.savez(tmp, pool=pool, queries=queries)
     os.replace(tmp, path)
     return pool, queries
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the rules
+# ------------------------------------------------------------------------------------------------------------------
+
+def today(n: int) -> dict:
+    """`IndexConfig` overrides that rebuild the index the rule before issue 15 chose (a power of two near 2 sqrt(n)
+    lists, at most n / 39; flat quantizer; nprobe from nlist / 64 in [16, 128]; 40 x nlist training points)."""
+    nl = int(2 ** round(math.log2(max(1.0, 2.0 * math.sqrt(n)))))
+    while nl > 16 and nl * 39 > n:
+        nl //= 2
+    nl = min(max(nl, 16), 262_144)
+    q = f"IVF{nl}_HNSW32" if nl >= 65_536 else f"IVF{nl}"
+    return {"kind": f"{q},Flat", "nprobe": min(nl, max(16, min(128, nl // 64))),
+            "train_size": min(n, max(40 * nl, 65_536))}
+
+
+def rules(n: int, also: list[str]) -> dict[str, dict]:
+    """name -> IndexConfig overrides: `today`, `auto` (the defaults) and each `--also` factory template, whose
+    `{nlist}` is the nlist `auto` picks (to compare quantizers at the same lists)."""
+    from pipeline.config import IndexConfig
+    from pipeline.index import choose_index
+
+    out = {"today": today(n), "auto": {}}
+    nl = choose_index(n, 96, IndexConfig(), gpu_available=False)["params"].get("nlist", 0)
+    for f in also if nl else ():
+        out[f.format(nlist=nl)] = {"kind": f.format(nlist=nl), "train_size": min(n, max(40 * nl, 65_536))}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------------------------
+
+def measure(pool: np.ndarray, queries: np.ndarray, truth: tuple, k: int, overrides: dict) -> dict:
+    """Build + tune (`open_index`, in this process), then search every query once: timings, recall@k against
+    `truth`, and FAISS's own counts of the vectors scanned and the coarse distances computed per query."""
+    import faiss
+
+    from pipeline.config import IndexConfig
+    from pipeline.index import recall_at_k
+    from pipeline.retrieve import open_index
+
+    cfg = IndexConfig(distributed="never", **overrides)
+    c0, t0 = time.process_time(), time.perf_counter()
+    searcher, info = open_index(pool, len(queries), k, cfg, lambda rows: queries[rows])
+    build_cpu, build_wall = time.process_time() - c0, time.perf_counter() - t0
+    try:
+        faiss.cvar.indexIVF_stats.reset()
+        faiss.cvar.hnsw_stats.reset()
+        c0, t0 = time.process_time(), time.perf_counter()
+        D, I = searcher.search(queries, k)
+        search_cpu, search_wall = time.process_time() - c0, time.perf_counter() - t0
+        nq = len(queries)
+        scanned = faiss.cvar.indexIVF_stats.ndis / nq
+        hnsw_q = "HNSW" in info["factory"].split(",")[0]
+        coarse = faiss.cvar.hnsw_stats.ndis / nq if hnsw_q else info["params"].get("nlist", 0)
+    finally:
+        searcher.close()
+    p = info["params"]
+    return {"factory": info["factory"], "nlist": p.get("nlist"), "nprobe": p.get("nprobe"),
+            "train_size": p.get("train_size"), "recall_trials": info.get("recall_trials"),
+            "train_s": info.get("train_s"), "add_s": info.get("add_s"),
+            "build_and_tune_wall_s": round(build_wall, 2), "build_and_tune_cpu_s": round(build_cpu, 2),
+            "search_us_per_query": round(search_wall / nq * 1e6, 1),
+            "search_cpu_us_per_query": round(search_cpu / nq * 1e6, 1),
+            "recall_at_k": round(recall_at_k(I, truth[1], k, D, truth[0]), 4),
+            "scanned_per_query": round(scanned), "coarse_distances_per_query": round(coarse),
+            "list_size": round(len(pool) / p["nlist"]) if p.get("nlist") else None}
+
+
+def run(sizes: list[int], nq: int, k: int, work: Path, also: list[str], done=lambda runs: None) -> dict:
+    from pipeline.index import exact_search
+
+    out = {}
+    for n in sizes:
+        t = time.perf_counter()
+        pool, queries = topic_vectors(n, nq, work)
+        print(f"n={n}: vectors in {time.perf_counter() - t:.1f} s", flush=True)
+        truth = exact_search(pool, queries, k)
+        out[str(n)] = {}
+        for name, ov in rules(n, also).items():
+            r = measure(pool, queries, truth, k, ov)
+            out[str(n)][name] = r
+            print(f"  {name:>24}: {r['factory']:>20} nprobe {str(r['nprobe']):>4} recall {r['recall_at_k']:.4f} "
+                  f"scanned {r['scanned_per_query']:>7} coarse {r['coarse_distances_per_query']:>6} "
+                  f"search {r['search_us_per_query']:>8} us/q train {r['train_s']} s add {r['add_s']} s", flush=True)
+        del pool, queries
+        done(out)
+    return out
+
+
+def table(runs: dict) -> str:
+    head = ("| pool | rule | index | nprobe (tuned) | vectors / list | scanned / query | coarse distances / query "
+            "| recall@50 | search us / query (wall, cpu) | train s | add s |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for n, by_rule in runs.items():
+        for name, r in by_rule.items():
+            rows.append(f"| {int(n):,} | {name} | `{r['factory']}` | {r['nprobe']} | {r['list_size']} "
+                        f"| {r['scanned_per_query']:,} | {r['coarse_distances_per_query']:,} | {r['recall_at_k']:.4f} "
+                        f"| {r['search_us_per_query']:,}, {r['search_cpu_us_per_query']:,} | {r['train_s']} "
+                        f"| {r['add_s']} |")
+    return "\n".join(rows)
+
+
+def ratios(runs: dict) -> dict:
+    """Per size, auto / today: vectors scanned per query and search time per query (same run, back to back)."""
+    out = {}
+    for n, r in runs.items():
+        if "today" in r and "auto" in r:
+            a, t = r["auto"], r["today"]
+            out[n] = {"scanned": round(a["scanned_per_query"] / max(t["scanned_per_query"], 1), 3),
+                      "search_us": round(a["search_us_per_query"] / t["search_us_per_query"], 3),
+                      "search_cpu_us": round(a["search_cpu_us_per_query"] / max(t["search_cpu_us_per_query"], 1e-9),
+                                             3)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    ap.add_argument("--queries", type=int, default=2000, help="queries searched (the first pairs' queries)")
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--also", nargs="*", default=[],
+                    help="more factory templates to measure, '{nlist}' = auto's nlist, e.g. 'IVF{nlist}_HNSW32,Flat'")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "index_growth"),
+                    help="where the vectors are cached")
+    ap.add_argument("--out", default=str(RESULTS / "index_growth.json"))
+    a = ap.parse_args(argv)
+    from benchmarks.vs_sentence_transformers import machine
+
+    command = "python benchmarks/index_growth.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(runs):  # after every size, so a long run leaves what it has measured
+        result = {"command": command, "k": a.k, "queries": a.queries, "runs": runs,
+                  "ratios_auto_over_today": ratios(runs), "machine": machine()}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+    result = write(run(a.sizes, a.queries, a.k, Path(a.work), a.also, write))
+    print(table(runs))
+    print("auto / today:", json.dumps(result["ratios_auto_over_today"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
