@@ -200,18 +200,19 @@ def _pow2_near(x: float) -> int:
 
 
 LIST_SIZE = 256          # vectors per IVF list past ~260k: nlist grows with the pool so a probe scans a fixed amount
-MAX_NLIST = 65_536      # k-means on 40 x nlist points: the cap keeps training (and its sample) bounded past 16M
+MAX_SIZED_NLIST = 32_768  # up to here; k-means (40 x nlist points x nlist) grows as nlist^2 and runs in the driver
 HNSW_QUANTIZER_FROM = 8192  # lists from which the coarse quantizer is an HNSW graph (cost ~log nlist, not nlist)
 
 
 def derive_nlist(n: int) -> int:
-    """Power of two near max(2*sqrt(n), n/LIST_SIZE), with at least ~39 training points per list, in [16,
-    MAX_NLIST]. Lists of a bounded size keep the vectors scanned per query (nprobe x list size) flat as the pool
-    grows, where 2*sqrt(n) lists (the rule below ~260k) scan a growing share (docs/scale.md, "Search cost")."""
-    nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), n / LIST_SIZE))
+    """Power of two near max(2*sqrt(n), min(n/LIST_SIZE, MAX_SIZED_NLIST)), with at least ~39 training points per
+    list, in [16, 262144]. Lists of a bounded size keep the vectors scanned per query (nprobe x list size) flat as the
+    pool grows from ~260k to ~8M, where 2*sqrt(n) lists scan a growing share (docs/scale.md, "Search cost as the
+    pool grows"); past that the k-means training would cost more than the search saves."""
+    nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), min(n / LIST_SIZE, MAX_SIZED_NLIST)))
     while nl > 16 and nl * 39 > n:
         nl //= 2
-    return int(min(max(nl, 16), MAX_NLIST))
+    return int(min(max(nl, 16), 262_144))
 
 
 def derive_nprobe(nlist: int) -> int:

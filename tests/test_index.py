@@ -46,7 +46,7 @@ def brute(x, q, k):
     (5_000_000, 128, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
     (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF16384_HNSW32,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
     (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF16384_HNSW32,PQ64"),
-    (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF65536_HNSW32,PQ32"),
+    (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF32768_HNSW32,PQ32"),
     (1_000_000_000, 128, 64, "ivf_pq", "OPQ32,IVF65536_HNSW32,PQ32"),
 ])
 def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
@@ -65,11 +65,12 @@ def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
 
 def test_lists_keep_a_bounded_size_as_the_pool_grows():
     """Below ~260k the lists stay as before (2 sqrt(n)); above, nlist grows with n so the vectors a probe scans do
-    not, up to MAX_NLIST; nprobe starts at 16 whatever the size (the recall check raises it)."""
+    not, up to MAX_SIZED_NLIST lists, then 2 sqrt(n) again; nprobe starts at 16 whatever the size (the recall check
+    raises it)."""
     assert [ix.derive_nlist(n) for n in (50_000, 100_000, 250_000)] == [512, 512, 1024]
     for n in (400_000, 1_600_000, 3_000_000, 10_000_000):
         assert ix.LIST_SIZE / 2 ** 0.5 <= n / ix.derive_nlist(n) <= ix.LIST_SIZE * 2 ** 0.5
-    assert ix.derive_nlist(10 ** 10) == ix.MAX_NLIST
+    assert ix.derive_nlist(10 ** 8) == ix.MAX_SIZED_NLIST and ix.derive_nlist(10 ** 9) == 65_536  # 2 sqrt(n)
     assert [ix.derive_nprobe(nl) for nl in (8, 512, 8192, 65_536)] == [8, 16, 16, 16]
 
 
