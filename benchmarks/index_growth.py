@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         return result
 
     result = write(run(a.sizes, a.queries, a.k, Path(a.work), a.also, write))
-    print(table(runs))
+    print(table(result["runs"]))
     print("auto / today:", json.dumps(result["ratios_auto_over_today"]))
     return 0
 
