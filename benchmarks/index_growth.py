@@ -190,14 +190,15 @@ def run(sizes: list[int], nq: int, k: int, work: Path, also: list[str], done=lam
 
 def table(runs: dict) -> str:
     head = ("| pool | rule | index | nprobe (tuned) | vectors / list | scanned / query | coarse distances / query "
-            "| recall@50 | search us / query (wall, cpu) | train s | add s |")
+            "| recall@50 | search us / query (wall, cpu) | train + add s (wall) | build + tune s (wall, cpu) |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for n, by_rule in runs.items():
         for name, r in by_rule.items():
             rows.append(f"| {int(n):,} | {name} | `{r['factory']}` | {r['nprobe']} | {r['list_size']} "
                         f"| {r['scanned_per_query']:,} | {r['coarse_distances_per_query']:,} | {r['recall_at_k']:.4f} "
-                        f"| {r['search_us_per_query']:,}, {r['search_cpu_us_per_query']:,} | {r['train_s']} "
-                        f"| {r['add_s']} |")
+                        f"| {r['search_us_per_query']:,.0f}, {r['search_cpu_us_per_query']:,.0f} "
+                        f"| {r['train_s']:.0f} + {r['add_s']:.0f} "
+                        f"| {r['build_and_tune_wall_s']:.0f}, {r['build_and_tune_cpu_s']:.0f} |")
     return "\n".join(rows)
 
 
