@@ -1,12 +1,13 @@
 """Per-query search cost of the automatic IVF index as the pool grows (issue 15: "wall time per pair does not rise").
 
-    python benchmarks/index_growth.py --sizes 100000 400000 1600000 --out benchmarks/results/index_growth.json
+    python benchmarks/index_growth.py --sizes 100000 400000 --also 'IVF{nlist}_HNSW32,Flat'
+    python benchmarks/index_growth.py --sizes 1600000 --out benchmarks/results/index_growth-1.6m.json
 
 Data: `benchmarks.driver_memory.topic_pairs(n)` (n / 500 topics, the data the driver-memory benchmark mines) embedded
 by the package's `HashingTeacher` (96-d): the pool is the n positives, the queries the first `--queries` pairs'
 queries. That is the data on which the index + search stage went from 134 to 414 us a pair between 100k and 400k.
-The vectors are computed here in numpy (`hashing_vectors`, checked equal to the teacher's own on a sample; the
-teacher hashes trigram by trigram in Python, ~0.4 ms a text) and kept under `--work` for the next run.
+The vectors are computed here in numpy (`hashing_vectors`, equal to the teacher's own: tests/test_benchmarks_index_
+growth.py; the teacher hashes trigram by trigram in Python, ~0.4 ms a text) and kept under `--work` for the next run.
 
 For each size, each rule builds its index in this process (`index.distributed: never`) through
 `pipeline.retrieve.open_index`, which tunes nprobe against `index.recall_floor` (0.95) on 500 of the queries as a run
@@ -16,8 +17,9 @@ does; then all the queries are searched once (timed) and compared with exact sea
   from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536);
 * `auto`: `choose_index` at the default `IndexConfig` (whatever pipeline/index.py decides now).
 
-Reported per size and rule: factory, nlist, tuned nprobe, train / add seconds, search us per query, recall@k of all
-the queries against exact search, vectors scanned per query (FAISS's `indexIVF_stats.ndis`) and coarse-quantizer
+Reported per size and rule: factory, nlist, tuned nprobe, train / add seconds, build + tune and search time (wall
+and this process's CPU time, which a loaded machine inflates far less), recall@k of all the queries against exact
+search, vectors scanned per query (FAISS's `indexIVF_stats.ndis`) and coarse-quantizer
 distances per query (nlist for a flat quantizer, `hnsw_stats.ndis` for an HNSW one). Timings on a shared 2-core
 machine are noisy: compare the two rules within a size (they run back to back), and the scanned counts, which are
 exact.
