@@ -220,9 +220,11 @@ class IndexConfig:
     """Memory the index may take, all shards together: `auto` picks IVF-Flat if the raw vectors fit, else IVF-SQ8,
     else (OPQ) IVF-PQ with the largest code that fits."""
     nlist: Optional[int] = None
-    """IVF lists (default: a power of two near 2*sqrt(pool size))."""
+    """IVF lists (default: a power of two near the larger of 2*sqrt(pool size) and min(pool size / 256, 32,768):
+    from ~260k to ~8M vectors the lists keep 180-360 vectors each, so a probed list costs the same at any pool size
+    in that range; an HNSW coarse quantizer from 8,192 lists)."""
     nprobe: Optional[int] = None
-    """IVF lists searched per query (default: nlist/64, at least 16, at most 128); raised by `auto_tune` below the
+    """IVF lists searched per query (default: 16, or nlist when smaller); raised by `auto_tune` below the
     floor."""
     ef_search: Optional[int] = None
     """HNSW search beam (default: max(128, 2*k)); raised by `auto_tune` below the floor."""

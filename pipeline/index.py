@@ -205,19 +205,27 @@ def _pow2_near(x: float) -> int:
     return int(2 ** round(math.log2(max(1.0, x))))
 
 
+LIST_SIZE = 256          # vectors per IVF list past ~260k: nlist grows with the pool so a probe scans a fixed amount
+MAX_SIZED_NLIST = 32_768  # up to here; k-means (40 x nlist points x nlist) grows as nlist^2 and runs in the driver
+HNSW_QUANTIZER_FROM = 8192  # lists from which the coarse quantizer is an HNSW graph (cost ~log nlist, not nlist)
+
+
 def derive_nlist(n: int) -> int:
-    """Power of two near 2*sqrt(n), with at least ~39 training points per list, in [16, 262144]."""
-    nl = _pow2_near(2.0 * math.sqrt(max(n, 1)))
+    """Power of two near max(2*sqrt(n), min(n/LIST_SIZE, MAX_SIZED_NLIST)), with at least ~39 training points per
+    list, in [16, 262144]. Lists of a bounded size keep the vectors scanned per query (nprobe x list size) flat as the
+    pool grows from ~260k to ~8M, where 2*sqrt(n) lists scan a growing share (docs/scale.md, "Search cost as the
+    pool grows"); past that the k-means training would cost more than the search saves."""
+    nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), min(n / LIST_SIZE, MAX_SIZED_NLIST)))
     while nl > 16 and nl * 39 > n:
         nl //= 2
     return int(min(max(nl, 16), 262_144))
 
 
 def derive_nprobe(nlist: int) -> int:
-    """nlist/64 (at least 16, at most 128). Scanning a fixed fraction of the lists makes search cost grow linearly
-    with the pool; the cap keeps it sub-linear at 100M+ where the lists are many and neighbours sit in few of them.
-    The recall check raises it (auto_tune) wherever the data needs more."""
-    return int(min(nlist, max(16, min(128, nlist // 64))))
+    """16 lists (all of them below 16). With lists of a bounded size (derive_nlist) the neighbours of a query sit in
+    about as many lists at 100k as at 100M, so the start does not grow with the pool; the recall check raises it
+    (auto_tune) wherever the data needs more."""
+    return int(min(nlist, 16))
 
 
 def derive_ef_search(k: int) -> int:
@@ -257,8 +265,9 @@ def _budget_bytes(cfg) -> float:
 
 
 def _quantizer(nlist: int) -> str:
-    # beyond ~64k lists a flat coarse quantizer dominates add/search time: use an HNSW one
-    return f"IVF{nlist}_HNSW32" if nlist >= 65_536 else f"IVF{nlist}"
+    # from HNSW_QUANTIZER_FROM lists a flat coarse quantizer (nlist distances per query and per added vector, in
+    # every shard) outgrows the scan of the probed lists: use an HNSW one
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
 
 
 def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] = None) -> dict:
@@ -482,8 +491,41 @@ def train_index(idx, source: VectorSource, plan: dict, seed: int = 0) -> float:
         return 0.0
     t = time.perf_counter()
     m = int(plan["params"].get("train_size") or min(source.n, 65_536))
-    idx.train(source.sample(m, seed))
+    x = source.sample(m, seed)
+    try:
+        ivf = faiss.extract_index_ivf(idx)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None and _find_hnsw(faiss.downcast_index(ivf.quantizer)) is not None:
+        train_coarse(idx, ivf, x)
+    idx.train(x)  # what comes after the lists (codes); a filled quantizer is not trained again
     return time.perf_counter() - t
+
+
+def train_coarse(idx, ivf, x: np.ndarray) -> None:
+    """Fill the HNSW coarse quantizer of ``ivf`` (inside ``idx``) with k-means centroids of ``x``: k-means assigns
+    with a flat index (FAISS would assign with the graph, rebuilt every iteration), and the graph is built once, on
+    one thread: a multi-threaded build can link it in another order each time (timing, thread count), and with it
+    change the lists a query probes."""
+    if isinstance(idx, faiss.IndexPreTransform):  # OPQ: the lists hold rotated vectors
+        for j in range(idx.chain.size()):
+            vt = idx.chain.at(j)
+            if not vt.is_trained:
+                vt.train(x)
+            x = vt.apply(x)
+    cp = ivf.cp
+    km = faiss.Kmeans(x.shape[1], int(ivf.nlist), niter=cp.niter, seed=cp.seed, spherical=cp.spherical,
+                      max_points_per_centroid=cp.max_points_per_centroid)
+    km.train(x)
+    q = faiss.downcast_index(ivf.quantizer)
+    q.reset()
+    q.hnsw.efSearch = 64  # the beam that assigns added vectors to lists (search sets its own)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        q.add(km.centroids)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def set_search_params(index, plan: dict, k: int) -> dict:

@@ -41,12 +41,12 @@ def brute(x, q, k):
     (1_000, 128, 8, "flat", "Flat"),
     (49_999, 768, 8, "flat", "Flat"),
     (50_000, 128, 8, "ivf_flat", "IVF512,Flat"),
-    (1_000_000, 128, 8, "ivf_flat", "IVF2048,Flat"),
-    (5_000_000, 128, 8, "ivf_flat", "IVF4096,Flat"),
-    (5_000_000, 128, 1, "ivf_sq8", "IVF4096,SQ8"),
-    (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF4096,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
-    (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF4096,PQ64"),
-    (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF16384,PQ32"),
+    (1_000_000, 128, 8, "ivf_flat", "IVF4096,Flat"),
+    (5_000_000, 128, 8, "ivf_flat", "IVF16384_HNSW32,Flat"),
+    (5_000_000, 128, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
+    (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF16384_HNSW32,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
+    (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF16384_HNSW32,PQ64"),
+    (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF32768_HNSW32,PQ32"),
     (1_000_000_000, 128, 64, "ivf_pq", "OPQ32,IVF65536_HNSW32,PQ32"),
 ])
 def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
@@ -57,10 +57,21 @@ def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
     if kind.startswith("ivf"):
         p = plan["params"]
         assert p["nlist"] & (p["nlist"] - 1) == 0 and 39 * p["nlist"] <= n  # power of two, trainable
-        assert p["nprobe"] == max(16, min(128, p["nlist"] // 64))
+        assert p["nprobe"] == 16
         assert 39 * p["nlist"] <= p["train_size"] <= n
     if kind == "ivf_pq":
         assert plan["lossy"] and plan["params"]["refine_factor"] == 4
+
+
+def test_lists_keep_a_bounded_size_as_the_pool_grows():
+    """Below ~260k the lists stay as before (2 sqrt(n)); above, nlist grows with n so the vectors a probe scans do
+    not, up to MAX_SIZED_NLIST lists, then 2 sqrt(n) again; nprobe starts at 16 whatever the size (the recall check
+    raises it)."""
+    assert [ix.derive_nlist(n) for n in (50_000, 100_000, 250_000)] == [512, 512, 1024]
+    for n in (400_000, 1_600_000, 3_000_000, 10_000_000):
+        assert ix.LIST_SIZE / 2 ** 0.5 <= n / ix.derive_nlist(n) <= ix.LIST_SIZE * 2 ** 0.5
+    assert ix.derive_nlist(10 ** 8) == ix.MAX_SIZED_NLIST and ix.derive_nlist(10 ** 9) == 65_536  # 2 sqrt(n)
+    assert [ix.derive_nprobe(nl) for nl in (8, 512, 8192, 65_536)] == [8, 16, 16, 16]
 
 
 def test_a_larger_budget_never_picks_a_smaller_index():
@@ -88,7 +99,7 @@ def test_exact_below_budget_and_explicit_kinds():
     assert (user["kind"], user["factory"], user["params"]["nprobe"], user["lossy"]) == (
         "factory", "IVF256,PQ16x4fs", 9, True)
     opq = ix.choose_index(1_000_000, 64, IndexConfig(kind="ivf_pq", pq_m=32), gpu_available=False)
-    assert opq["factory"] == "IVF2048,PQ32" and not opq["params"]["opq"]  # 2 dims per sub-vector: no OPQ
+    assert opq["factory"] == "IVF4096,PQ32" and not opq["params"]["opq"]  # 2 dims per sub-vector: no OPQ
     assert ix.choose_index(1_000_000, 64, IndexConfig(kind="ivf_pq", pq_m=8), gpu_available=False)["params"]["opq"]
 
 
@@ -227,6 +238,42 @@ def test_sharded_ivf_with_one_trained_quantizer_equals_the_single_ivf_index():
     s, i = ix.merge_topk(parts, 20)
     es, ei = ix.search(single, q, 20)
     assert np.array_equal(i, ei) and np.array_equal(s, es)
+
+
+def test_hnsw_quantizer_is_built_the_same_every_time_and_shards_exactly():
+    """An HNSW coarse quantizer (auto, from HNSW_QUANTIZER_FROM lists) is trained on a flat k-means and linked on
+    one thread: builds on 2 threads and on 1 give the same graph (a multi-threaded build can link it in another
+    order each time), and sharded search equals the single index, as for a flat one."""
+    x = clustered(12_000, 32, seed=13)
+    q = clustered(100, 32, seed=14)
+    cfg = IndexConfig(kind="IVF256_HNSW32,Flat", nprobe=8)
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(2)
+        a = ix.build_index(x, cfg)
+        faiss.omp_set_num_threads(1)
+        b = ix.build_index(x, cfg)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    qa = faiss.extract_index_ivf(a.index).quantizer
+    assert faiss.downcast_index(qa).hnsw.efSearch >= 64  # set_search_params: max(64, 2 * nprobe)
+    assert np.array_equal(faiss.serialize_index(qa), faiss.serialize_index(faiss.extract_index_ivf(b.index).quantizer))
+    s, i = ix.search(a, q, 20)
+    s2, i2 = ix.search(b, q, 20)
+    assert np.array_equal(i, i2) and np.array_equal(s, s2)
+    tmpl = ix.make_index(a.plan)
+    ix.train_index(tmpl, ix.as_source(x), a.plan, seed=0)
+    blob = faiss.serialize_index(tmpl)
+    parts = []
+    for lo, hi in [(0, 7000), (7000, 12_000)]:
+        shard = faiss.deserialize_index(blob)
+        ix.add_source(shard, ix.as_source(x), lo, hi, 1000)
+        ix.set_search_params(shard, a.plan, 20)
+        parts.append(ix.search(ix.BuiltIndex(shard, dict(a.info), id_offset=lo), q, 20))
+    s3, i3 = ix.merge_topk(parts, 20)
+    assert np.array_equal(i3, i) and np.array_equal(s3, s)
+    _, ei = ix.exact_search(x, q, 20)
+    assert ix.recall_at_k(i, ei) >= 0.9
 
 
 def test_merge_breaks_ties_by_id_and_pads():

@@ -1,0 +1,249 @@
+"""Per-query search cost of the automatic IVF index as the pool grows (issue 15: "wall time per pair does not rise").
+
+    python benchmarks/index_growth.py --sizes 100000 400000 --also 'IVF{nlist}_HNSW32,Flat'
+    python benchmarks/index_growth.py --sizes 1600000 --out benchmarks/results/index_growth-1.6m.json
+
+Data: `benchmarks.driver_memory.topic_pairs(n)` (n / 500 topics, the data the driver-memory benchmark mines) embedded
+by the package's `HashingTeacher` (96-d): the pool is the n positives, the queries the first `--queries` pairs'
+queries. That is the data on which the index + search stage went from 134 to 414 us a pair between 100k and 400k.
+The vectors are computed here in numpy (`hashing_vectors`, equal to the teacher's own: tests/test_benchmarks_index_
+growth.py; the teacher hashes trigram by trigram in Python, ~0.4 ms a text) and kept under `--work` for the next run.
+
+For each size, each rule builds its index in this process (`index.distributed: never`) through
+`pipeline.retrieve.open_index`, which tunes nprobe against `index.recall_floor` (0.95) on 500 of the queries as a run
+does; then all the queries are searched once (timed) and compared with exact search:
+
+* `today`: the rule before this benchmark -- nlist a power of two near 2 sqrt(n), a flat coarse quantizer, nprobe
+  from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536);
+* `auto`: `choose_index` at the default `IndexConfig` (whatever pipeline/index.py decides now).
+
+Reported per size and rule: factory, nlist, tuned nprobe, train / add seconds, build + tune and search time (wall
+and this process's CPU time, which a loaded machine inflates far less), recall@k of all the queries against exact
+search, vectors scanned per query (FAISS's `indexIVF_stats.ndis`) and coarse-quantizer
+distances per query (nlist for a flat quantizer, `hnsw_stats.ndis` for an HNSW one). Timings on a shared 2-core
+machine are noisy: compare the two rules within a size (they run back to back), and the scanned counts, which are
+exact.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+TEXT_DIM = 48  # HashingTeacher.TEXT_DIM; its other 48 (image) dimensions are zero for text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------------------------
+
+def hashing_vectors(texts: list[str], chunk: int = 100_000) -> np.ndarray:
+    """`HashingTeacher`'s vectors of ASCII texts (no prompt), computed a chunk at a time in numpy: every distinct
+    character trigram is hashed once instead of once per occurrence."""
+    from pipeline.teachers.base import normalise
+    from pipeline.teachers.examples import HashingTeacher
+
+    assert HashingTeacher.TEXT_DIM == TEXT_DIM
+    out = np.zeros((len(texts), 2 * TEXT_DIM), np.float32)
+    slot: dict[int, tuple[int, float]] = {}
+    for s in range(0, len(texts), chunk):
+        padded = [f"  {t.casefold()}  " for t in texts[s:s + chunk]]
+        lens = np.fromiter((len(p) for p in padded), np.int64, len(padded))
+        b = np.frombuffer("".join(padded).encode("ascii"), np.uint8).astype(np.int64)
+        code = b[:-2] << 16 | b[1:-1] << 8 | b[2:]
+        row = np.repeat(np.arange(len(padded)), lens)[:-2]
+        local = np.arange(len(code)) - np.repeat(np.cumsum(lens) - lens, lens)[:-2]
+        keep = local <= lens[row] - 3  # trigrams that start and end inside one padded text
+        uniq, inv = np.unique(code[keep], return_inverse=True)
+        for c in uniq.tolist():
+            if c not in slot:
+                h = int.from_bytes(hashlib.blake2b(bytes((c >> 16, (c >> 8) & 255, c & 255)), digest_size=4).digest(),
+                                   "little")
+                slot[c] = (h % TEXT_DIM, 1.0 if h & (1 << 31) else -1.0)
+        col = np.array([slot[c][0] for c in uniq.tolist()], np.int64)[inv]
+        sign = np.array([slot[c][1] for c in uniq.tolist()])[inv]
+        v = np.bincount(row[keep] * TEXT_DIM + col, weights=sign, minlength=len(padded) * TEXT_DIM)
+        out[s:s + len(padded), :TEXT_DIM] = normalise(v.reshape(len(padded), TEXT_DIM).astype(np.float32))
+    return normalise(out)
+
+
+def topic_vectors(n: int, nq: int, work: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(pool (n, 96), queries (nq, 96)) of `topic_pairs(n, seed)`; cached under `work`."""
+    path = Path(work) / f"topics-{n}-{nq}-{seed}.npz"
+    if path.exists():
+        z = np.load(path)
+        return z["pool"], z["queries"]
+    from benchmarks.driver_memory import topic_pairs
+
+    rows = topic_pairs(n, seed=seed)
+    pool = hashing_vectors([r["pos_text"] for r in rows])
+    queries = hashing_vectors([r["qry"] for r in rows[:nq]])
+    del rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, pool=pool, queries=queries)
+    os.replace(tmp, path)
+    return pool, queries
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the rules
+# ------------------------------------------------------------------------------------------------------------------
+
+def today(n: int) -> dict:
+    """`IndexConfig` overrides that rebuild the index the rule before issue 15 chose (a power of two near 2 sqrt(n)
+    lists, at most n / 39; flat quantizer; nprobe from nlist / 64 in [16, 128]; 40 x nlist training points)."""
+    nl = int(2 ** round(math.log2(max(1.0, 2.0 * math.sqrt(n)))))
+    while nl > 16 and nl * 39 > n:
+        nl //= 2
+    nl = min(max(nl, 16), 262_144)
+    q = f"IVF{nl}_HNSW32" if nl >= 65_536 else f"IVF{nl}"
+    return {"kind": f"{q},Flat", "nprobe": min(nl, max(16, min(128, nl // 64))),
+            "train_size": min(n, max(40 * nl, 65_536))}
+
+
+def rules(n: int, also: list[str]) -> dict[str, dict]:
+    """name -> IndexConfig overrides: `today`, `auto` (the defaults) and each `--also` factory template, whose
+    `{nlist}` is the nlist `auto` picks (to compare quantizers at the same lists)."""
+    from pipeline.config import IndexConfig
+    from pipeline.index import choose_index
+
+    out = {"today": today(n), "auto": {}}
+    nl = choose_index(n, 96, IndexConfig(), gpu_available=False)["params"].get("nlist", 0)
+    for f in also if nl else ():
+        out[f.format(nlist=nl)] = {"kind": f.format(nlist=nl), "train_size": min(n, max(40 * nl, 65_536))}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------------------------
+
+def measure(pool: np.ndarray, queries: np.ndarray, truth: tuple, k: int, overrides: dict) -> dict:
+    """Build + tune (`open_index`, in this process), then search every query once: timings, recall@k against
+    `truth`, and FAISS's own counts of the vectors scanned and the coarse distances computed per query."""
+    import faiss
+
+    from pipeline.config import IndexConfig
+    from pipeline.index import recall_at_k
+    from pipeline.retrieve import open_index
+
+    cfg = IndexConfig(distributed="never", **overrides)
+    c0, t0 = time.process_time(), time.perf_counter()
+    searcher, info = open_index(pool, len(queries), k, cfg, lambda rows: queries[rows])
+    build_cpu, build_wall = time.process_time() - c0, time.perf_counter() - t0
+    try:
+        faiss.cvar.indexIVF_stats.reset()
+        faiss.cvar.hnsw_stats.reset()
+        c0, t0 = time.process_time(), time.perf_counter()
+        D, I = searcher.search(queries, k)
+        search_cpu, search_wall = time.process_time() - c0, time.perf_counter() - t0
+        nq = len(queries)
+        scanned = faiss.cvar.indexIVF_stats.ndis / nq
+        hnsw_q = "HNSW" in info["factory"].split(",")[0]
+        coarse = faiss.cvar.hnsw_stats.ndis / nq if hnsw_q else info["params"].get("nlist", 0)
+    finally:
+        searcher.close()
+    p = info["params"]
+    return {"factory": info["factory"], "nlist": p.get("nlist"), "nprobe": p.get("nprobe"),
+            "train_size": p.get("train_size"), "recall_trials": info.get("recall_trials"),
+            "train_s": info.get("train_s"), "add_s": info.get("add_s"),
+            "build_and_tune_wall_s": round(build_wall, 2), "build_and_tune_cpu_s": round(build_cpu, 2),
+            "search_us_per_query": round(search_wall / nq * 1e6, 1),
+            "search_cpu_us_per_query": round(search_cpu / nq * 1e6, 1),
+            "recall_at_k": round(recall_at_k(I, truth[1], k, D, truth[0]), 4),
+            "scanned_per_query": round(scanned), "coarse_distances_per_query": round(coarse),
+            "list_size": round(len(pool) / p["nlist"]) if p.get("nlist") else None}
+
+
+def run(sizes: list[int], nq: int, k: int, work: Path, also: list[str], done=lambda runs: None) -> dict:
+    from pipeline.index import exact_search
+
+    out = {}
+    for n in sizes:
+        t = time.perf_counter()
+        pool, queries = topic_vectors(n, nq, work)
+        print(f"n={n}: vectors in {time.perf_counter() - t:.1f} s", flush=True)
+        truth = exact_search(pool, queries, k)
+        out[str(n)] = {}
+        for name, ov in rules(n, also).items():
+            r = measure(pool, queries, truth, k, ov)
+            out[str(n)][name] = r
+            print(f"  {name:>24}: {r['factory']:>20} nprobe {str(r['nprobe']):>4} recall {r['recall_at_k']:.4f} "
+                  f"scanned {r['scanned_per_query']:>7} coarse {r['coarse_distances_per_query']:>6} "
+                  f"search {r['search_us_per_query']:>8} us/q train {r['train_s']} s add {r['add_s']} s", flush=True)
+        del pool, queries
+        done(out)
+    return out
+
+
+def table(runs: dict) -> str:
+    head = ("| pool | rule | index | nprobe (tuned) | vectors / list | scanned / query | coarse distances / query "
+            "| recall@50 | search us / query (wall, cpu) | train + add s (wall) | build + tune s (wall, cpu) |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for n, by_rule in runs.items():
+        for name, r in by_rule.items():
+            rows.append(f"| {int(n):,} | {name} | `{r['factory']}` | {r['nprobe']} | {r['list_size']} "
+                        f"| {r['scanned_per_query']:,} | {r['coarse_distances_per_query']:,} | {r['recall_at_k']:.4f} "
+                        f"| {r['search_us_per_query']:,.0f}, {r['search_cpu_us_per_query']:,.0f} "
+                        f"| {r['train_s']:.0f} + {r['add_s']:.0f} "
+                        f"| {r['build_and_tune_wall_s']:.0f}, {r['build_and_tune_cpu_s']:.0f} |")
+    return "\n".join(rows)
+
+
+def ratios(runs: dict) -> dict:
+    """Per size, auto / today: vectors scanned per query and search time per query (same run, back to back)."""
+    out = {}
+    for n, r in runs.items():
+        if "today" in r and "auto" in r:
+            a, t = r["auto"], r["today"]
+            out[n] = {"scanned": round(a["scanned_per_query"] / max(t["scanned_per_query"], 1), 3),
+                      "search_us": round(a["search_us_per_query"] / t["search_us_per_query"], 3),
+                      "search_cpu_us": round(a["search_cpu_us_per_query"] / max(t["search_cpu_us_per_query"], 1e-9),
+                                             3)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    ap.add_argument("--queries", type=int, default=2000, help="queries searched (the first pairs' queries)")
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--also", nargs="*", default=[],
+                    help="more factory templates to measure, '{nlist}' = auto's nlist, e.g. 'IVF{nlist}_HNSW32,Flat'")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "index_growth"),
+                    help="where the vectors are cached")
+    ap.add_argument("--out", default=str(RESULTS / "index_growth.json"))
+    a = ap.parse_args(argv)
+    from benchmarks.vs_sentence_transformers import machine
+
+    command = "python benchmarks/index_growth.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(runs):  # after every size, so a long run leaves what it has measured
+        result = {"command": command, "k": a.k, "queries": a.queries, "runs": runs,
+                  "ratios_auto_over_today": ratios(runs), "machine": machine()}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+    result = write(run(a.sizes, a.queries, a.k, Path(a.work), a.also, write))
+    print(table(result["runs"]))
+    print("auto / today:", json.dumps(result["ratios_auto_over_today"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
