@@ -222,7 +222,8 @@ class IndexConfig:
     nlist: Optional[int] = None
     """IVF lists (default: a power of two near the larger of 2*sqrt(pool size) and min(pool size / 256, 32,768):
     from ~260k to ~8M vectors the lists keep 180-360 vectors each, so a probed list costs the same at any pool size
-    in that range; an HNSW coarse quantizer from 8,192 lists)."""
+    in that range, unless their training sample (40 x nlist vectors) would pass 1 GB; an HNSW coarse quantizer from
+    8,192 lists)."""
     nprobe: Optional[int] = None
     """IVF lists searched per query (default: 16, or nlist when smaller); raised by `auto_tune` below the
     floor."""

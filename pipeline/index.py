@@ -207,15 +207,19 @@ def _pow2_near(x: float) -> int:
 
 LIST_SIZE = 256          # vectors per IVF list past ~260k: nlist grows with the pool so a probe scans a fixed amount
 MAX_SIZED_NLIST = 32_768  # up to here; k-means (40 x nlist points x nlist) grows as nlist^2 and runs in the driver
+SIZED_TRAIN_BYTES = 1 << 30  # and only while its sample (40 x nlist vectors of d floats) stays this small
 HNSW_QUANTIZER_FROM = 8192  # lists from which the coarse quantizer is an HNSW graph (cost ~log nlist, not nlist)
 
 
-def derive_nlist(n: int) -> int:
+def derive_nlist(n: int, d: int = 0) -> int:
     """Power of two near max(2*sqrt(n), min(n/LIST_SIZE, MAX_SIZED_NLIST)), with at least ~39 training points per
     list, in [16, 262144]. Lists of a bounded size keep the vectors scanned per query (nprobe x list size) flat as the
     pool grows from ~260k to ~8M, where 2*sqrt(n) lists scan a growing share (docs/scale.md, "Search cost as the
-    pool grows"); past that the k-means training would cost more than the search saves."""
-    nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), min(n / LIST_SIZE, MAX_SIZED_NLIST)))
+    pool grows"); past that the k-means training would cost more than the search saves. For `d`-dimensional vectors
+    the sized lists stop where their training sample passes SIZED_TRAIN_BYTES (a 3584-d teacher: 2*sqrt(n) lists),
+    so the driver never holds a sample that grows with the pool."""
+    sized = min(n / LIST_SIZE, MAX_SIZED_NLIST, SIZED_TRAIN_BYTES / (40 * 4 * d) if d else math.inf)
+    nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), sized))
     while nl > 16 and nl * 39 > n:
         nl //= 2
     return int(min(max(nl, 16), 262_144))
@@ -280,7 +284,7 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
         p["ef_search"] = _cfg(cfg, "ef_search")  # None -> derived from k at search time
         factory = f"HNSW{p['hnsw_m']}"
     else:
-        nlist = int(_cfg(cfg, "nlist") or derive_nlist(n))
+        nlist = int(_cfg(cfg, "nlist") or derive_nlist(n, d))
         p["nlist"] = nlist
         p["nprobe"] = int(_cfg(cfg, "nprobe") or derive_nprobe(nlist))
         q = _quantizer(nlist)

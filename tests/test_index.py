@@ -45,7 +45,7 @@ def brute(x, q, k):
     (5_000_000, 128, 8, "ivf_flat", "IVF16384_HNSW32,Flat"),
     (5_000_000, 128, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
     (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF16384_HNSW32,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
-    (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF16384_HNSW32,PQ64"),
+    (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF8192_HNSW32,PQ64"),  # 40 x 8192 x 768-d: a 1 GB sample
     (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF32768_HNSW32,PQ32"),
     (1_000_000_000, 128, 64, "ivf_pq", "OPQ32,IVF65536_HNSW32,PQ32"),
 ])
@@ -71,6 +71,11 @@ def test_lists_keep_a_bounded_size_as_the_pool_grows():
     for n in (400_000, 1_600_000, 3_000_000, 10_000_000):
         assert ix.LIST_SIZE / 2 ** 0.5 <= n / ix.derive_nlist(n) <= ix.LIST_SIZE * 2 ** 0.5
     assert ix.derive_nlist(10 ** 8) == ix.MAX_SIZED_NLIST and ix.derive_nlist(10 ** 9) == 65_536  # 2 sqrt(n)
+    # a wide teacher's training sample stays bounded: 3584-d vectors keep 2 sqrt(n) lists
+    assert ix.derive_nlist(1_600_000, 96) == 8192 and ix.derive_nlist(1_600_000, 3584) == 2048
+    for n, d in ((1_600_000, 96), (10 ** 8, 768), (10 ** 8, 3584)):
+        nl = ix.derive_nlist(n, d)
+        assert nl == ix._pow2_near(2 * n ** 0.5) or 40 * nl * d * 4 <= ix.SIZED_TRAIN_BYTES * 2 ** 0.5
     assert [ix.derive_nprobe(nl) for nl in (8, 512, 8192, 65_536)] == [8, 16, 16, 16]
 
 
