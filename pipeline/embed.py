@@ -32,7 +32,7 @@ from .write import write_new_part
 
 CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long in an actor before they are written to the cache
-ITEM_COLUMNS = ("item_id", "embed_text", "image_path")  # what embedding reads of an item
+EMBED_COLUMNS = ("item_id", "embed_text", "image_path")  # what embedding reads of an item
 PLAN_CHUNK = 10_000  # rows per step of the driver's per-row Python work (keys, token counts): its memory is bounded
 
 
@@ -63,7 +63,7 @@ class EmbeddingCache:
             self.fs, base = url_to_fs(root, **(storage_options or {}))
             self.local = isinstance(self.fs, LocalFileSystem)
         else:  # a local path (a shared mount too): plain files, no fsspec import (70 ms of a warm run)
-            self.fs, base, self.local = None, os.path.abspath(root), True
+            self.fs, base, self.local = None, os.path.abspath(os.path.expanduser(root)), True
         self.dir = f"{base.rstrip('/')}/{fingerprint}"
         self.fingerprint = fingerprint
 
@@ -447,7 +447,7 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
     Without Ray (`run.executor`, pipeline/ray_session.py) the same blocks of the same planned batches go through one
     `EmbedActor` in this process (`embed_local`): the same vectors, byte for byte, and the same cache parts.
     """
-    items = items.select(list(ITEM_COLUMNS))
+    items = items.select(list(EMBED_COLUMNS))
     item_ids = items.column("item_id")
     items = items.set_column(0, "item_id", input_keys(items))  # cache keys
     datasets = _codes(datasets) if datasets is not None else None
@@ -703,7 +703,7 @@ def embed_roles(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Con
     roles = _repeat([role for (role, _, _), (_, all_rows) in zip(requests, parts) for _ in all_rows], sizes)
     names = _repeat([str(ds) for order, _ in parts for ds in order], sizes) if cfg.teacher.instructions else None
     label = " + ".join(lbl for _, _, lbl in requests)
-    _, stats = embed_items(items.select(list(ITEM_COLUMNS)).take(pa.array(flat, pa.int64())), requests[0][0], cfg,
+    _, stats = embed_items(items.select(list(EMBED_COLUMNS)).take(pa.array(flat, pa.int64())), requests[0][0], cfg,
                            label, allow_failed, datasets=names, roles=roles, gather=False)
     out = []
     for (role, _, _), (order, all_rows) in zip(requests, parts):

@@ -90,10 +90,10 @@ def read_numbered(path: str) -> tuple[list[dict], list[int], list[dict]]:
     return rows, numbers, rejects
 
 
-def iter_numbered(path: str, batch_rows: Optional[int] = None) -> Iterator[tuple[list[dict], list[int], list[dict]]]:
-    """`read_numbered` a batch of up to `batch_rows` rows (default BATCH_ROWS) at a time, so that a caller holds one
-    batch of Python rows, not the file's. A JSONL batch carries the rejects of its lines."""
-    batch_rows = batch_rows or BATCH_ROWS
+def iter_numbered(path: str) -> Iterator[tuple[list[dict], list[int], list[dict]]]:
+    """`read_numbered` a batch of up to BATCH_ROWS rows at a time, so that a caller holds one batch of Python rows,
+    not the file's. A JSONL batch carries the rejects of its lines."""
+    batch_rows = BATCH_ROWS
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
@@ -572,7 +572,7 @@ class _Reader:
 
     def corpus(self, rejects: list[dict], rows_in: int, candidate_rejects: int) -> Corpus:
         """The tables and row numbers, a column at a time (each column's chunks go as it is joined)."""
-        ids, keep = _first_of_each(_ids(_concat(self.items.pop("item_id"), _ID)))
+        ids, keep = np.unique(_ids(_concat(self.items.pop("item_id"), _ID)), return_index=True)  # first occurrence kept
         text, image = (_concat(self.items.pop(name), pa.string()).take(keep) for name in ("text", "image_path"))
         embed = _concat(self.items.pop("embed_text"), pa.string())
         embed = text if embed.null_count == len(embed) else pc.coalesce(embed.take(keep), text)
@@ -688,15 +688,6 @@ def _concat(chunks: list[pa.Array], kind: pa.DataType) -> pa.Array:
 def _ids(array: pa.Array) -> np.ndarray:
     """16-byte ids (binary(16), no nulls) as a numpy `S16` view: sorted and searched like their bytes."""
     return np.frombuffer(array.buffers()[1], "S16", count=array.offset + len(array))[array.offset:]
-
-
-def _first_of_each(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the distinct ids sorted, where each first occurs): the first occurrence of an item is the one kept."""
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    first = np.ones(len(ids), bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return ordered[first], order[first]
 
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)

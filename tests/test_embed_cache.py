@@ -154,3 +154,16 @@ def test_editing_a_caption_re_embeds_that_image_in_the_next_run(ray_session, tmp
     b = pd.read_parquet(tmp_path / "out2" / "epoch=0000").set_index("query_id").pos_score
     assert abs(a["q3"] - b["q3"]) > 1e-3  # the edited caption's vector, not the old one
     assert np.allclose(a.drop("q3"), b.drop("q3").loc[a.drop("q3").index])
+
+
+def test_a_cache_dir_under_home_is_expanded_not_made_in_the_working_directory(tmp_path, monkeypatch):
+    """`config_from_dict` keeps the default `~/.cache/hardneg` as written: the cache still lands in the home folder."""
+    from pipeline.embed import EmbeddingCache
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cache = EmbeddingCache("~/.cache/hardneg", "fp")
+    cache.write(pa.table({"key": ["k"], "vector": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 0.0], pa.float32()), 2)}))
+    assert cache.dir == str(tmp_path / "home" / ".cache" / "hardneg" / "fp")
+    assert len(list((tmp_path / "home" / ".cache" / "hardneg" / "fp").glob("part-*.parquet"))) == 1
+    assert not (tmp_path / "~").exists()
