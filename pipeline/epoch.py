@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import blocklist, extra_positives, input_negatives, judge
 from .blocks import RunStore
@@ -35,7 +36,7 @@ from .filters import KEPT, REASONS, CandidateBlock, FilterContext
 from .progress import Progress
 from .run import EpochFolder
 from .sample import query_keys, sample_negatives
-from .stats import EpochStats
+from .stats import SCORE_COLUMNS, EpochStats, key_counts
 from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
 
 LEVELS = (1, 2, 3)  # evidence strengths calibrate.py chooses among
@@ -278,6 +279,14 @@ def write_block(spec: BlockSpec) -> BlockResult:
     return BlockResult(spec.shard, write_table(train, folder / name, spec.compression),
                        write_table(cands, folder / "_candidates" / name, spec.compression), stats, rejects, counts,
                        len(rows))
+
+
+def shard_key_counts(spec: tuple[str, dict]) -> dict:
+    """Statistics pass 2 over one written shard (path, wanted bins): the score keys the quantiles need."""
+    path, wanted = spec
+    return key_counts(pq.ParquetFile(path).read(columns=SCORE_COLUMNS), wanted)
+
+
 def shard_tables(q, rows, block, verdict, chosen, keep, item_ids, texts, images, from_input=None):
     """The training rows and the candidate-verdict rows of one shard."""
     k = block.cand.shape[1]
@@ -435,6 +444,11 @@ def write_epoch(store: RunStore, cfg: Config, out: Path, epoch: int, config: dic
                 rejects += result.rejects
                 _merge_counts(input_counts, result.input_counts)
                 bar.update(result.rows)
+        wanted = stats.wanted()
+        if wanted is not None:  # the exact quantiles: count the keys in their bins, read back from the shards
+            specs = ((str(folder.tmp / f["path"]), wanted) for f in files if f["rows"])
+            for found in map_blocks(shard_key_counts, specs, use_ray):
+                stats.add_found(found)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

@@ -91,6 +91,26 @@ def test_every_query_is_accounted_for_and_stats_match_the_verdicts(mined):
     assert manifest["config"]["filters"]["max_rank"] == 15
 
 
+def test_score_statistics_are_numpys_over_the_written_scores(mined):
+    """The driver keeps no scores, yet `_stats.json` has np.quantile's exact quantiles and the mean of every score."""
+    from pipeline.stats import HIST_EDGES, QUANTILES
+
+    result = mined[0]
+    stats = json.loads((result.epoch_dir / "_stats.json").read_text())
+    assert len(json.loads((result.epoch_dir / "_manifest.json").read_text())["files"]) > 1
+    shards = pd.read_parquet(result.epoch_dir)
+    pos = shards.pos_score.to_numpy(np.float32)
+    neg = np.concatenate(shards.neg_scores.to_list()).astype(np.float32)
+    scores = {"pos": pos, "neg": neg, "margin": np.repeat(pos, shards.num_negatives) - neg}
+    for name, values in scores.items():
+        values = values.astype(np.float64)
+        assert stats["scores"][name] == {
+            "count": len(values), "mean": round(float(values.mean()), 5),
+            "quantiles": {f"p{int(q * 100)}": round(float(np.quantile(values, q)), 5) for q in QUANTILES},
+            "histogram": {"edges": HIST_EDGES.tolist(),
+                          "counts": np.histogram(np.clip(values, -1, 1), bins=HIST_EDGES)[0].tolist()}}, name
+
+
 def test_shards_load_without_conversion(mined):
     result, _, _, _ = mined
     import datasets
