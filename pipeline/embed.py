@@ -92,14 +92,27 @@ class EmbeddingCache:
         return pc.is_in(ids, value_set=table.column("key")).to_numpy(zero_copy_only=False)
 
     def lookup(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
-        """(found mask, vectors of the found keys in the order of `ids`, the items' `input_keys`)."""
+        """(found mask, vectors of the found keys in the order of `ids`, the items' `input_keys`). Each part's keys
+        are read first; a part that holds wanted keys has its vectors decoded and copied once, straight into place
+        (a filtered scan, then concatenating and reordering, copied every vector four times). A key in several
+        parts is taken from the first, in part order."""
         found = np.zeros(len(ids), dtype=bool)
-        table = self._read(["key", "vector"], ids)
-        if table is None or table.num_rows == 0:
+        vectors = None
+        for path in self.parts() if len(ids) else ():
+            with (open(path, "rb") if self.local else self.fs.open(path, "rb")) as f:
+                part = pq.ParquetFile(f)
+                pos = pc.index_in(ids, value_set=part.read(columns=["key"]).column("key"))
+                new = pos.is_valid().to_numpy(zero_copy_only=False) & ~found
+                if not new.any():
+                    continue
+                stored = _to_numpy(part.read(columns=["vector"]).column("vector"))
+            if vectors is None:
+                vectors = np.empty((len(ids), stored.shape[1]), stored.dtype)
+            vectors[new] = stored[pos.to_numpy(zero_copy_only=False)[new].astype(np.int64)]
+            found |= new
+        if vectors is None:
             return found, None
-        pos = pc.index_in(ids, value_set=table.column("key"))
-        found = pos.is_valid().to_numpy(zero_copy_only=False)
-        return found, _to_numpy(table.column("vector"))[pos.drop_null().to_numpy()]
+        return found, vectors if found.all() else vectors[found]
 
     def write(self, table: pa.Table) -> str:
         """Add one uniquely named part. Local (a shared mount too): a temporary file renamed into place. An object

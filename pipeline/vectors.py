@@ -3,7 +3,9 @@
 After the embedding pass, block tasks look the vectors of each (role, dataset) up in the cache parts and write them
 in row order (a dataset's pool first, so the pool is a prefix that `NpyShards` indexes, then its other rows) under
 the run's state dir. `VectorStore` is paths and a few numbers: it pickles to a few KB, travels to any worker, and
-`get(dataset, rows)` memory-maps the shards. No process holds the n x d array.
+`get(dataset, rows)` memory-maps the shards. No process holds the n x d array, but for a job that runs in this
+process and whose vectors one task gathers anyway (at most SHARD_ROWS rows): it keeps them in memory (`held`)
+instead of writing shards and mapping them back, which is most of a small warm run's vector time.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pyarrow as pa
 from .blocks import open_ipc
 from .embed import EmbeddingCache, input_keys
 from .executor import map_blocks
-from .index import NpyShards
+from .index import ArraySource, NpyShards
 
 SHARD_ROWS = 65_536
 
@@ -29,9 +31,12 @@ class VectorStore:
     root: str
     datasets: dict = field(default_factory=dict)  # dataset -> {"dir", "n", "pool", "shards": [[lo, hi], ...]}
     dim: int = 0
+    held: dict = field(default_factory=dict, repr=False, compare=False)  # dataset -> vectors in store order, in memory
     _open: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # dataset -> its mapped files
 
     def __getstate__(self) -> dict:
+        if self.held:
+            raise TypeError("a VectorStore that holds its vectors in memory stays in the process that gathered them")
         return {**self.__dict__, "_open": {}}  # maps stay in the process that opened them
 
     def _opened(self, dataset) -> tuple:
@@ -41,7 +46,7 @@ class VectorStore:
         if ds not in self._open:
             d = self._dir(ds)
             self._open[ds] = (np.load(d / "order.npy", mmap_mode="r"), np.load(d / "sorted.npy", mmap_mode="r"),
-                              NpyShards(self.shard_paths(ds)))
+                              ArraySource(self.held[ds]) if ds in self.held else NpyShards(self.shard_paths(ds)))
         return self._open[ds]
 
     def _dir(self, dataset) -> Path:
@@ -52,8 +57,10 @@ class VectorStore:
         return [str(self._dir(dataset) / f"part-{i:05d}.npy") for i, (lo, _) in enumerate(meta["shards"])
                 if not pool_only or lo < meta["pool"]]
 
-    def pool(self, dataset) -> NpyShards:
+    def pool(self, dataset) -> ArraySource | NpyShards:
         """The dataset's pool rows (the first `pool` rows, whole shards), as an index reads them."""
+        if str(dataset) in self.held:
+            return ArraySource(self.held[str(dataset)][:self.datasets[str(dataset)]["pool"]])
         return NpyShards(self.shard_paths(dataset, pool_only=True))
 
     def positions(self, dataset, rows) -> np.ndarray:
@@ -89,8 +96,9 @@ def write_stores(requests: list, items_path: Path, cfg, use_ray: bool, shard_row
     `layout`; `fingerprints`: {dataset: teacher fingerprint}; `pools` or None) from the embedding cache, as `.npy`
     shards under `root`. Shards end where the pool ends, so the pool is whole shards. One block task writes
     consecutive shards of up to `shard_rows` rows together, from one scan of the cache: a small job's query and
-    candidate stores take one scan, a large store one task (and scan) per shard."""
-    stores, specs = [], []
+    candidate stores take one scan, a large store one task (and scan) per shard. Without Ray, a job of one task
+    keeps the vectors it gathers in the stores (`held`) and writes no shards."""
+    stores, specs, whole = [], [], []
     for root, rows, fingerprints, pools in requests:
         root = Path(root)
         store = VectorStore(str(root))
@@ -107,6 +115,8 @@ def write_stores(requests: list, items_path: Path, cfg, use_ray: bool, shard_row
             shards = [[lo, hi] for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
             store.datasets[ds] = {"dir": d.name, "n": int(len(order)), "pool": int(n_pool), "shards": shards}
             specs += [(len(stores), str(d), i, lo, hi, fingerprints[ds]) for i, (lo, hi) in enumerate(shards)]
+            if len(order):
+                whole.append((store, ds, order, fingerprints[ds]))
         stores.append(store)
     tasks, rows_in_task = [], shard_rows
     for spec in specs:
@@ -116,23 +126,25 @@ def write_stores(requests: list, items_path: Path, cfg, use_ray: bool, shard_row
         tasks[-1].append(spec)
         rows_in_task += spec[4] - spec[3]
     common = (str(items_path), cfg.embed.cache_dir, cfg.embed.storage_options)
+    if not use_ray and len(tasks) == 1:  # one task would gather every vector here anyway: keep them, write none
+        for (store, ds, _, _), v in zip(whole, _vectors([w[2] for w in whole], [w[3] for w in whole], *common)):
+            store.held[ds], store.dim = np.asarray(v, np.float32), max(store.dim, int(v.shape[1]))
+        return stores
     for task, dims in zip(tasks, map_blocks(_write_shards, [(task, *common) for task in tasks], use_ray)):
         for spec, dim in zip(task, dims):
             stores[spec[0]].dim = max(stores[spec[0]].dim, dim)
     return stores
 
 
-def _write_shards(spec) -> list[int]:
-    """Shards (rows [lo, hi) of a store order each), their vectors looked up in one scan of the cache parts per
-    fingerprint; returns each shard's width."""
-    shards, items_path, cache_dir, storage_options = spec
-    items = open_ipc(Path(items_path))
-    rows = [np.asarray(np.load(Path(folder) / "rows.npy", mmap_mode="r")[lo:hi], np.int64)
-            for _, folder, _, lo, hi, _ in shards]
-    keys = [input_keys(items.take(pa.array(r)).select(["item_id", "embed_text"])) for r in rows]
-    vectors = [None] * len(shards)
-    for fingerprint in dict.fromkeys(s[5] for s in shards):
-        mine = [j for j, s in enumerate(shards) if s[5] == fingerprint]
+def _vectors(rows: list[np.ndarray], fingerprints: list[str], items_path: str, cache_dir: str,
+             storage_options) -> list[np.ndarray]:
+    """The cached vectors of each list of item rows (under its teacher fingerprint), from one scan of the cache
+    parts per fingerprint; the lists of one fingerprint are views of one array."""
+    items = open_ipc(Path(items_path)).select(["item_id", "embed_text"])  # the key columns: `take` copies them
+    keys = [input_keys(items.take(pa.array(r))) for r in rows]
+    vectors = [None] * len(rows)
+    for fingerprint in dict.fromkeys(fingerprints):
+        mine = [j for j, fp in enumerate(fingerprints) if fp == fingerprint]
         found, found_vectors = EmbeddingCache(cache_dir, fingerprint, storage_options).lookup(
             pa.concat_arrays([keys[j] for j in mine]))
         if not found.all():
@@ -141,6 +153,16 @@ def _write_shards(spec) -> list[int]:
         ends = np.cumsum([len(rows[j]) for j in mine])
         for j, part in zip(mine, np.split(found_vectors, ends[:-1])):
             vectors[j] = part
+    return vectors
+
+
+def _write_shards(spec) -> list[int]:
+    """Shards (rows [lo, hi) of a store order each), their vectors looked up in one scan of the cache parts per
+    fingerprint; returns each shard's width."""
+    shards, *common = spec
+    rows = [np.asarray(np.load(Path(folder) / "rows.npy", mmap_mode="r")[lo:hi], np.int64)
+            for _, folder, _, lo, hi, _ in shards]
+    vectors = _vectors(rows, [s[5] for s in shards], *common)
     for (_, folder, i, _, _, _), v in zip(shards, vectors):
         path = Path(folder) / f"part-{i:05d}.npy"
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from corpus import base_config, text_pairs, write_jsonl
 from pipeline import embed as embed_mod
@@ -94,9 +95,9 @@ def test_the_driver_never_gathers_vectors_and_tasks_get_paths_not_arrays(ray_ses
     assert store.dim == 384 and store.datasets["t2t"]["n"] == store.datasets["t2t"]["pool"] > 250  # content-deduplicated
 
 
-def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
-    """`VectorStore.get` of any rows, in any order, is the cache's vector of each row's item; the pool is the
-    store's prefix, whole shards, for the index; a row it does not hold is a clear error."""
+def _cached_store(tmp_path, name, **kw):
+    """50 items with random vectors in an embedding cache, and one store of dataset "a" (pool: the even rows below
+    40) written from it by `write_stores` with `kw`; (store, vectors, pools)."""
     from pipeline.blocks import _write_ipc
     from pipeline.embed import EmbeddingCache, input_keys
     from pipeline.vectors import layout, write_stores
@@ -106,13 +107,22 @@ def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
     _write_ipc(items, tmp_path / "items.arrow", 16)
     vectors = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
     cache = EmbeddingCache(str(tmp_path / "cache"), "fp")
-    cache.write(pa.table({"key": input_keys(items), "vector": pa.FixedSizeListArray.from_arrays(
-        pa.array(vectors.ravel()), d)}))
+    if not cache.parts():
+        cache.write(pa.table({"key": input_keys(items), "vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel()), d)}))
     cfg = SimpleNamespace(embed=SimpleNamespace(cache_dir=str(tmp_path / "cache"), storage_options=None))
     pools = {"a": np.arange(0, 40, 2)}
     rows = layout({"a": np.r_[np.arange(0, 40, 2), [41, 3, 41]]}, pools)
-    store, = write_stores([(tmp_path / "store", rows, {"a": "fp"}, pools)], tmp_path / "items.arrow", cfg, False,
-                          shard_rows=8)
+    store, = write_stores([(tmp_path / name, rows, {"a": "fp"}, pools)], tmp_path / "items.arrow", cfg, False,
+                          **kw)
+    return store, vectors, pools
+
+
+def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
+    """`VectorStore.get` of any rows, in any order, is the cache's vector of each row's item; the pool is the
+    store's prefix, whole shards, for the index; a row it does not hold is a clear error."""
+    store, vectors, pools = _cached_store(tmp_path, "store", shard_rows=8)
+    assert len(list((tmp_path / "store").rglob("part-*.npy"))) == 4 and not store.held
     want = np.array([41, 0, 38, 3, 4])
     assert store.get("a", want).tobytes() == vectors[want].tobytes()
     assert store.pool("a").n == 20 and store.pool("a").take(np.arange(20)).tobytes() == vectors[pools["a"]].tobytes()
@@ -123,3 +133,18 @@ def test_a_store_reads_back_the_vectors_the_cache_holds(tmp_path):
         assert "[5]" in str(e)
     else:
         raise AssertionError("a row without a vector was read")
+
+
+def test_a_job_of_one_task_without_ray_keeps_its_vectors_in_memory(tmp_path):
+    """The store a one-task job gathers in this process writes no vector shards and reads the same bytes as the
+    shards; it refuses to travel (a worker could not read it)."""
+    sharded, vectors, _ = _cached_store(tmp_path, "sharded", shard_rows=8)
+    held, _, _ = _cached_store(tmp_path, "held")
+    assert held.held and not list((tmp_path / "held").rglob("part-*.npy"))
+    want = np.array([41, 0, 38, 3, 4, 41])
+    assert held.get("a", want).tobytes() == sharded.get("a", want).tobytes() == vectors[want].tobytes()
+    pool = held.pool("a")
+    assert pool.n == 20 and pool.take(np.arange(20)).tobytes() == sharded.pool("a").take(np.arange(20)).tobytes()
+    assert [b.tobytes() for _, b in pool.batches(7)] == [b.tobytes() for _, b in sharded.pool("a").batches(7)]
+    with pytest.raises(TypeError, match="stays in the process"):
+        pickle.dumps(held)
