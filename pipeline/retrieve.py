@@ -4,7 +4,8 @@
 
 * plan the index (``pipeline.index.choose_index``);
 * small pools / query sets (or no running Ray session): build and search in-process;
-* otherwise: train the index once in the driver on a sample, start ``num_shards`` shard actors (fractional CPUs,
+* otherwise: train the index once on a sample (in a Ray task that reads the pool files itself; in the driver for an
+  in-memory array), start ``num_shards`` shard actors (fractional CPUs,
   spread over the nodes), each adding its contiguous row range of the pool batch by batch (reading ``.npy`` shards or
   a memmap itself, or receiving batches from the driver for an in-memory array), and search the queries as a Ray Data
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
@@ -174,6 +175,21 @@ def _shard_actor_cls():
     return IndexShard
 
 
+def _train_task():
+    import ray
+
+    @ray.remote
+    def train_from_spec(spec, plan: dict, seed: int, threads: int):
+        """Sample the pool files and train the (empty) index in a worker: the sample (up to 40 x nlist vectors,
+        ~1 GB) and the k-means never enter the driver. Returns (serialized index, seconds)."""
+        faiss.omp_set_num_threads(max(1, int(threads)))
+        idx = make_index(plan)
+        secs = train_index(idx, source_from_spec(spec), plan, seed)
+        return faiss.serialize_index(idx), secs
+
+    return train_from_spec
+
+
 class _SearchStage:
     """Ray Data stage (actor): for a block of query row numbers, search every shard and merge the top-k exactly;
     rescore lossy candidates from the pool files when the pool is on disk."""
@@ -253,11 +269,20 @@ class _RaySearcher:
         threads = int(_cfg(cfg, "threads") or max(1, int(cpus // S)))
         actor_cpus = float(_cfg(cfg, "actor_cpus", 0.5))
         t0 = time.perf_counter()
-        # 1. train once, in the driver, on a sample; every shard gets a copy of the empty trained index
-        tmpl = make_index(plan)
-        self.train_s = train_index(tmpl, src, plan, int(_cfg(cfg, "seed", 0) or 0))
-        tref = ray.put(faiss.serialize_index(tmpl)) if tmpl.is_trained and plan["kind"] not in ("flat",) else None
-        del tmpl
+        # 1. train once on a sample; every shard gets a copy of the empty trained index. A pool on disk is sampled
+        # and trained in a Ray task (the driver only passes the index's object ref on); an in-memory one here.
+        seed = int(_cfg(cfg, "seed", 0) or 0)
+        spec = src.spec()
+        if spec is not None and plan["kind"] != "flat":
+            train_threads = int(_cfg(cfg, "threads") or max([nd["Resources"]["CPU"] for nd in nodes], default=1))
+            tref, secs = _train_task().options(num_cpus=actor_cpus, num_returns=2).remote(
+                spec, plan, seed, train_threads)
+            self.train_s, self.train_in = ray.get(secs), "ray_task"
+        else:
+            tmpl = make_index(plan)
+            self.train_s, self.train_in = train_index(tmpl, src, plan, seed), "driver"
+            tref = ray.put(faiss.serialize_index(tmpl)) if tmpl.is_trained and plan["kind"] != "flat" else None
+            del tmpl
         # 2. shard actors, spread over the nodes, each adding its contiguous row range
         bounds = np.linspace(0, src.n, S + 1).astype(np.int64)
         Shard = _shard_actor_cls()
@@ -270,8 +295,8 @@ class _RaySearcher:
             Shard.options(num_cpus=actor_cpus, num_gpus=gpus_per, scheduling_strategy="SPREAD",
                           max_concurrency=1).remote([tref], plan, int(bounds[s]), int(bounds[s + 1]), threads, gpu_cfg)
             for s in range(S)]
+        del tref  # the shards hold it now
         add_batch = int(_cfg(cfg, "add_batch", 65_536))
-        spec = src.spec()
         ta = time.perf_counter()
         if spec is not None:  # workers read the pool files themselves
             ray.get([sh.add_from_spec.remote(spec, add_batch) for sh in self.shards])
@@ -383,7 +408,7 @@ class _RaySearcher:
                 "bytes": int(sum(nb)) if min(nb) >= 0 else int(self.plan["est_bytes"]),
                 "est_bytes": int(self.plan["est_bytes"]), "gpu": bool(self.gpu["use_gpu"]),
                 "gpu_reason": self.gpu["reason"], "lossy": bool(self.plan["lossy"]),
-                "reason": self.plan.get("reason", ""), "train_s": round(self.train_s, 3),
+                "reason": self.plan.get("reason", ""), "train_s": round(self.train_s, 3), "train_in": self.train_in,
                 "add_s": round(self.add_s, 3), "nodes": len(self.nodes)}
 
     def close(self):

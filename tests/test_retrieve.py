@@ -99,6 +99,20 @@ def test_ray_sharded_ivf_equals_in_process_ivf(ray_session):
     assert f1["recall_at_k"] == f2["recall_at_k"] >= 0.95
 
 
+def test_ray_trains_a_pool_on_disk_outside_the_driver(ray_session, tmp_path):
+    """A pool in .npy files is sampled and trained in a Ray task (the driver never holds the sample); the index is
+    the one the driver would have trained: the same neighbours and scores as the in-process index."""
+    x = clustered(12_000, 32, seed=13)
+    q = clustered(700, 32, seed=14)
+    for j, (lo, hi) in enumerate([(0, 5000), (5000, 12_000)]):
+        np.save(tmp_path / f"pool-{j}.npy", x[lo:hi])
+    base = dict(kind="IVF128_HNSW32,Flat", nprobe=8, recall_sample=150, query_batch=256, add_batch=1000)
+    s1, i1, f1 = retrieve(x, q, 20, IndexConfig(distributed="never", **base))
+    s2, i2, f2 = retrieve(str(tmp_path), q, 20, IndexConfig(distributed="always", num_shards=2, **base))
+    assert (f2["mode"], f2["train_in"]) == ("ray", "ray_task")
+    assert np.array_equal(i1, i2) and np.array_equal(s1, s2) and f1["recall_trials"] == f2["recall_trials"]
+
+
 def test_ray_lossy_index_rescored_exactly(ray_session):
     x = clustered(4000, 16, seed=11)
     q = clustered(600, 16, seed=12)
