@@ -436,6 +436,25 @@ def _tune_step(params: dict, plan: dict, n: int) -> Optional[dict]:
     return None
 
 
+def _narrow(searcher, trials: list, recall: float, floor: float, measure) -> float:
+    """After doubling met the floor: bisect between the last setting that missed it and the first that met it,
+    until they are within 1/8, and keep the smallest measured setting that meets it (doubling alone overshoots by
+    up to 2x, and the search cost is proportional to nprobe). Returns the recall of the setting kept."""
+    key = "nprobe" if "nprobe" in trials[-1] else "ef_search"
+    lo, hi, hi_recall = int(trials[-2][key]), int(trials[-1][key]), recall
+    while hi - lo > max(1, hi // 8):
+        mid = (lo + hi) // 2
+        searcher.set_params(**{key: mid})
+        r = measure()
+        if r >= floor:
+            hi, hi_recall = mid, r
+        else:
+            lo = mid
+    if trials[-1][key] != hi:
+        searcher.set_params(**{key: hi})
+    return hi_recall
+
+
 def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
     """Top-k pool rows for every query by inner product.
 
@@ -496,12 +515,20 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = _f32(sample(rows))
             exact_D, exact_I = searcher.exact(qs, k)
-            while True:
+
+            def measure() -> float:
                 ann_D, ann_I = searcher.search(qs, k)
-                recall = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
+                r = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
+                now = searcher.params()
+                trials.append({**{a: now[a] for a in ("nprobe", "ef_search") if a in now}, "recall": round(r, 5)})
+                return r
+
+            while True:
+                recall = measure()
                 p = searcher.params()
-                trials.append({**{a: p[a] for a in ("nprobe", "ef_search") if a in p}, "recall": round(recall, 5)})
                 if floor is None or recall >= float(floor):
+                    if len(trials) > 1:
+                        recall = _narrow(searcher, trials, recall, float(floor), measure)
                     break
                 step = _tune_step(p, plan, src.n) if _cfg(cfg, "auto_tune", True) else None
                 if step is None:

@@ -38,8 +38,15 @@ def test_recall_floor_raises_nprobe_until_met():
     s, i, info = retrieve(x, q, 20, cfg)
     trials = info["recall_trials"]
     assert trials[0]["nprobe"] == 1 and trials[0]["recall"] < 0.97  # the setting given was not enough ...
-    assert [t["nprobe"] for t in trials] == [2 ** j for j in range(len(trials))]  # ... so it was doubled
-    assert info["tuned"] and info["params"]["nprobe"] == trials[-1]["nprobe"] and info["recall_at_k"] >= 0.97
+    met = next(j for j, t in enumerate(trials) if t["recall"] >= 0.97)
+    assert met >= 2 and [t["nprobe"] for t in trials[:met + 1]] == [2 ** j for j in range(met + 1)]  # doubled ...
+    lo, hi = trials[met - 1]["nprobe"], trials[met]["nprobe"]
+    assert len(trials) > met + 1 and all(lo < t["nprobe"] < hi for t in trials[met + 1:])  # ... then bisected
+    kept = min(t["nprobe"] for t in trials if t["recall"] >= 0.97)  # the smallest setting measured to meet it
+    assert all(t["recall"] < 0.97 for t in trials if t["nprobe"] < kept) and kept - max(
+        t["nprobe"] for t in trials if t["nprobe"] < kept) <= max(1, kept // 8)
+    assert info["tuned"] and info["params"]["nprobe"] == kept and info["recall_at_k"] >= 0.97
+    assert info["recall_at_k"] == [t["recall"] for t in trials if t["nprobe"] == kept][0]
     _, ei = ix.exact_search(x, q, 20)
     assert ix.recall_at_k(i, ei) >= 0.95  # the full result, all queries, has the tuned recall too
 
