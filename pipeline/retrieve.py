@@ -11,8 +11,8 @@
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
 * measure recall@k against exact (streaming brute-force, in the shard actors over their own rows when the pool is on
   disk) search on ``recall_sample`` queries before the full search (a Flat index is exact search: recall 1.0,
-  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling) until
-  it is met, or raise ``RecallFloorError``.
+  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling, then
+  bisecting back to the smallest measured setting that meets it), or raise ``RecallFloorError``.
 
 Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
 """
