@@ -2,6 +2,7 @@
 
     python benchmarks/index_growth.py --sizes 100000 400000 --also 'IVF{nlist}_HNSW32,Flat'
     python benchmarks/index_growth.py --sizes 1600000 --out benchmarks/results/index_growth-1.6m.json
+    python benchmarks/index_growth.py --data clustered --sizes 100000 400000 --also hnsw ivf_sq8
 
 Data: `benchmarks.driver_memory.topic_pairs(n)` (n / 500 topics, the data the driver-memory benchmark mines) embedded
 by the package's `HashingTeacher` (96-d): the pool is the n positives, the queries the first `--queries` pairs'
@@ -10,19 +11,24 @@ The vectors are computed here in numpy (`hashing_vectors`, equal to the teacher'
 growth.py; the teacher hashes trigram by trigram in Python, ~0.4 ms a text) and kept under `--work` for the next run.
 
 For each size, each rule builds its index in this process (`index.distributed: never`) through
-`pipeline.retrieve.open_index`, which tunes nprobe against `index.recall_floor` (0.95) on 500 of the queries as a run
-does; then all the queries are searched once (timed) and compared with exact search:
+`pipeline.retrieve.open_index`, which tunes nprobe (efSearch) against `index.recall_floor` (0.95) on 500 of the
+queries as a run does; then all the queries are searched once (timed) and compared with exact search:
 
-* `today`: the rule before this benchmark -- nlist a power of two near 2 sqrt(n), a flat coarse quantizer, nprobe
-  from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536);
-* `auto`: `choose_index` at the default `IndexConfig` (whatever pipeline/index.py decides now).
+* `today`: the rule before issue 15 -- nlist a power of two near 2 sqrt(n), a flat coarse quantizer, nprobe
+  from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536), nprobe doubled until the floor;
+* `before`: `choose_index` at the default `IndexConfig`, nprobe doubled until the floor (the tuning before the
+  bisection: `pipeline.retrieve._narrow` is switched off for this rule);
+* `auto`: `choose_index` at the default `IndexConfig`, tuned as a run tunes now;
+* `--also`: factory templates at auto's lists, `ivf_sq8` (named kind), `hnsw` / `hnsw:M` (a graph over the pool).
 
-Reported per size and rule: factory, nlist, tuned nprobe, train / add seconds, build + tune and search time (wall
-and this process's CPU time, which a loaded machine inflates far less), recall@k of all the queries against exact
-search, vectors scanned per query (FAISS's `indexIVF_stats.ndis`) and coarse-quantizer
-distances per query (nlist for a flat quantizer, `hnsw_stats.ndis` for an HNSW one). Timings on a shared 2-core
-machine are noisy: compare the two rules within a size (they run back to back), and the scanned counts, which are
-exact.
+`--data clustered` swaps the topic pairs for `benchmarks/scale.py`'s clustered mixture (96-d; queries are fresh
+draws). Reported per size and rule: factory, nlist, tuned nprobe / efSearch, bytes and build time per vector, build +
+search time per pair (build + tune + n queries at the measured rate, over n), train / add seconds, build + tune and
+search time (wall and this process's CPU time, which a loaded machine inflates far less), recall@k of all the
+queries against exact search, vectors scanned per query (FAISS's `indexIVF_stats.ndis`; `hnsw_stats.ndis` for a
+graph over the pool) and coarse-quantizer distances per query (nlist for a flat quantizer, `hnsw_stats.ndis` for an
+HNSW one). Timings on a shared 2-core machine are noisy: compare the rules within a size (they run back to back),
+and the scanned counts, which are exact.
 """
 from __future__ import annotations
 
@@ -228,7 +234,8 @@ def run(sizes: list[int], nq: int, k: int, work: Path, also: list[str], done=lam
             r = measure(pool, queries, truth, k, ov)
             out[str(n)][name] = r
             print(f"  {name:>24}: {r['factory']:>20} nprobe {str(r['nprobe']):>4} ef {str(r['ef_search']):>4} "
-                  f"recall {r['recall_at_k']:.4f} {r['bytes_per_vector']} B/vec build {r['build_us_per_vector']} us/vec "
+                  f"recall {r['recall_at_k']:.4f} {r['bytes_per_vector']} B/vec "
+                  f"build {r['build_us_per_vector']} us/vec "
                   f"wall {r['wall_us_per_pair']} us/pair (cpu {r['cpu_us_per_pair']}) "
                   f"scanned {r['scanned_per_query']:>7} coarse {r['coarse_distances_per_query']:>6} "
                   f"search {r['search_us_per_query']:>8} us/q train {r['train_s']} s add {r['add_s']} s", flush=True)
