@@ -206,7 +206,7 @@ def _pow2_near(x: float) -> int:
 
 
 LIST_SIZE = 256          # vectors per IVF list past ~260k: nlist grows with the pool so a probe scans a fixed amount
-MAX_SIZED_NLIST = 32_768  # up to here; k-means (40 x nlist points x nlist) grows as nlist^2 and runs in the driver
+MAX_SIZED_NLIST = 32_768  # up to here; k-means (40 x nlist points x nlist) grows as nlist^2 and runs in one process
 SIZED_TRAIN_BYTES = 1 << 30  # and only while its sample (40 x nlist vectors of d floats) stays this small
 HNSW_QUANTIZER_FROM = 8192  # lists from which the coarse quantizer is an HNSW graph (cost ~log nlist, not nlist)
 
@@ -217,7 +217,8 @@ def derive_nlist(n: int, d: int = 0) -> int:
     pool grows from ~260k to ~8M, where 2*sqrt(n) lists scan a growing share (docs/scale.md, "Search cost as the
     pool grows"); past that the k-means training would cost more than the search saves. For `d`-dimensional vectors
     the sized lists stop where their training sample passes SIZED_TRAIN_BYTES (a 3584-d teacher: 2*sqrt(n) lists),
-    so the driver never holds a sample that grows with the pool."""
+    so the process that trains (a Ray task, or the driver for an in-memory pool) never holds a sample that grows
+    with the pool."""
     sized = min(n / LIST_SIZE, MAX_SIZED_NLIST, SIZED_TRAIN_BYTES / (40 * 4 * d) if d else math.inf)
     nl = _pow2_near(max(2.0 * math.sqrt(max(n, 1)), sized))
     while nl > 16 and nl * 39 > n:

@@ -4,14 +4,15 @@
 
 * plan the index (``pipeline.index.choose_index``);
 * small pools / query sets (or no running Ray session): build and search in-process;
-* otherwise: train the index once in the driver on a sample, start ``num_shards`` shard actors (fractional CPUs,
+* otherwise: train the index once on a sample (in a Ray task that reads the pool files itself; in the driver for an
+  in-memory array), start ``num_shards`` shard actors (fractional CPUs,
   spread over the nodes), each adding its contiguous row range of the pool batch by batch (reading ``.npy`` shards or
   a memmap itself, or receiving batches from the driver for an in-memory array), and search the queries as a Ray Data
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
 * measure recall@k against exact (streaming brute-force, in the shard actors over their own rows when the pool is on
   disk) search on ``recall_sample`` queries before the full search (a Flat index is exact search: recall 1.0,
-  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling) until
-  it is met, or raise ``RecallFloorError``.
+  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling, then
+  bisecting back to the smallest measured setting that meets it), or raise ``RecallFloorError``.
 
 Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
 """
@@ -174,6 +175,21 @@ def _shard_actor_cls():
     return IndexShard
 
 
+def _train_task():
+    import ray
+
+    @ray.remote
+    def train_from_spec(spec, plan: dict, seed: int, threads: int):
+        """Sample the pool files and train the (empty) index in a worker: the sample (up to 40 x nlist vectors,
+        ~1 GB) and the k-means never enter the driver. Returns (serialized index, seconds)."""
+        faiss.omp_set_num_threads(max(1, int(threads)))
+        idx = make_index(plan)
+        secs = train_index(idx, source_from_spec(spec), plan, seed)
+        return faiss.serialize_index(idx), secs
+
+    return train_from_spec
+
+
 class _SearchStage:
     """Ray Data stage (actor): for a block of query row numbers, search every shard and merge the top-k exactly;
     rescore lossy candidates from the pool files when the pool is on disk."""
@@ -253,11 +269,20 @@ class _RaySearcher:
         threads = int(_cfg(cfg, "threads") or max(1, int(cpus // S)))
         actor_cpus = float(_cfg(cfg, "actor_cpus", 0.5))
         t0 = time.perf_counter()
-        # 1. train once, in the driver, on a sample; every shard gets a copy of the empty trained index
-        tmpl = make_index(plan)
-        self.train_s = train_index(tmpl, src, plan, int(_cfg(cfg, "seed", 0) or 0))
-        tref = ray.put(faiss.serialize_index(tmpl)) if tmpl.is_trained and plan["kind"] not in ("flat",) else None
-        del tmpl
+        # 1. train once on a sample; every shard gets a copy of the empty trained index. A pool on disk is sampled
+        # and trained in a Ray task (the driver only passes the index's object ref on); an in-memory one here.
+        seed = int(_cfg(cfg, "seed", 0) or 0)
+        spec = src.spec()
+        if spec is not None and plan["kind"] != "flat":
+            train_threads = int(_cfg(cfg, "threads") or max([nd["Resources"]["CPU"] for nd in nodes], default=1))
+            tref, secs = _train_task().options(num_cpus=actor_cpus, num_returns=2).remote(
+                spec, plan, seed, train_threads)
+            self.train_s, self.train_in = ray.get(secs), "ray_task"
+        else:
+            tmpl = make_index(plan)
+            self.train_s, self.train_in = train_index(tmpl, src, plan, seed), "driver"
+            tref = ray.put(faiss.serialize_index(tmpl)) if tmpl.is_trained and plan["kind"] != "flat" else None
+            del tmpl
         # 2. shard actors, spread over the nodes, each adding its contiguous row range
         bounds = np.linspace(0, src.n, S + 1).astype(np.int64)
         Shard = _shard_actor_cls()
@@ -270,8 +295,8 @@ class _RaySearcher:
             Shard.options(num_cpus=actor_cpus, num_gpus=gpus_per, scheduling_strategy="SPREAD",
                           max_concurrency=1).remote([tref], plan, int(bounds[s]), int(bounds[s + 1]), threads, gpu_cfg)
             for s in range(S)]
+        del tref  # the shards hold it now
         add_batch = int(_cfg(cfg, "add_batch", 65_536))
-        spec = src.spec()
         ta = time.perf_counter()
         if spec is not None:  # workers read the pool files themselves
             ray.get([sh.add_from_spec.remote(spec, add_batch) for sh in self.shards])
@@ -383,7 +408,7 @@ class _RaySearcher:
                 "bytes": int(sum(nb)) if min(nb) >= 0 else int(self.plan["est_bytes"]),
                 "est_bytes": int(self.plan["est_bytes"]), "gpu": bool(self.gpu["use_gpu"]),
                 "gpu_reason": self.gpu["reason"], "lossy": bool(self.plan["lossy"]),
-                "reason": self.plan.get("reason", ""), "train_s": round(self.train_s, 3),
+                "reason": self.plan.get("reason", ""), "train_s": round(self.train_s, 3), "train_in": self.train_in,
                 "add_s": round(self.add_s, 3), "nodes": len(self.nodes)}
 
     def close(self):
@@ -409,6 +434,25 @@ def _tune_step(params: dict, plan: dict, n: int) -> Optional[dict]:
         cap = min(MAX_EF_SEARCH, max(n, 1))
         return {"ef_search": min(cap, cur * 2)} if cur < cap else None
     return None
+
+
+def _narrow(searcher, trials: list, recall: float, floor: float, measure) -> float:
+    """After doubling met the floor: bisect between the last setting that missed it and the first that met it,
+    until they are within 1/8, and keep the smallest measured setting that meets it (doubling alone overshoots by
+    up to 2x, and the search cost is proportional to nprobe). Returns the recall of the setting kept."""
+    key = "nprobe" if "nprobe" in trials[-1] else "ef_search"
+    lo, hi, hi_recall = int(trials[-2][key]), int(trials[-1][key]), recall
+    while hi - lo > max(1, hi // 8):
+        mid = (lo + hi) // 2
+        searcher.set_params(**{key: mid})
+        r = measure()
+        if r >= floor:
+            hi, hi_recall = mid, r
+        else:
+            lo = mid
+    if trials[-1][key] != hi:
+        searcher.set_params(**{key: hi})
+    return hi_recall
 
 
 def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
@@ -471,12 +515,20 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = _f32(sample(rows))
             exact_D, exact_I = searcher.exact(qs, k)
-            while True:
+
+            def measure() -> float:
                 ann_D, ann_I = searcher.search(qs, k)
-                recall = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
+                r = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
+                now = searcher.params()
+                trials.append({**{a: now[a] for a in ("nprobe", "ef_search") if a in now}, "recall": round(r, 5)})
+                return r
+
+            while True:
+                recall = measure()
                 p = searcher.params()
-                trials.append({**{a: p[a] for a in ("nprobe", "ef_search") if a in p}, "recall": round(recall, 5)})
                 if floor is None or recall >= float(floor):
+                    if len(trials) > 1:
+                        recall = _narrow(searcher, trials, recall, float(floor), measure)
                     break
                 step = _tune_step(p, plan, src.n) if _cfg(cfg, "auto_tune", True) else None
                 if step is None:

@@ -43,4 +43,5 @@ def test_result_file(tmp_path):
     run = r["runs"]["3000"]
     assert run["today"]["factory"] == "IVF64,Flat" and run["auto"]["factory"] == "Flat"  # below index.exact_below
     assert run["auto"]["recall_at_k"] == 1.0 and run["today"]["recall_at_k"] >= 0.95  # the recall floor
-    assert set(r["ratios_auto_over_today"]["3000"]) == {"scanned", "search_us", "search_cpu_us"}
+    assert set(r["ratios_auto_over_today"]["3000"]) == {"scanned", "search_us", "search_cpu_us", "wall_us_per_pair"}
+    assert run["before"]["factory"] == "Flat" and "3000" in r["ratios_auto_over_before"]

@@ -38,8 +38,15 @@ def test_recall_floor_raises_nprobe_until_met():
     s, i, info = retrieve(x, q, 20, cfg)
     trials = info["recall_trials"]
     assert trials[0]["nprobe"] == 1 and trials[0]["recall"] < 0.97  # the setting given was not enough ...
-    assert [t["nprobe"] for t in trials] == [2 ** j for j in range(len(trials))]  # ... so it was doubled
-    assert info["tuned"] and info["params"]["nprobe"] == trials[-1]["nprobe"] and info["recall_at_k"] >= 0.97
+    met = next(j for j, t in enumerate(trials) if t["recall"] >= 0.97)
+    assert met >= 2 and [t["nprobe"] for t in trials[:met + 1]] == [2 ** j for j in range(met + 1)]  # doubled ...
+    lo, hi = trials[met - 1]["nprobe"], trials[met]["nprobe"]
+    assert len(trials) > met + 1 and all(lo < t["nprobe"] < hi for t in trials[met + 1:])  # ... then bisected
+    kept = min(t["nprobe"] for t in trials if t["recall"] >= 0.97)  # the smallest setting measured to meet it
+    assert all(t["recall"] < 0.97 for t in trials if t["nprobe"] < kept) and kept - max(
+        t["nprobe"] for t in trials if t["nprobe"] < kept) <= max(1, kept // 8)
+    assert info["tuned"] and info["params"]["nprobe"] == kept and info["recall_at_k"] >= 0.97
+    assert info["recall_at_k"] == [t["recall"] for t in trials if t["nprobe"] == kept][0]
     _, ei = ix.exact_search(x, q, 20)
     assert ix.recall_at_k(i, ei) >= 0.95  # the full result, all queries, has the tuned recall too
 
@@ -97,6 +104,20 @@ def test_ray_sharded_ivf_equals_in_process_ivf(ray_session):
     assert f1["factory"] == f2["factory"] == "IVF256,Flat" and f2["mode"] == "ray"
     assert np.array_equal(i1, i2) and np.array_equal(s1, s2)
     assert f1["recall_at_k"] == f2["recall_at_k"] >= 0.95
+
+
+def test_ray_trains_a_pool_on_disk_outside_the_driver(ray_session, tmp_path):
+    """A pool in .npy files is sampled and trained in a Ray task (the driver never holds the sample); the index is
+    the one the driver would have trained: the same neighbours and scores as the in-process index."""
+    x = clustered(12_000, 32, seed=13)
+    q = clustered(700, 32, seed=14)
+    for j, (lo, hi) in enumerate([(0, 5000), (5000, 12_000)]):
+        np.save(tmp_path / f"pool-{j}.npy", x[lo:hi])
+    base = dict(kind="IVF128_HNSW32,Flat", nprobe=8, recall_sample=150, query_batch=256, add_batch=1000)
+    s1, i1, f1 = retrieve(x, q, 20, IndexConfig(distributed="never", **base))
+    s2, i2, f2 = retrieve(str(tmp_path), q, 20, IndexConfig(distributed="always", num_shards=2, **base))
+    assert (f2["mode"], f2["train_in"]) == ("ray", "ray_task")
+    assert np.array_equal(i1, i2) and np.array_equal(s1, s2) and f1["recall_trials"] == f2["recall_trials"]
 
 
 def test_ray_lossy_index_rescored_exactly(ray_session):
