@@ -84,3 +84,43 @@ def test_local_embedding_runs_the_longest_batches_first(monkeypatch, tmp_path):
     out = list(embed.embed_local(specs, cfg, "candidate", {"threads": 1}))
     assert seen == plan.column("embed_text").to_pylist()[::-1]  # every planned batch once, longest first
     assert sum(t.column("rows")[0].as_py() for t in out) == plan.num_rows
+
+
+def test_plan_tasks_take_fixed_item_ranges_and_the_driver_gets_counts(monkeypatch, tmp_path):
+    """`embed_roles` reads `items.arrow` by path: each planning task keys, looks up and plans one fixed range of
+    `PLAN_ROWS` item rows, so no batch crosses a range whatever the worker counts; the driver gets counts and plan
+    file names only (no texts), an item two roles need is counted once per role, and a second pass embeds
+    nothing."""
+    from pipeline import embed
+    from pipeline.blocks import _write_ipc
+    from pipeline.config import config_from_dict
+
+    monkeypatch.setattr(embed, "PLAN_ROWS", 32)
+    texts = texts_of_lengths(np.random.default_rng(2), 100)
+    _write_ipc(items(texts), tmp_path / "items.arrow", 16)
+    cfg = config_from_dict({"input": {"pairs": ["p.jsonl"]}, "run": {"executor": "local", "progress": False},
+                            "teacher": {"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
+                                        "batch_size": 8},
+                            "embed": {"cache_dir": str(tmp_path / "cache")}})
+    results, batches = [], []
+    real_plan, real_read = embed.plan_range, embed.read_batches
+    monkeypatch.setattr(embed, "plan_range", lambda spec: results.append(real_plan(spec)) or results[-1])
+    monkeypatch.setattr(embed, "read_batches", lambda specs: batches.append(real_read(specs)) or batches[-1])
+    requests = [("candidate", {"d": np.arange(100)}, "candidates"), ("query", {"d": np.arange(0, 100, 2)}, "queries")]
+    cand, qry = embed.embed_roles(tmp_path / "items.arrow", requests, cfg)
+    assert len(results) == 4 and all(set(r) == {"counts", "cached", "embedded", "sections", "images", "plan"}
+                                     for r in results)
+    assert cand["items"] == 100 and qry["items"] == 50
+    assert cand["embedded"] + qry["embedded"] + qry["cached"] == 150 and cand["batches"] >= 13
+    row_of = {k: i for i, k in enumerate(embed.input_keys(items(texts)).to_pylist())}
+    seen = []
+    for b in batches:
+        for keys, batch_texts in zip(b.column("item_ids").to_pylist(), b.column("texts").to_pylist()):
+            rows = [row_of[k] for k in keys]
+            assert batch_texts == [texts[r] for r in rows]  # read from items.arrow by item row
+            assert len({r // 32 for r in rows}) == 1 and len(rows) <= 8  # within one range, at most batch_size
+            seen += rows
+    assert len(seen) == cand["embedded"] + qry["embedded"] and set(seen) == set(range(100))
+    again = embed.embed_roles(tmp_path / "items.arrow", requests, cfg)
+    assert [s["embedded"] for s in again] == [0, 0] and [s["cached"] for s in again] == [100, 50]
+    assert not list(tmp_path.glob("embed-plan-*"))  # the plan files are gone
