@@ -182,7 +182,7 @@ def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray |
     when there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding
     than batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py).
     Encoded `PLAN_CHUNK` texts at a time: the tokenizer's objects for every text at once held kilobytes a text in
-    the driver, and the allocator kept them after they were freed (docs/scale.md)."""
+    the planning process, and the allocator kept them after they were freed (docs/scale.md)."""
     try:
         path = Path(resolve_model_path(model)) / "tokenizer.json"
         if not path.is_file():
@@ -430,7 +430,7 @@ def plan_range(spec: PlanSpec) -> dict:
     embedded), the misses' sections of the file ((group, role code) -> first batch, batches) and whether any miss
     has an image path. An item under two roles or datasets of one prompt (one fingerprint) is planned once, under
     the first; a row whose item an earlier role embeds counts as cached, as if the roles had run in turn."""
-    items = open_ipc(Path(spec.items))
+    items = open_ipc(Path(spec.items)).select(list(EMBED_COLUMNS))
     n_roles = len(spec.roles)
     counts = np.zeros((n_roles, 3), np.int64)  # items, cached, embedded per role code
     cached = embedded = batches = 0
