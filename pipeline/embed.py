@@ -433,7 +433,7 @@ def plan_range(spec: PlanSpec) -> dict:
     items = open_ipc(Path(spec.items)).select(list(EMBED_COLUMNS))
     n_roles = len(spec.roles)
     counts = np.zeros((n_roles, 3), np.int64)  # items, cached, embedded per role code
-    cached = embedded = batches = 0
+    embedded = batches = 0
     plans, sections, images = [], [], False
     for g, (fp, rep, _) in enumerate(spec.groups):
         mine = [(code, rows) for group, code, rows in spec.members if group == g and len(rows)]
@@ -445,7 +445,6 @@ def plan_range(spec: PlanSpec) -> dict:
         found = EmbeddingCache(spec.cache_dir, fp, spec.storage_options).contains(keys)
         counts[:, 0] += np.bincount(own, minlength=n_roles)
         counts[:, 1] += np.bincount(own[found], minlength=n_roles)
-        cached += int(found.sum())
         kept = np.flatnonzero(~found)
         # codes numbered in order of first appearance: an item's first row is where its code first appears
         inverse = keys.take(pa.array(kept, pa.int64())).dictionary_encode().indices.to_numpy()
@@ -471,7 +470,7 @@ def plan_range(spec: PlanSpec) -> dict:
             batches += n
     if plans:
         _write_ipc(pa.concat_tables(plans), Path(spec.out), max(batches, 1))
-    return {"counts": counts, "cached": cached, "embedded": embedded, "sections": sections, "images": images,
+    return {"counts": counts, "embedded": embedded, "sections": sections, "images": images,
             "plan": spec.out if plans else None}
 
 

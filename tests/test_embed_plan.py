@@ -108,7 +108,7 @@ def test_plan_tasks_take_fixed_item_ranges_and_the_driver_gets_counts(monkeypatc
     monkeypatch.setattr(embed, "read_batches", lambda specs: batches.append(real_read(specs)) or batches[-1])
     requests = [("candidate", {"d": np.arange(100)}, "candidates"), ("query", {"d": np.arange(0, 100, 2)}, "queries")]
     cand, qry = embed.embed_roles(tmp_path / "items.arrow", requests, cfg)
-    assert len(results) == 4 and all(set(r) == {"counts", "cached", "embedded", "sections", "images", "plan"}
+    assert len(results) == 4 and all(set(r) == {"counts", "embedded", "sections", "images", "plan"}
                                      for r in results)
     assert cand["items"] == 100 and qry["items"] == 50
     assert cand["embedded"] + qry["embedded"] + qry["cached"] == 150 and cand["batches"] >= 13
