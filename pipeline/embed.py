@@ -1,10 +1,13 @@
-"""Embed items with the teacher: cache look-up on the driver, a Ray Data pool of model actors for the misses.
+"""Embed items with the teacher: cache look-up and batch planning in block tasks, a Ray Data pool of model actors for
+the misses.
 
-Batches are planned on the driver (items sorted by text length, in the model's tokens where its fast tokenizer is at
-hand, else in characters, then by id, and cut into `batch_size`), and each planned batch travels as one row, so a
-vector never depends on how many actors or blocks ran: the same config gives the same bytes. The actors write the
-vectors to the cache themselves (a local path or an fsspec URI every node reaches) as each block finishes, so an
-interrupted run keeps what it embedded and no vector passes through the driver on its way to the cache.
+Batches are planned per fixed range of `PLAN_ROWS` item rows (its misses sorted by text length, in the model's
+tokens where its fast tokenizer is at hand, else in characters, then by row, and cut into `batch_size`), written to
+plan files, and each planned batch travels as one row, so a vector never depends on how many tasks, actors or blocks
+ran: the same config gives the same bytes. The driver holds the plan files' names and counts, never an item's text:
+the actors read each batch's texts from `items.arrow` and write the vectors to the cache themselves (a local path or
+an fsspec URI every node reaches) as each block finishes, so an interrupted run keeps what it embedded and no vector
+passes through the driver on its way to the cache.
 """
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .blocks import _write_ipc, open_ipc
 from .config import Config
+from .executor import map_blocks
 from .progress import Progress
 from .ray_session import cuda_devices, ray_active, ray_is_up
 from .teachers import teacher_fingerprint
@@ -33,7 +41,8 @@ from .write import write_new_part
 CACHE_PART_ROWS = 65_536
 CACHE_FLUSH_S = 30.0  # vectors wait at most this long in an actor before they are written to the cache
 EMBED_COLUMNS = ("item_id", "embed_text", "image_path")  # what embedding reads of an item
-PLAN_CHUNK = 10_000  # rows per step of the driver's per-row Python work (keys, token counts): its memory is bounded
+PLAN_CHUNK = 10_000  # rows per step of a planning task's per-row Python work (keys, token counts): bounded memory
+PLAN_ROWS = 65_536  # item rows a planning task keys, looks up and plans: a constant, so the batches stay the same
 
 
 def input_keys(items: pa.Table) -> pa.Array:
@@ -135,11 +144,12 @@ def _to_numpy(column) -> np.ndarray:
 
 def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = None,
                  batch_tokens: int | None = None, max_tokens: int | None = None) -> pa.Table:
-    """One row per model batch: lists of ids, texts and image paths, similar lengths together to save padding.
+    """One row per model batch: a list of each of `items`' columns, similar lengths together to save padding.
 
-    `lengths` (one per item) orders the items, e.g. token counts from `token_lengths`; default: characters. With
-    `batch_tokens` a batch also stops before its padded size (items x its longest item, clipped at `max_tokens`)
-    passes that many tokens: long texts run faster in smaller batches on CPU (cache-sized activations)."""
+    `lengths` (one per item) orders the items, e.g. token counts from `token_lengths`; default: characters of
+    `embed_text`. With `batch_tokens` a batch also stops before its padded size (items x its longest item, clipped
+    at `max_tokens`) passes that many tokens: long texts run faster in smaller batches on CPU (cache-sized
+    activations)."""
     order = _length_order(items, lengths)
     n = len(order)
     if batch_tokens and lengths is not None and n:
@@ -149,9 +159,8 @@ def plan_batches(items: pa.Table, batch_size: int, lengths: np.ndarray | None = 
         starts = np.arange(0, n, batch_size)
     offsets = pa.array(np.append(starts, n).astype(np.int32))
     order = pa.array(order, pa.int64())
-    return pa.table({name: pa.ListArray.from_arrays(offsets, items.column(col).take(order).combine_chunks())
-                     for name, col in (("item_ids", "item_id"), ("texts", "embed_text"),
-                                       ("image_paths", "image_path"))})
+    return pa.table({name: pa.ListArray.from_arrays(offsets, items.column(name).take(order).combine_chunks())
+                     for name in items.column_names})
 
 
 def _budget_starts(sizes: np.ndarray, batch_size: int, budget: int) -> np.ndarray:
@@ -168,7 +177,7 @@ def _budget_starts(sizes: np.ndarray, batch_size: int, budget: int) -> np.ndarra
 def _length_order(items: pa.Table, lengths: np.ndarray | None = None) -> np.ndarray:
     if lengths is None:
         lengths = pc.utf8_length(items.column("embed_text")).to_numpy(zero_copy_only=False)
-    return np.lexsort((np.arange(items.num_rows), lengths))  # items are sorted by id already
+    return np.lexsort((np.arange(items.num_rows), lengths))  # then by position: item rows ascend
 
 
 @lru_cache(maxsize=8)
@@ -186,7 +195,7 @@ def token_lengths(texts: pa.Array | pa.ChunkedArray, model: str) -> np.ndarray |
     when there is none (a hub id, a custom teacher). Batches cut from texts sorted by tokens carry far less padding
     than batches sorted by characters (about 30% fewer padded tokens on docstrings: benchmarks/overhead.py).
     Encoded `PLAN_CHUNK` texts at a time: the tokenizer's objects for every text at once held kilobytes a text in
-    the driver, and the allocator kept them after they were freed (docs/scale.md)."""
+    the planning process, and the allocator kept them after they were freed (docs/scale.md)."""
     try:
         path = Path(resolve_model_path(model)) / "tokenizer.json"
         if not path.is_file():
@@ -315,6 +324,8 @@ class EmbedActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .teachers.base import call_embed
 
+        if "plan" in batch.column_names:  # plan specs: read the batches (a decode stage reads them when images)
+            batch = read_batches(batch)
         pending: dict[str, list] = {}
         written: list[dict] = []
         last = time.monotonic()
@@ -394,166 +405,130 @@ def resolve_batch_size(teacher_cfg, shape: dict) -> int:
     return teacher_class(teacher_cfg).auto_batch_size(teacher_cfg, memory, on_gpu)
 
 
-def _codes(values) -> tuple[np.ndarray, list]:
-    """(a code per row, the names they index) of per-row names (a sequence, or an Arrow dictionary array of unique
-    names as `embed_roles` builds): a mining run's million rows as int32 codes, not a Python string per row."""
-    if not isinstance(values, pa.DictionaryArray):
-        values = pa.array([str(v) for v in values], pa.string()).dictionary_encode()
-    return values.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), values.dictionary.to_pylist()
-
-
 def _first_seen(codes: np.ndarray) -> np.ndarray:
     """The distinct codes in the order of their first row."""
     distinct, first = np.unique(codes, return_index=True)
     return distinct[np.argsort(first)]
 
 
-def _groups(role: str, cfg: Config, n: int, datasets=None, roles=None) -> tuple[dict, dict]:
-    """(fingerprint -> (dataset whose instruction it is, rows, role), dataset -> fingerprint): rows of datasets
-    (and roles) with equal prompts share one fingerprint, so one vector per item. `datasets` and `roles` are
-    `_codes` of one name per row, or None; `roles` overrides `role`; rows of one role come in the order of their
-    first row."""
-    if datasets is None and roles is None:
-        return {teacher_fingerprint(cfg.teacher, role): (None, np.arange(n), role)}, {}
-    per_role = roles is not None
-    role_codes, role_names = roles if per_role else (np.zeros(n, np.int32), [role])
-    groups: dict[str, tuple] = {}
-    by_dataset: dict = {}  # dataset -> fingerprint; with `roles`: role -> {dataset -> fingerprint}
-    for code in _first_seen(role_codes):
-        r, of_role = role_names[code], role_codes == code
-        if datasets is None:
-            names, where = [None], [np.flatnonzero(of_role)]
-        else:
-            ds_codes, ds_names = datasets
-            present = sorted((ds_names[c], c) for c in np.unique(ds_codes[of_role]).tolist())
-            names, where = [ds for ds, _ in present], [np.flatnonzero(of_role & (ds_codes == c)) for _, c in present]
-        for ds, rows in zip(names, where):
-            fp = teacher_fingerprint(cfg.teacher, r, ds)
-            (by_dataset.setdefault(r, {}) if per_role else by_dataset)[ds] = fp
-            rep, have, rep_role = groups.get(fp, (ds, np.zeros(0, np.int64), r))
-            groups[fp] = (rep, np.concatenate([have, rows]), rep_role)
-    return groups, by_dataset
+def _batch_size(cfg: Config, on_ray: bool) -> int:
+    """`teacher.batch_size`; only `auto` asks for the pool's shape (a GPU probe on Ray, torch on a CUDA host)."""
+    if cfg.teacher.batch_size != "auto":
+        return int(cfg.teacher.batch_size)
+    return resolve_batch_size(cfg.teacher, pool_shape(cfg, on_ray))
 
 
-def embed_items(items: pa.Table, role: str, cfg: Config, label: str,
-                allow_failed: bool = False, datasets=None, roles=None,
-                gather: bool = True) -> tuple[np.ndarray | None, dict]:
-    """Vectors for `items` (rows aligned) as `role`; returns (vectors, stats). Without `gather` the vectors stay
-    in the cache and None is returned in their place (a run reads them per block: pipeline/vectors.py).
+@dataclass(frozen=True)
+class PlanSpec:
+    """One planning task: item rows [lo, lo + PLAN_ROWS) of `items` (an `items.arrow`) for every group that holds
+    some of them. `members` are (group, role code, sorted item rows of the range), in each group's order: roles in
+    the order of the requests, then datasets by name."""
 
-    `roles` (one role per row, or None) embeds several roles in the same pass (one actor pool, one model load);
-    rows of roles whose prompts are equal share one vector per item, and `stats["by_role"]` counts each role as if
-    the roles had been embedded one after the other, in the order they first appear. Both `roles` and `datasets`
-    take a sequence or an Arrow dictionary array of unique names (`embed_roles`: no Python object per row).
+    items: str
+    out: str
+    members: tuple
+    groups: tuple          # (fingerprint, dataset whose instruction it is, role) per group
+    roles: tuple           # role names, by code
+    cache_dir: str
+    storage_options: dict | None
+    model: str
+    batch_size: int
+    batch_tokens: int | None
+    max_tokens: int | None
 
-    `datasets` (one name per row, or None) picks each row's instruction (`teacher.instructions`): a row is then an
-    (item, dataset) pair, rows may repeat an item, and datasets whose prompts are equal share one vector per item
-    (the cache is keyed by the fingerprint of the prompt). All of them go through one Ray Data pass: a CPU stage
-    decodes images, the actor pool runs the model.
 
-    Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
-    tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
-    only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose
-    model code raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the items of such
-    blocks get zero vectors and their ids are listed in `stats["failed_item_ids"]`.
-
-    Without Ray (`run.executor`, pipeline/ray_session.py) the same blocks of the same planned batches go through one
-    `EmbedActor` in this process (`embed_local`): the same vectors, byte for byte, and the same cache parts.
-    """
-    items = items.select(list(EMBED_COLUMNS))
-    item_ids = items.column("item_id")
-    items = items.set_column(0, "item_id", input_keys(items))  # cache keys
-    datasets = _codes(datasets) if datasets is not None else None
-    roles = _codes(roles) if roles is not None else None
-    groups, by_dataset = _groups(role, cfg, items.num_rows, datasets, roles)
-    caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp, cfg.embed.storage_options) for fp in groups}
-    on_ray = ray_active(cfg)
-    stats = {"items": items.num_rows, "cached": 0, "embedded": 0, "fingerprint": next(iter(groups)),
-             "executor": "ray" if on_ray else "local"}
-    if len(groups) > 1 and roles is None:
-        stats["fingerprints"] = by_dataset  # every dataset's; datasets with equal prompts share one
-    missing_parts, counted = [], {"embedded": [], "found": [], "cross": []}
-    for fp, (rep, rows, rep_role) in groups.items():
-        keys = items.column("item_id").take(pa.array(rows, pa.int64()))
-        found = caches[fp].contains(keys)
-        stats["cached"] += int(found.sum())
-        kept = np.flatnonzero(~found)
-        if len(kept) and (datasets is not None or roles is not None):  # an item under two names of one prompt: once
-            # codes numbered in order of first appearance: an item's first row is where its code first appears
-            inverse = keys.take(pa.array(kept)).combine_chunks().dictionary_encode().indices.to_numpy()
-            first = np.unique(inverse, return_index=True)[1]
-            if roles is not None:  # rows whose item an earlier role embeds: cached, had the roles run in turn
-                own = roles[0][rows[kept]]
-                counted["cross"].append(rows[kept][own[first][inverse] != own])
-            kept = kept[first]
-        del keys
-        counted["found"].append(rows[found])
-        counted["embedded"].append(rows[kept])
-        stats["embedded"] += len(kept)
-        if roles is None:
-            missing_parts += [(fp, rep, rows[kept], rep_role)] if len(kept) else []
+def plan_range(spec: PlanSpec) -> dict:
+    """Look one range's rows up in the cache and plan batches of its misses, written to `spec.out` (Arrow IPC, one
+    row per batch: cache keys, item rows, role, dataset, fingerprint). Returns counts only: per role (items, cached,
+    embedded), the misses' sections of the file ((group, role code) -> first batch, batches) and whether any miss
+    has an image path. An item under two roles or datasets of one prompt (one fingerprint) is planned once, under
+    the first; a row whose item an earlier role embeds counts as cached, as if the roles had run in turn."""
+    items = open_ipc(Path(spec.items)).select(list(EMBED_COLUMNS))
+    n_roles = len(spec.roles)
+    counts = np.zeros((n_roles, 3), np.int64)  # items, cached, embedded per role code
+    embedded = batches = 0
+    plans, sections, images = [], [], False
+    for g, (fp, rep, _) in enumerate(spec.groups):
+        mine = [(code, rows) for group, code, rows in spec.members if group == g and len(rows)]
+        if not mine:
             continue
-        row_roles = roles[0][rows[kept]]
-        for code in _first_seen(row_roles):  # one part per role, in order: a role's batches run together
-            missing_parts.append((fp, rep, rows[kept[row_roles == code]], roles[1][code]))
-    if missing_parts:
-        shape = pool_shape(cfg, on_ray)
-        batch_size = resolve_batch_size(cfg.teacher, shape)
-        max_tokens = cfg.teacher.batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
-        plans = []
-        for fp, rep, part_rows, rep_role in missing_parts:  # each part's items only while it is planned
-            missing = items.take(pa.array(part_rows, pa.int64()))
-            plan = plan_batches(missing, batch_size, token_lengths(missing.column("embed_text"), cfg.teacher.model),
-                                cfg.teacher.batch_tokens, max_tokens)
-            plan = plan.append_column("role", pa.array([rep_role] * plan.num_rows, pa.string()))
-            plan = plan.append_column("dataset", pa.array([rep] * plan.num_rows, pa.string()))
-            plans.append(plan.append_column("fingerprint", pa.array([fp] * plan.num_rows, pa.string())))
-        del missing, plan
-        n_batches = sum(part.num_rows for part in plans)
-        actors = min(shape["actors"], n_batches)
-        blocks = cfg.embed.num_blocks or min(n_batches, max(8, 4 * actors))
-        step = -(-n_batches // blocks)
-        images = cfg.teacher.image_mode == "native" and any(_has_paths(part.column("image_paths")) for part in plans)
-        # A block holds the batches of one part (one role) only.
-        slices = [part.slice(i, step) for part in plans for i in range(0, part.num_rows, step)]
-        del plans
-        if on_ray:
-            import ray
+        rows = np.concatenate([r for _, r in mine])
+        own = np.repeat(np.array([c for c, _ in mine], np.int64), [len(r) for _, r in mine])
+        keys = input_keys(items.take(pa.array(rows, pa.int64())))
+        found = EmbeddingCache(spec.cache_dir, fp, spec.storage_options).contains(keys)
+        counts[:, 0] += np.bincount(own, minlength=n_roles)
+        counts[:, 1] += np.bincount(own[found], minlength=n_roles)
+        kept = np.flatnonzero(~found)
+        # codes numbered in order of first appearance: an item's first row is where its code first appears
+        inverse = keys.take(pa.array(kept, pa.int64())).dictionary_encode().indices.to_numpy()
+        first = np.unique(inverse, return_index=True)[1]
+        counts[:, 1] += np.bincount(own[kept][own[kept][first][inverse] != own[kept]], minlength=n_roles)
+        kept = kept[first]
+        counts[:, 2] += np.bincount(own[kept], minlength=n_roles)
+        embedded += len(kept)
+        for code in _first_seen(own[kept]):  # a role's batches together
+            part = kept[own[kept] == code]
+            part_rows = pa.array(rows[part], pa.int64())
+            texts = items.column("embed_text").take(part_rows)
+            plan = plan_batches(pa.table({"item_ids": keys.take(pa.array(part, pa.int64())), "rows": part_rows,
+                                          "embed_text": texts}),
+                                spec.batch_size, token_lengths(texts, spec.model), spec.batch_tokens,
+                                spec.max_tokens).select(["item_ids", "rows"])
+            n = plan.num_rows
+            for name, value in (("role", spec.roles[code]), ("dataset", rep), ("fingerprint", fp)):
+                plan = plan.append_column(name, pa.array([value] * n, pa.string()))
+            images = images or _has_paths(items.column("image_path").take(part_rows))
+            sections.append(((g, int(code)), batches, n))
+            plans.append(plan)
+            batches += n
+    if plans:
+        _write_ipc(pa.concat_tables(plans), Path(spec.out), max(batches, 1))
+    return {"counts": counts, "embedded": embedded, "sections": sections, "images": images,
+            "plan": spec.out if plans else None}
 
-            ds = ray.data.from_arrow(slices)
-            del slices  # in the object store now: the driver keeps no copy of the plan while the pool runs
-            done = embed_stage(ds, cfg, role, shape, actors, images).iter_batches(batch_size=None,
-                                                                                  batch_format="pyarrow")
-        else:
-            done = embed_local(slices, cfg, role, shape, images)
-        total = sum(len(part_rows) for _, _, part_rows, _ in missing_parts)
-        with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
-            for out in done:  # what the actors wrote, no vectors
-                bar.update(int(pc.sum(out.column("rows")).as_py() or 0))
-        stats.update(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"],
-                     blocks=blocks, batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=n_batches)
-    if roles is not None:
-        stats["by_role"] = _role_stats(groups, by_dataset, roles, counted, stats)
-    if gather:
-        vectors, found_all = gather_vectors(caches, groups, items.column("item_id"))
-    elif missing_parts:
-        vectors, found_all = None, _found(caches, groups, items.column("item_id"))
-    else:  # every key was in the cache already: a warm run reads the keys once
-        vectors, found_all = None, np.ones(items.num_rows, bool)
-    if not found_all.all():
-        if not allow_failed:
-            raise RuntimeError(f"embedding cache {cfg.embed.cache_dir} is missing {int((~found_all).sum())} vectors "
-                               "after embedding (blocks that failed within run.max_errored_blocks?)")
-        stats["failed_item_ids"] = sorted(set(item_ids.filter(pa.array(~found_all)).to_pylist()))
-    return vectors, stats
+
+def read_batches(specs: pa.Table) -> pa.Table:
+    """The planned batches that `specs` name (rows of items, plan, start, end: batches [start, end) of a
+    `plan_range` file) with their texts and image paths read by item row from `items.arrow`, memory-mapped: the
+    model's input never passes through the driver."""
+    out = []
+    for spec in specs.to_pylist():
+        plan = open_ipc(Path(spec["plan"])).slice(spec["start"], spec["end"] - spec["start"])
+        items = open_ipc(Path(spec["items"]))
+        lists = plan.column("rows").combine_chunks()
+        rows = pc.list_flatten(lists)
+        offsets = pa.array(np.append(0, np.cumsum(pc.list_value_length(lists).to_numpy())).astype(np.int32))
+        for name, col in (("texts", "embed_text"), ("image_paths", "image_path")):
+            plan = plan.append_column(name, pa.ListArray.from_arrays(
+                offsets, items.column(col).take(rows).combine_chunks()))
+        out.append(plan.drop_columns(["rows"]))
+    return pa.concat_tables(out)
+
+
+def _check_part(spec: tuple) -> tuple[int, list]:
+    """(misses, item rows) of one plan file's keys that the cache still lacks after embedding: the items of
+    blocks that failed within `run.max_errored_blocks`."""
+    path, cache_dir, storage_options = spec
+    plan = open_ipc(Path(path))
+    failed = []
+    fps = plan.column("fingerprint")
+    for fp in pc.unique(fps).to_pylist():
+        part = plan.filter(pc.equal(fps, fp))
+        keys = pc.list_flatten(part.column("item_ids"))
+        found = EmbeddingCache(cache_dir, fp, storage_options).contains(keys)
+        failed.append(pc.list_flatten(part.column("rows")).to_numpy()[~found])
+    failed = np.concatenate([np.zeros(0, np.int64), *failed])
+    return len(failed), failed.tolist()
 
 
 def embed_stage(ds, cfg: Config, role: str, shape: dict, actors: int, images: bool = False):
-    """The embedding stage over a dataset of planned batches: the image decoding tasks (with `images`), then the
-    actor pool, which writes the vectors to the cache; its output is `PARTS_SCHEMA`, no vectors."""
+    """The embedding stage over a dataset of plan specs (`read_batches`): with `images` the tasks that read the
+    batches and decode their images, then the actor pool (which reads its own batches otherwise) and writes the
+    vectors to the cache; its output is `PARTS_SCHEMA`, no vectors."""
     import ray
 
     if images:
+        ds = ds.map_batches(read_batches, batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS)
         ds = decode_stage(ds, cfg, {"image_paths": "images"}, *decode_bounds(cfg.teacher))
     ds = ds.map_batches(
         EmbedActor, batch_size=None, batch_format="pyarrow",  # a whole block per call: parts of up to a block
@@ -593,19 +568,20 @@ def _quiet_model_load(hf: bool):
             hf_logging.enable_progress_bar()
 
 
-def embed_local(blocks: list, cfg: Config, role: str, shape: dict, images: bool = False):
-    """`embed_stage` without Ray: the same blocks through one `EmbedActor` in this process, last block and batch
-    first, yielding what each block wrote (`PARTS_SCHEMA`). Up to `run.max_errored_blocks` blocks whose model code
-    raises are skipped, as Ray Data does; one more re-raises the error."""
+def embed_local(specs: list[dict], cfg: Config, role: str, shape: dict, images: bool = False):
+    """`embed_stage` without Ray: the same blocks (plan specs, `read_batches`) through one `EmbedActor` in this
+    process, last block and batch first, yielding what each block wrote (`PARTS_SCHEMA`). Up to
+    `run.max_errored_blocks` blocks whose model code raises are skipped, as Ray Data does; one more re-raises."""
     with _quiet_model_load(cfg.teacher.kind != "custom"):
         actor = EmbedActor(**actor_kwargs(cfg, role, shape))
     bounds = decode_bounds(cfg.teacher) if images else None
     errored = 0
     # Longest batches first (the plan ascends): the allocator keeps the largest activation buffers from the first
     # batch instead of faulting in a larger one at every step (system CPU 4.3 -> 1.7 s on 3,320 short texts).
-    for block in reversed(blocks):
-        block = block.take(pa.array(np.arange(block.num_rows - 1, -1, -1)))
+    for spec in reversed(specs):
         try:
+            block = read_batches(pa.Table.from_pylist([spec]))
+            block = block.take(pa.array(np.arange(block.num_rows - 1, -1, -1)))
             if images:
                 block = decode_images(block, {"image_paths": "images"}, cfg.input.image_root,
                                       cfg.input.max_image_pixels, cfg.input.max_image_bytes,
@@ -619,26 +595,18 @@ def embed_local(blocks: list, cfg: Config, role: str, shape: dict, images: bool 
         yield out
 
 
-def _has_paths(image_paths: pa.ChunkedArray) -> bool:
-    """Whether any planned batch (a list of image paths each) holds an image path."""
-    lengths = pc.utf8_length(pc.list_flatten(image_paths).cast(pa.string()))
-    return bool(pc.any(pc.greater(lengths, 0)).as_py())
-
-
-def _found(caches: dict, groups: dict, keys: pa.Array) -> np.ndarray:
-    """Which items (cache keys `keys`) the cache holds a vector of; reads the keys only."""
-    found_all = np.zeros(len(keys), bool)
-    for fp, (_, rows, _) in groups.items():
-        found_all[rows] = caches[fp].contains(keys.take(pa.array(rows, pa.int64())))
-    return found_all
+def _has_paths(image_paths) -> bool:
+    """Whether any of `image_paths` is one."""
+    return bool(pc.any(pc.greater(pc.utf8_length(image_paths.cast(pa.string())), 0)).as_py())
 
 
 def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(n x d vectors of the items with cache keys `keys`, found mask) read back from the cache into one array;
-    rows not found are zeros. Only for callers that want a small set in memory (`embed_items`, e.g. the reference
-    trainer's held-out queries); a mining run reads its vectors per block (pipeline/vectors.py)."""
+    """(n x d vectors of the items with cache keys `keys`, found mask) read back from the cache into one array
+    (`groups`: fingerprint -> rows); rows not found are zeros. Only for callers that want a small set in memory
+    (`embed_items`, e.g. the reference trainer's held-out queries); a mining run reads its vectors per block
+    (pipeline/vectors.py)."""
     vectors, found_all = None, np.zeros(len(keys), bool)
-    for fp, (_, rows, _) in groups.items():
+    for fp, rows in groups.items():
         found, cached = caches[fp].lookup(keys.take(pa.array(rows, pa.int64())))
         if cached is None:
             continue
@@ -649,33 +617,6 @@ def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarr
     if vectors is None:
         vectors = np.zeros((len(keys), 1) if len(keys) else (0, 1), np.float32)
     return vectors, found_all
-
-
-POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size", "batch_tokens", "batches")
-
-
-def _role_stats(groups: dict, by_role: dict, roles: tuple, counted: dict, stats: dict) -> dict:
-    """Per role (`roles`: `_codes` of one role per row), the stats that embedding the roles one after the other
-    would have given: an item shared with an earlier role of the same prompt counts as cached for the later one."""
-    codes, names = roles
-    masks = {}
-    for key, parts in counted.items():
-        masks[key] = np.zeros(len(codes), bool)
-        for rows in parts:
-            masks[key][rows] = True
-    out = {}
-    for code in _first_seen(codes):
-        r, of_role = names[code], codes == code
-        fps = by_role.get(r, {})
-        n_embedded = int((masks["embedded"] & of_role).sum())
-        n_cached = int(((masks["found"] | masks["cross"]) & of_role).sum())
-        out[r] = {"items": int(of_role.sum()), "cached": n_cached, "embedded": n_embedded,
-                  "fingerprint": next(iter(fps.values()), next(iter(groups))), "executor": stats["executor"]}
-        if len(set(fps.values())) > 1:
-            out[r]["fingerprints"] = fps  # every dataset's; datasets with equal prompts share one
-        if n_embedded:
-            out[r].update({k: stats[k] for k in POOL_STATS if k in stats})
-    return out
 
 
 def _dataset_rows(rows_by_dataset: dict, cfg: Config) -> tuple[list, list[np.ndarray]]:
@@ -690,64 +631,196 @@ def _dataset_rows(rows_by_dataset: dict, cfg: Config) -> tuple[list, list[np.nda
 
 def role_fingerprint(cfg: Config, role: str, dataset) -> str:
     """The cache fingerprint of `role`'s vectors for `dataset`'s rows (its instruction with `teacher.instructions`)."""
-    return teacher_fingerprint(cfg.teacher, role, str(dataset) if cfg.teacher.instructions else None)
+    return teacher_fingerprint(cfg.teacher, role,
+                               str(dataset) if cfg.teacher.instructions and dataset is not None else None)
 
 
-def _repeat(names: list[str], sizes: list[int]) -> pa.DictionaryArray:
-    """names[i] `sizes[i]` times, as codes into the distinct names (what `_codes` reads)."""
-    distinct = list(dict.fromkeys(names))
-    codes = np.repeat(np.array([distinct.index(n) for n in names], np.int32), sizes)
-    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(distinct, pa.string()))
+def _plan_groups(parts: list, roles: list[str], cfg: Config) -> tuple[list, list, dict]:
+    """(groups, members, by role) of the requests' (role, (dataset order, rows)): one group per fingerprint, so
+    datasets and roles of equal prompts share one vector per item. `groups`: (fingerprint, its first dataset, its
+    first role); `members`: (group, role code, sorted item rows) in each group's order (roles in the order of the
+    requests, then datasets by name); `by_role`: role -> {dataset -> fingerprint}."""
+    index, groups, members, by_role = {}, [], [], {}
+    for code, r in enumerate(roles):
+        entries = sorted(((str(ds), ds, rows) for role, (order, all_rows) in parts if role == r
+                          for ds, rows in zip(order, all_rows) if len(rows)), key=lambda e: e[0])
+        for _, ds, rows in entries:
+            fp = role_fingerprint(cfg, r, ds)
+            by_role.setdefault(r, {})[ds] = fp
+            if fp not in index:
+                index[fp] = len(groups)
+                groups.append((fp, ds, r))
+            members.append((index[fp], code, rows))
+    members.sort(key=lambda m: m[0])  # stable: a group's rows in role, then dataset order
+    return groups, members, by_role
 
 
-def embed_roles(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Config,
+POOL_STATS = ("actors", "cpus_per_actor", "gpus_per_actor", "blocks", "batch_size", "batch_tokens", "batches")
+
+
+def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], cfg: Config,
                 allow_failed: bool = False) -> list[dict]:
-    """Embed `items` rows for several `(role, {dataset: item rows}, label)` requests in one embedding pass into the
-    cache: one actor pool and one model load for all of them (queries and candidates of a run), and an item that two
-    roles with equal prompts need is embedded once. With `teacher.instructions` a row is embedded with its
-    dataset's prompt. Returns one stats dict per request, counted as if the requests ran in order; no vectors (they
-    stay in the cache: `role_fingerprint` names where)."""
-    parts = [_dataset_rows(rows_by_dataset, cfg) for _, rows_by_dataset, _ in requests]
-    flat = np.concatenate([np.zeros(0, np.int64), *[r for _, all_rows in parts for r in all_rows]])
-    if not len(flat):  # nothing to embed: each request on its own gives its empty stats
-        return [embed_items(items.take(pa.array([], pa.int64())), role, cfg, lbl, allow_failed, gather=False)[1]
-                for role, _, lbl in requests]
-    sizes = [len(r) for _, all_rows in parts for r in all_rows]
-    roles = _repeat([role for (role, _, _), (_, all_rows) in zip(requests, parts) for _ in all_rows], sizes)
-    names = _repeat([str(ds) for order, _ in parts for ds in order], sizes) if cfg.teacher.instructions else None
-    label = " + ".join(lbl for _, _, lbl in requests)
-    _, stats = embed_items(items.select(list(EMBED_COLUMNS)).take(pa.array(flat, pa.int64())), requests[0][0], cfg,
-                           label, allow_failed, datasets=names, roles=roles, gather=False)
+    """Embed rows of the item table at `items_path` (an `items.arrow`, read memory-mapped) for several
+    `(role, {dataset: item rows}, label)` requests in one embedding pass into the cache: one actor pool and one
+    model load for all of them (queries and candidates of a run), and an item that two roles with equal prompts
+    need is embedded once. With `teacher.instructions` a row is embedded with its dataset's prompt. Returns one
+    stats dict per request, counted as if the requests ran in order; no vectors (they stay in the cache:
+    `role_fingerprint` names where).
+
+    The driver holds no per-item data of its own: block tasks (`plan_range`, Ray tasks or a loop in this process)
+    each key, look up and plan `PLAN_ROWS` item rows and write their batches to a plan file beside `items_path`;
+    the driver keeps the files' names and counts. Ranges are fixed, so a batch (and its vectors) never depends on
+    how many tasks, blocks or actors run. The actors (or `embed_local`) read each batch's texts and image paths
+    from `items.arrow` themselves.
+
+    Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
+    tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
+    only its in-flight blocks run again; a block's vectors are in the cache before it is returned. A block whose
+    model code raises fails the run unless `run.max_errored_blocks` allows it; with `allow_failed` the ids of such
+    blocks' items are listed in each request's `failed_item_ids`.
+    """
+    items_path = Path(items_path)
+    parts = [(role, _dataset_rows(rows_by_dataset, cfg)) for role, rows_by_dataset, _ in requests]
+    roles = list(dict.fromkeys(role for role, (_, all_rows) in parts if any(len(r) for r in all_rows)))
+    groups, members, by_role = _plan_groups(parts, roles, cfg)
+    on_ray = ray_active(cfg)
+    executor = "ray" if on_ray else "local"
+    if not members:  # nothing to embed: each request's empty stats
+        return [{"items": 0, "cached": 0, "embedded": 0, "fingerprint": teacher_fingerprint(cfg.teacher, role),
+                 "executor": executor} for role, _, _ in requests]
+    batch_tokens = cfg.teacher.batch_tokens
+    max_tokens = batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
+    plan_dir = items_path.parent / f"embed-plan-{uuid.uuid4().hex[:8]}"
+    plan_dir.mkdir(parents=True)
+    end = max(int(rows[-1]) for _, _, rows in members) + 1
+    batch_size = _batch_size(cfg, on_ray)
+    specs = []
+    for lo in range(0, end, PLAN_ROWS):
+        cut = [(g, code, rows[np.searchsorted(rows, lo):np.searchsorted(rows, lo + PLAN_ROWS)])
+               for g, code, rows in members]
+        if any(len(rows) for _, _, rows in cut):
+            specs.append(PlanSpec(str(items_path), str(plan_dir / f"plan-{lo // PLAN_ROWS:05d}.arrow"),
+                                  tuple(c for c in cut if len(c[2])), tuple(groups), tuple(roles),
+                                  cfg.embed.cache_dir, cfg.embed.storage_options, cfg.teacher.model,
+                                  batch_size, batch_tokens, max_tokens))
+    try:
+        planned = list(map_blocks(plan_range, specs, on_ray))
+        del specs
+        counts = sum(p["counts"] for p in planned)
+        stats, failed_rows = {"executor": executor}, np.zeros(0, np.int64)
+        if any(p["embedded"] for p in planned):
+            label = " + ".join(lbl for _, _, lbl in requests)
+            stats.update(_embed_planned(planned, items_path, cfg, roles[0], label, on_ray, batch_size))
+            checked = list(map_blocks(_check_part, [(p["plan"], cfg.embed.cache_dir, cfg.embed.storage_options)
+                                                    for p in planned if p["plan"]], on_ray))
+            missing = sum(n for n, _ in checked)
+            if missing and not allow_failed:
+                raise RuntimeError(f"embedding cache {cfg.embed.cache_dir} is missing {missing} vectors after "
+                                   "embedding (blocks that failed within run.max_errored_blocks?)")
+            failed_rows = np.unique(np.array([r for _, rows in checked for r in rows], np.int64))
+    finally:
+        shutil.rmtree(plan_dir, ignore_errors=True)
+    by_name = {}
+    for code, r in enumerate(roles):
+        n_items, n_cached, n_embedded = (int(x) for x in counts[code])
+        fps = by_role[r]
+        by_name[r] = {"items": n_items, "cached": n_cached, "embedded": n_embedded,
+                      "fingerprint": next(iter(fps.values())), "executor": executor}
+        if len(set(fps.values())) > 1:
+            by_name[r]["fingerprints"] = fps  # every dataset's; datasets with equal prompts share one
+        if n_embedded:
+            by_name[r].update({k: stats[k] for k in POOL_STATS})
+    failed_ids = None
+    if len(failed_rows):  # only with `allow_failed`
+        failed_ids = open_ipc(items_path).column("item_id").take(pa.array(failed_rows, pa.int64())).combine_chunks()
     out = []
-    for (role, _, _), (order, all_rows) in zip(requests, parts):
-        role_stats = dict(stats["by_role"].get(role, {"items": 0, "cached": 0, "embedded": 0,
-                                                      "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
-        if "failed_item_ids" in stats:
-            mine = items.column("item_id").take(pa.array(np.concatenate([np.zeros(0, np.int64), *all_rows]),
-                                                         pa.int64())).combine_chunks()
-            failed = pa.array(stats["failed_item_ids"], mine.type)
-            role_stats["failed_item_ids"] = failed.filter(pc.is_in(failed, value_set=mine)).to_pylist()
+    for role, (_, all_rows) in parts:
+        role_stats = dict(by_name.get(role, {"items": 0, "cached": 0, "embedded": 0,
+                                             "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
+        if failed_ids is not None:
+            mine = np.isin(failed_rows, np.concatenate([np.zeros(0, np.int64), *all_rows]))
+            role_stats["failed_item_ids"] = sorted(set(failed_ids.filter(pa.array(mine)).to_pylist()))
         out.append(role_stats)
     return out
 
 
-def embed_or_reject(corpus, cfg: Config):
+def _embed_planned(planned: list[dict], items_path: Path, cfg: Config, role: str, label: str, on_ray: bool,
+                   batch_size: int) -> dict:
+    """Run the planned batches (`plan_range`'s files) through the actor pool, or `embed_local` without Ray: blocks
+    of at most `step` batches of one (group, role) section of one file, a section's blocks together. Returns the
+    pool's stats."""
+    shape = pool_shape(cfg, on_ray)
+    n_batches = sum(n for p in planned for _, _, n in p["sections"])
+    actors = min(shape["actors"], n_batches)
+    blocks = cfg.embed.num_blocks or min(n_batches, max(8, 4 * actors))
+    step = -(-n_batches // blocks)
+    sections = sorted((key, i, first, n) for i, p in enumerate(planned) for key, first, n in p["sections"])
+    specs = [{"items": str(items_path), "plan": planned[i]["plan"], "start": s, "end": min(s + step, first + n)}
+             for _, i, first, n in sections for s in range(first, first + n, step)]
+    images = cfg.teacher.image_mode == "native" and any(p["images"] for p in planned)
+    if on_ray:
+        import ray
+
+        ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+        done = embed_stage(ds, cfg, role, shape, actors, images).iter_batches(batch_size=None,
+                                                                              batch_format="pyarrow")
+    else:
+        done = embed_local(specs, cfg, role, shape, images)
+    total = sum(p["embedded"] for p in planned)
+    with Progress(f"embed {label}", total=total, unit="items", enabled=cfg.run.progress) as bar:
+        for out in done:  # what the actors wrote, no vectors
+            bar.update(int(pc.sum(out.column("rows")).as_py() or 0))
+    return dict(actors=actors, cpus_per_actor=shape["num_cpus"], gpus_per_actor=shape["num_gpus"], blocks=blocks,
+                batch_size=batch_size, batch_tokens=cfg.teacher.batch_tokens, batches=n_batches)
+
+
+def embed_items(items: pa.Table, role: str, cfg: Config, label: str, allow_failed: bool = False,
+                datasets=None) -> tuple[np.ndarray, dict]:
+    """Vectors of a small in-memory item table as `role` (rows aligned; `datasets`: one name per row, or None, for
+    `teacher.instructions`), and the stats: embedded by `embed_roles` from a temporary `items.arrow`, read back from
+    the cache. For callers that want a small set in memory (the reference trainer's held-out texts); a mining run
+    reads its vectors per block (pipeline/vectors.py). With `allow_failed` rows that failed are zeros."""
+    rows_by_dataset: dict = {}
+    for i, ds in enumerate([None] * items.num_rows if datasets is None else [str(d) for d in datasets]):
+        rows_by_dataset.setdefault(ds, []).append(i)
+    with tempfile.TemporaryDirectory(prefix="hardneg-embed-") as tmp:
+        path = Path(tmp) / "items.arrow"
+        _write_ipc(items.select(list(EMBED_COLUMNS)), path, max(items.num_rows, 1))
+        [stats] = embed_roles(path, [(role, rows_by_dataset, label)], cfg, allow_failed)
+    groups: dict = {}
+    for ds, rows in rows_by_dataset.items():
+        fp = role_fingerprint(cfg, role, ds)
+        groups[fp] = np.concatenate([groups.get(fp, np.zeros(0, np.int64)), np.asarray(rows, np.int64)])
+    caches = {fp: EmbeddingCache(cfg.embed.cache_dir, fp, cfg.embed.storage_options) for fp in groups}
+    vectors, _ = gather_vectors(caches, groups, input_keys(items))
+    return vectors, stats
+
+
+def embed_or_reject(corpus, cfg: Config, work_dir: Path):
     """Embed every item once with `run.max_errored_blocks` in force and reject what could not be embedded.
 
     Used when the user allows errored blocks: queries whose query or positive item failed become rejects with
-    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache.
+    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache. The
+    items go to `work_dir/items.arrow` first (a folder every node reads), which the tasks and actors read.
     """
     from .input_negatives import candidate_pools
     from .read import drop_items
 
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / "items.arrow"
+    _write_ipc(corpus.items.select(list(EMBED_COLUMNS)), path, cfg.retrieve.block_rows)
     failed: set[str] = set()
     q = corpus.queries
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
     qry_rows = {ds: q.column("qry_idx").to_numpy()[datasets == ds] for ds in np.unique(datasets)}
-    for rows, role, label in ((candidate_pools(corpus.pools, q), "candidate", "candidates"),
-                              (qry_rows, "query", "queries")):
-        [stats] = embed_roles(corpus.items, [(role, rows, label)], cfg, allow_failed=True)
-        failed.update(stats.get("failed_item_ids", []))
+    try:
+        for rows, role, label in ((candidate_pools(corpus.pools, q), "candidate", "candidates"),
+                                  (qry_rows, "query", "queries")):
+            [stats] = embed_roles(path, [(role, rows, label)], cfg, allow_failed=True)
+            failed.update(stats.get("failed_item_ids", []))
+    finally:
+        path.unlink()
     return drop_items(corpus, failed, "embed_failed",
                       "the embedding block holding this item failed (within run.max_errored_blocks); see the "
                       "Ray logs for the model error")

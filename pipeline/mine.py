@@ -147,7 +147,7 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
         cfg = copy.deepcopy(cfg)
         cfg.run.executor, cfg.index.distributed = "local", "never"
     if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
-        corpus = embed_or_reject(corpus, cfg)
+        corpus = embed_or_reject(corpus, cfg, state_dir)
     t_read = time.time()
     meta = retrieve_run(corpus, cfg, state_dir, base, mix)
     meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}

@@ -104,14 +104,16 @@ def retrieve_run(corpus, cfg: Config, state_dir: Path, base: Config | None = Non
     use_ray = ray_active(cfg)
     pools = input_negatives.candidate_pools(corpus.pools, q)
     qrows = query_rows(q)
-    cand_stats, qry_stats = embed_roles(items, [("candidate", pools, "candidates"), ("query", qrows, "queries")], cfg)
+    cand_stats, qry_stats = embed_roles(state_dir / "items.arrow", [("candidate", pools, "candidates"),
+                                                                   ("query", qrows, "queries")], cfg)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
     vec_dir = state_dir / "vectors"
     stores = Stores(*_stores(vec_dir / "teacher", state_dir / "items.arrow", cfg, pools, corpus.pools, qrows,
                              use_ray))
     if mix:
-        stats_c, stats_q = embed_roles(items, [("candidate", pools, "candidates (mixed-in teacher)"),
-                                               ("query", qrows, "queries (mixed-in teacher)")], base)
+        stats_c, stats_q = embed_roles(state_dir / "items.arrow",
+                                       [("candidate", pools, "candidates (mixed-in teacher)"),
+                                        ("query", qrows, "queries (mixed-in teacher)")], base)
         embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
         stores.base_query, stores.base_cand = _stores(vec_dir / "mixed_in", state_dir / "items.arrow", base, pools,
                                                       corpus.pools, qrows, ray_active(base))

@@ -74,13 +74,14 @@ def corpus(s3, ray_session, tmp_path_factory):
     return tmp, config, first
 
 
-def test_embed_stage_returns_part_names_and_counts_never_vectors(s3, ray_session):
+def test_embed_stage_returns_part_names_and_counts_never_vectors(s3, ray_session, tmp_path):
     """The Ray Data output of the embedding stage (what reaches the driver) has no vector column; the vectors are
-    in the bucket, under the keys the driver looks up."""
+    in the bucket, under the keys the driver looks up. The stage reads plan specs, its actors the texts."""
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.embed import EmbeddingCache, PARTS_SCHEMA, embed_stage, input_keys, plan_batches
+    from pipeline.blocks import _write_ipc
+    from pipeline.embed import EmbeddingCache, PARTS_SCHEMA, PlanSpec, embed_stage, input_keys, plan_range
     from pipeline.teachers import teacher_fingerprint
 
     options, fs = s3
@@ -89,11 +90,15 @@ def test_embed_stage_returns_part_names_and_counts_never_vectors(s3, ray_session
                             "run": {"progress": False}})
     texts = [r["qry"] for r in text_pairs(10)]
     items = pa.table({"item_id": [f"i{i}" for i in range(10)], "embed_text": texts, "image_path": [""] * 10})
-    items = items.set_column(0, "item_id", input_keys(items))
+    _write_ipc(items, tmp_path / "items.arrow", 4)
     fp = teacher_fingerprint(cfg.teacher, "candidate")
-    plan = plan_batches(items, 4)
-    plan = plan.append_column("fingerprint", pa.array([fp] * plan.num_rows))
-    ds = embed_stage(ray_session.data.from_arrow([plan.slice(0, 2), plan.slice(2)]), cfg, "candidate",
+    planned = plan_range(PlanSpec(str(tmp_path / "items.arrow"), str(tmp_path / "plan.arrow"),
+                                  ((0, 0, np.arange(10)),), ((fp, None, "candidate"),), ("candidate",),
+                                  cfg.embed.cache_dir, options, cfg.teacher.model, 4, None, None))
+    assert planned["embedded"] == 10 and planned["sections"] == [((0, 0), 0, 3)]
+    specs = [{"items": str(tmp_path / "items.arrow"), "plan": planned["plan"], "start": s, "end": e}
+             for s, e in ((0, 2), (2, 3))]
+    ds = embed_stage(ray_session.data.from_items(specs, override_num_blocks=2), cfg, "candidate",
                      {"num_cpus": 0.5, "num_gpus": 0.0, "threads": 1}, 1)
     out = ds.to_arrow_refs()
     tables = ray_session.get(out)
@@ -103,7 +108,7 @@ def test_embed_stage_returns_part_names_and_counts_never_vectors(s3, ray_session
     assert sum(written.column("rows").to_pylist()) == 10
     assert len(written) == 2  # one part per block (2 blocks, fewer rows than CACHE_PART_ROWS each)
     assert sorted(written.column("part").to_pylist()) == bucket_parts(fs, "unit")
-    found, vectors = EmbeddingCache(cfg.embed.cache_dir, fp, options).lookup(items.column("item_id"))
+    found, vectors = EmbeddingCache(cfg.embed.cache_dir, fp, options).lookup(input_keys(items))
     assert found.all() and vectors.shape == (10, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
 
