@@ -718,23 +718,22 @@ def embed_roles(items: pa.Table, requests: list[tuple[str, dict, str]], cfg: Con
     return out
 
 
-def embed_or_reject(corpus, cfg: Config):
+def embed_or_reject(state_dir, meta, cfg: Config):
     """Embed every item once with `run.max_errored_blocks` in force and reject what could not be embedded.
 
     Used when the user allows errored blocks: queries whose query or positive item failed become rejects with
-    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache.
+    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache. Works on
+    the read stage's files in `state_dir` (pipeline/search.py `write_corpus`); returns their new `meta`.
     """
-    from .input_negatives import candidate_pools
-    from .read import drop_items
+    from .blocks import read_items
+    from .search import corpus_rows, drop_failed
 
     failed: set[str] = set()
-    q = corpus.queries
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_rows = {ds: q.column("qry_idx").to_numpy()[datasets == ds] for ds in np.unique(datasets)}
-    for rows, role, label in ((candidate_pools(corpus.pools, q), "candidate", "candidates"),
-                              (qry_rows, "query", "queries")):
-        [stats] = embed_roles(corpus.items, [(role, rows, label)], cfg, allow_failed=True)
+    _, cand_rows, qry_rows = corpus_rows(state_dir, meta)
+    for rows, role, label in ((cand_rows, "candidate", "candidates"), (qry_rows, "query", "queries")):
+        [stats] = embed_roles(read_items(state_dir), [(role, rows, label)], cfg, allow_failed=True)
         failed.update(stats.get("failed_item_ids", []))
-    return drop_items(corpus, failed, "embed_failed",
-                      "the embedding block holding this item failed (within run.max_errored_blocks); see the "
-                      "Ray logs for the model error")
+    del cand_rows, qry_rows
+    return drop_failed(state_dir, meta, failed, "embed_failed",
+                       "the embedding block holding this item failed (within run.max_errored_blocks); see the "
+                       "Ray logs for the model error", cfg.retrieve.block_rows, ray_active(cfg))

@@ -9,17 +9,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from .blocks import RunStore, is_legacy, upgrade, write_state
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject
 from .epoch import write_epoch
-from .read import load_corpus
-from .search import retrieve_run
+from .executor import run_task
+from .read import InputError, input_items, load_corpus
+from .search import CorpusMeta, retrieve_run, write_corpus
+from .ray_session import ray_active
 from .teachers import teacher_fingerprint
 from .run import RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
 
@@ -140,18 +142,42 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
 
 
 def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> None:
-    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last."""
+    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. Whether
+    the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`)."""
     t0 = time.time()
-    corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
-    if not ensure_ray(cfg, corpus.items.num_rows):  # a small job: every stage in this process
+    if not ensure_ray(cfg, input_items(cfg.input)):  # a small job: every stage in this process
         cfg = copy.deepcopy(cfg)
         cfg.run.executor, cfg.index.distributed = "local", "never"
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    meta = read_input(cfg, state_dir)
     if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
-        corpus = embed_or_reject(corpus, cfg)
+        meta = embed_or_reject(state_dir, meta, cfg)
     t_read = time.time()
-    meta = retrieve_run(corpus, cfg, state_dir, base, mix)
+    meta = retrieve_run(meta, cfg, state_dir, base, mix)
     meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     write_state(state_dir, **meta)
+
+
+def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
+    """The read stage, in one Ray task when the job runs on Ray (so its tables never enter the driver), else here:
+    the corpus files in `state_dir` (`search.write_corpus`), and their metadata. An error in the input reaches the
+    user as the reader raised it."""
+    meta = run_task(read_stage, (cfg, str(state_dir)), ray_active(cfg))
+    if isinstance(meta, InputError):
+        raise meta
+    return meta
+
+
+def read_stage(spec) -> CorpusMeta | InputError:
+    """`load_corpus` and `write_corpus`; an InputError is returned, not raised (a Ray task would wrap it)."""
+    cfg, state_dir = spec
+    try:
+        corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
+    except InputError as exc:
+        return exc
+    return write_corpus(corpus, Path(state_dir), cfg.retrieve.block_rows)
 
 
 def _read_json(path: Path):
