@@ -10,7 +10,8 @@ write the candidates parts, so neither the vectors nor the (queries x k) matrice
    the filters leave short, deeper searches. Each writes its rows to a staging file.
 4. Per query block (`finish_block`): the block's rows of every dataset, padded to the run's width, merged with the
    input's negatives, blended with the mixed-in teacher, the extra positives scored; written as
-   `candidates/part-NNNNN.arrow` (pipeline/blocks.py) and the block's per-query columns.
+   `candidates/part-NNNNN.arrow` (pipeline/blocks.py) and the block's queries with their per-query columns, which
+   one task joins into `queries.arrow` (`join_queries`).
 
 Every query's result depends on its own vectors and the per-dataset thresholds only, and scores are recomputed
 exactly after the index search, so the bytes do not depend on block, task or actor counts.
