@@ -172,14 +172,17 @@ def _drop_failed(spec) -> CorpusMeta:
     return write_corpus(corpus, Path(state_dir), block_rows, items=False)
 
 
-def _stores(root: Path, items_path: Path, cfg: Config, pools: dict, corpus_pools: dict, qrows: dict,
-            use_ray: bool) -> tuple[VectorStore, VectorStore]:
+def _stores(spec) -> tuple[VectorStore, VectorStore]:
+    """The query and candidate stores of one teacher, laid out from the read stage's files in one task (the layout
+    sorts every pool and query row: not in the driver), whose shards are written by block tasks."""
+    root, state_dir, meta, cfg, use_ray = spec
+    corpus_pools, pools, qrows = corpus_rows(state_dir, meta)
     fps = lambda role, rows: {ds: role_fingerprint(cfg, role, ds) for ds in rows}  # noqa: E731
     cand = layout(pools, corpus_pools)
     query = layout(qrows)
     return tuple(write_stores([(root / "query", query, fps("query", query), None),
-                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)], items_path, cfg,
-                              use_ray))
+                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)],
+                              Path(state_dir) / "items.arrow", cfg, use_ray))
 
 
 def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | None = None,
@@ -189,20 +192,19 @@ def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | 
     state_dir = Path(state_dir)
     block_rows = cfg.retrieve.block_rows
     use_ray = ray_active(cfg)
-    corpus_pools, pools, qrows = corpus_rows(state_dir, meta)
+    _, pools, qrows = corpus_rows(state_dir, meta)
     cand_stats, qry_stats = embed_roles(read_items(state_dir), [("candidate", pools, "candidates"),
                                                                 ("query", qrows, "queries")], cfg)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
     vec_dir = state_dir / "vectors"
-    stores = Stores(*_stores(vec_dir / "teacher", state_dir / "items.arrow", cfg, pools, corpus_pools, qrows,
-                             use_ray))
+    stores = Stores(*run_task(_stores, (vec_dir / "teacher", state_dir, meta, cfg, use_ray), use_ray))
     if mix:
         stats_c, stats_q = embed_roles(read_items(state_dir), [("candidate", pools, "candidates (mixed-in teacher)"),
                                                                ("query", qrows, "queries (mixed-in teacher)")], base)
         embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
-        stores.base_query, stores.base_cand = _stores(vec_dir / "mixed_in", state_dir / "items.arrow", base, pools,
-                                                      corpus_pools, qrows, ray_active(base))
-    del corpus_pools, pools
+        stores.base_query, stores.base_cand = run_task(_stores, (vec_dir / "mixed_in", state_dir, meta, base,
+                                                                 ray_active(base)), use_ray)
+    del pools
 
     nq = meta.nq
     blocks = [(i, s, min(s + block_rows, nq)) for i, s in enumerate(range(0, nq, block_rows))]
