@@ -128,24 +128,28 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
                           "--overwrite to replace it or another --epoch")
     state_dir = run_dir / rid
     reused = (state_dir / "state.json").exists()
+    on_ray = None
     if reused and is_legacy(state_dir):
         upgrade(state_dir, cfg.retrieve.block_rows)
-    elif not reused:
-        build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
+    elif not reused:  # the epoch runs where the retrieval ran
+        on_ray = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
         if saved is None:  # bound only now: a run that fails before this leaves the folder free
             run.bind(identity)
     extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
              "reused_retrieval": reused}
     store = RunStore(state_dir)
-    stats = write_epoch(store, cfg, out, epoch, config, extra, started, ensure_ray(cfg, store.n_items))
+    if on_ray is None:
+        on_ray = ensure_ray(cfg, store.n_items)
+    stats = write_epoch(store, cfg, out, epoch, config, extra, started, on_ray)
     return MineResult(out, final, stats, reused)
 
 
-def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> None:
+def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> bool:
     """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. Whether
-    the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`)."""
+    the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`); returned."""
     t0 = time.time()
-    if not ensure_ray(cfg, input_items(cfg.input)):  # a small job: every stage in this process
+    on_ray = ensure_ray(cfg, input_items(cfg.input))
+    if not on_ray:  # a small job: every stage in this process
         cfg = copy.deepcopy(cfg)
         cfg.run.executor, cfg.index.distributed = "local", "never"
     state_dir = Path(state_dir)
@@ -158,6 +162,7 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     meta = retrieve_run(meta, cfg, state_dir, base, mix)
     meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     write_state(state_dir, **meta)
+    return on_ray
 
 
 def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
