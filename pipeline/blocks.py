@@ -83,8 +83,13 @@ def write_items(run_dir: Path, q: pa.Table, items: pa.Table, item_groups: np.nda
     _write_ipc(items, run_dir / "items.arrow", block_rows)
     np.save(run_dir / "item_groups.npy", item_groups)
     np.save(run_dir / "modality.npy", item_modality(items))
+    write_positives(run_dir, q, items.num_rows)
+
+
+def write_positives(run_dir: Path, q: pa.Table, n_items: int) -> None:
+    """The queries' own look-up beside the items' (written again when queries are dropped)."""
     np.save(run_dir / "positives.npy", query_positives(q.column("qry_idx").to_numpy(), q.column("pos_idx").to_numpy(),
-                                                       items.num_rows, extra_positives.pairs(q)))
+                                                       n_items, extra_positives.pairs(q)))
 
 
 def write_part(run_dir: Path, i: int, cand, scores, pos_sims, from_input) -> None:

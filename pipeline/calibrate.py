@@ -109,9 +109,10 @@ def resolve(cfg: FilterConfig, pos_score: np.ndarray) -> FilterConfig:
                                max_score=cap if cfg.max_score is None else min(cfg.max_score, cap))
 
 
-def data_filters(cfg: FilterConfig, pos_score: np.ndarray, datasets: np.ndarray) -> dict[str, FilterConfig]:
-    """Per dataset, the configured filters with the score cap its own positive scores give (no evidence needed)."""
-    return {str(ds): resolve(cfg, pos_score[datasets == ds]) for ds in np.unique(datasets)}
+def data_filters(cfg: FilterConfig, pos_score: np.ndarray, ranges: dict) -> dict[str, FilterConfig]:
+    """Per dataset (`ranges`: dataset -> [lo, hi), its queries' rows: the reader sorts them by dataset), the
+    configured filters with the score cap its own positive scores give (no evidence needed)."""
+    return {str(ds): resolve(cfg, pos_score[lo:hi]) for ds, (lo, hi) in ranges.items()}
 
 
 def grid(cfg: FilterConfig) -> list[dict]:

@@ -796,31 +796,21 @@ def embed_items(items: pa.Table, role: str, cfg: Config, label: str, allow_faile
     return vectors, stats
 
 
-def embed_or_reject(corpus, cfg: Config, work_dir: Path):
+def embed_or_reject(state_dir, meta, cfg: Config):
     """Embed every item once with `run.max_errored_blocks` in force and reject what could not be embedded.
 
     Used when the user allows errored blocks: queries whose query or positive item failed become rejects with
-    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache. The
-    items go to `work_dir/items.arrow` first (a folder every node reads), which the tasks and actors read.
+    reason `embed_failed`, failed candidates leave the pools. Later look-ups of the survivors hit the cache. Works on
+    the read stage's files in `state_dir` (pipeline/search.py `write_corpus`); returns their new `meta`.
     """
-    from .input_negatives import candidate_pools
-    from .read import drop_items
+    from .search import corpus_rows, drop_failed
 
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    path = work_dir / "items.arrow"
-    _write_ipc(corpus.items.select(list(EMBED_COLUMNS)), path, cfg.retrieve.block_rows)
     failed: set[str] = set()
-    q = corpus.queries
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_rows = {ds: q.column("qry_idx").to_numpy()[datasets == ds] for ds in np.unique(datasets)}
-    try:
-        for rows, role, label in ((candidate_pools(corpus.pools, q), "candidate", "candidates"),
-                                  (qry_rows, "query", "queries")):
-            [stats] = embed_roles(path, [(role, rows, label)], cfg, allow_failed=True)
-            failed.update(stats.get("failed_item_ids", []))
-    finally:
-        path.unlink()
-    return drop_items(corpus, failed, "embed_failed",
-                      "the embedding block holding this item failed (within run.max_errored_blocks); see the "
-                      "Ray logs for the model error")
+    _, cand_rows, qry_rows = corpus_rows(state_dir, meta)
+    for rows, role, label in ((cand_rows, "candidate", "candidates"), (qry_rows, "query", "queries")):
+        [stats] = embed_roles(Path(state_dir) / "items.arrow", [(role, rows, label)], cfg, allow_failed=True)
+        failed.update(stats.get("failed_item_ids", []))
+    del cand_rows, qry_rows
+    return drop_failed(state_dir, meta, failed, "embed_failed",
+                       "the embedding block holding this item failed (within run.max_errored_blocks); see the "
+                       "Ray logs for the model error", cfg.retrieve.block_rows, ray_active(cfg))

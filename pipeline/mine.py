@@ -9,17 +9,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from .blocks import RunStore, is_legacy, upgrade, write_state
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject
 from .epoch import write_epoch
-from .read import load_corpus
-from .search import retrieve_run
+from .executor import run_task
+from .read import InputError, input_items, load_corpus
+from .search import CorpusMeta, retrieve_run, write_corpus
+from .ray_session import ray_active
 from .teachers import teacher_fingerprint
 from .run import RunFolder, RunMismatch, claim, epoch_dir, is_run_folder
 
@@ -126,32 +128,61 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
                           "--overwrite to replace it or another --epoch")
     state_dir = run_dir / rid
     reused = (state_dir / "state.json").exists()
+    on_ray = None
     if reused and is_legacy(state_dir):
         upgrade(state_dir, cfg.retrieve.block_rows)
-    elif not reused:
-        build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
+    elif not reused:  # the epoch runs where the retrieval ran
+        on_ray = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
         if saved is None:  # bound only now: a run that fails before this leaves the folder free
             run.bind(identity)
     extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
              "reused_retrieval": reused}
     store = RunStore(state_dir)
-    stats = write_epoch(store, cfg, out, epoch, config, extra, started, ensure_ray(cfg, store.n_items))
+    if on_ray is None:
+        on_ray = ensure_ray(cfg, store.n_items)
+    stats = write_epoch(store, cfg, out, epoch, config, extra, started, on_ray)
     return MineResult(out, final, stats, reused)
 
 
-def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> None:
-    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last."""
+def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> bool:
+    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. Whether
+    the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`); returned."""
     t0 = time.time()
-    corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
-    if not ensure_ray(cfg, corpus.items.num_rows):  # a small job: every stage in this process
+    on_ray = ensure_ray(cfg, input_items(cfg.input))
+    if not on_ray:  # a small job: every stage in this process
         cfg = copy.deepcopy(cfg)
         cfg.run.executor, cfg.index.distributed = "local", "never"
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    meta = read_input(cfg, state_dir)
     if cfg.run.max_errored_blocks:  # the user allows failed embedding blocks: reject their items, go on
-        corpus = embed_or_reject(corpus, cfg, state_dir)
+        meta = embed_or_reject(state_dir, meta, cfg)
     t_read = time.time()
-    meta = retrieve_run(corpus, cfg, state_dir, base, mix)
+    meta = retrieve_run(meta, cfg, state_dir, base, mix)
     meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     write_state(state_dir, **meta)
+    return on_ray
+
+
+def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
+    """The read stage, in one Ray task when the job runs on Ray (so its tables never enter the driver), else here:
+    the corpus files in `state_dir` (`search.write_corpus`), and their metadata. An error in the input reaches the
+    user as the reader raised it."""
+    meta = run_task(read_stage, (cfg, str(state_dir)), ray_active(cfg))
+    if isinstance(meta, InputError):
+        raise meta
+    return meta
+
+
+def read_stage(spec) -> CorpusMeta | InputError:
+    """`load_corpus` and `write_corpus`; an InputError is returned, not raised (a Ray task would wrap it)."""
+    cfg, state_dir = spec
+    try:
+        corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
+    except InputError as exc:
+        return exc
+    return write_corpus(corpus, Path(state_dir), cfg.retrieve.block_rows)
 
 
 def _read_json(path: Path):

@@ -2,7 +2,9 @@
 names or start a local Ray, quietly, and leave no processes behind.
 
 * Small jobs stay small: with `run.executor: auto` a job of at most `LOCAL_MAX_ITEMS` items on this machine runs in
-  the driver process (the same stage code, no Ray processes, no Ray start-up).
+  the driver process (the same stage code, no Ray processes, no Ray start-up). A new run counts its items before
+  reading the input (`read.input_items`: two a pairs row, one a candidates row), so the read itself runs where the
+  job does.
 
 * An address that answers nothing fails in seconds with one line (`ray.init` would retry for minutes).
 * A healthy run prints no Ray INFO or WARNING lines: Ray Data's messages go to its log file in the session folder

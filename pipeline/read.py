@@ -370,6 +370,27 @@ QUERY_COLUMNS = {"query_id": pa.string(), "dataset": pa.string(), "qry": pa.stri
 ITEM_COLUMNS = ("item_id", "text", "image_path", "embed_text")
 
 
+def input_items(cfg: InputConfig) -> int:
+    """How many items a read of `cfg` finds at most, counted before reading it: two a pairs row (its query and its
+    positive) and one a candidates row, from Parquet files' metadata and JSONL files' line counts. The input's own
+    negatives and extra positives are not counted (that takes parsing the rows). A file that cannot be counted
+    counts 0: the read says what is wrong with it."""
+    return 2 * sum(_count_rows(path) for path in cfg.pairs) + (_count_rows(cfg.candidates) if cfg.candidates else 0)
+
+
+def _count_rows(path: str) -> int:
+    try:
+        if Path(path).suffix.lower() in (".parquet", ".pq"):
+            return sum(fragment.metadata.num_rows for fragment in pq.ParquetDataset(path).fragments)
+        n, last = 0, b"\n"
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                n, last = n + chunk.count(b"\n"), chunk[-1:]
+        return n + (last != b"\n")
+    except (OSError, ValueError, pa.ArrowException):
+        return 0
+
+
 def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     """Read and validate every input file (see the module docstring), a batch of rows at a time: only the batch is
     Python objects; what is kept of it is Arrow / numpy columns, so the driver grows by bytes a pair, not objects."""

@@ -10,10 +10,14 @@ write the candidates parts, so neither the vectors nor the (queries x k) matrice
    the filters leave short, deeper searches. Each writes its rows to a staging file.
 4. Per query block (`finish_block`): the block's rows of every dataset, padded to the run's width, merged with the
    input's negatives, blended with the mixed-in teacher, the extra positives scored; written as
-   `candidates/part-NNNNN.arrow` (pipeline/blocks.py) and the block's per-query columns.
+   `candidates/part-NNNNN.arrow` (pipeline/blocks.py) and the block's queries with their per-query columns, which
+   one task joins into `queries.arrow` (`join_queries`).
 
 Every query's result depends on its own vectors and the per-dataset thresholds only, and scores are recomputed
 exactly after the index search, so the bytes do not depend on block, task or actor counts.
+
+The read stage hands over files, not tables (`write_corpus`: the items, the queries, each dataset's pool), and the
+driver keeps `CorpusMeta` and the queries' item rows (8 bytes a query); every table is read by the block tasks.
 """
 from __future__ import annotations
 
@@ -26,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 
 from . import extra_positives, input_negatives
-from .blocks import _write_ipc, open_ipc, run_context, write_items, write_part
+from .blocks import _write_ipc, open_ipc, read_items, run_context, write_items, write_part, write_positives
 from .calibrate import data_filters
 from .config import Config
 from .embed import embed_roles, role_fingerprint
-from .executor import map_blocks
+from .executor import map_blocks, run_task
 from .filters import KEPT, CandidateBlock, filter_candidates
 from .index import canonical_order
 from .ray_session import ray_active
@@ -40,6 +44,23 @@ from .vectors import VectorStore, layout, write_stores
 SIM_CHUNK = 256  # queries per chunk of cosines: 256 x k x d floats (20 MB at k=51, d=384)
 STAGING = "search"
 QUERIES_IN = "queries_in.arrow"
+CORPUS = "corpus"  # the read stage's pools and query item rows, until retrieval ends
+
+
+@dataclass
+class CorpusMeta:
+    """What the read stage hands the driver: counts and names. The tables and pools are files (`write_corpus`)."""
+
+    nq: int
+    n_items: int
+    n_groups: int
+    rows_in: int
+    candidate_rows_rejected: int
+    rejects: list
+    ranges: dict        # dataset -> [lo, hi): its queries' rows (the reader sorts the queries by dataset)
+    pools: list         # the datasets with a pool, in the reader's order: CORPUS/pool-NNNNN.npy (and embed-NNNNN.npy)
+    pool_sizes: dict
+    input_width: int    # the longest list of input negatives
 
 
 @dataclass
@@ -74,101 +95,164 @@ class SearchSpec:
     parts: tuple = ()                # phase 4: ds_index of the datasets with rows in this block
 
 
-def query_rows(q: pa.Table) -> dict:
-    """{dataset: item rows of its queries}: a query item is embedded with its own dataset's instruction."""
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
-    qry_idx = q.column("qry_idx").to_numpy().astype(np.int64)
-    return {str(ds): qry_idx[datasets == ds] for ds in np.unique(datasets)}
+def write_corpus(corpus, state_dir: Path, block_rows: int, items: bool = True) -> CorpusMeta:
+    """The read stage's `Corpus` as files in `state_dir` (the items and what the filters look up, QUERIES_IN, each
+    dataset's pool and the pool it embeds, the queries' item rows); returns what the driver keeps of it. Without
+    `items`, the item files are left as they are (`drop_failed` drops queries and pool members, never items)."""
+    state_dir = Path(state_dir)
+    q = corpus.queries
+    if items:
+        write_items(state_dir, q, corpus.items, corpus.item_groups, block_rows)
+    else:
+        write_positives(state_dir, q, corpus.items.num_rows)
+    tmp = state_dir / f"{QUERIES_IN}.tmp"  # a task may have QUERIES_IN mapped (`drop_failed` rewrites it)
+    _write_ipc(q, tmp, block_rows)
+    tmp.replace(state_dir / QUERIES_IN)
+    d = state_dir / CORPUS
+    d.mkdir(parents=True, exist_ok=True)
+    embedded = input_negatives.candidate_pools(corpus.pools, q)
+    for j, ds in enumerate(corpus.pools):
+        _save(d / f"pool-{j:05d}.npy", corpus.pools[ds])
+        _save(d / f"embed-{j:05d}.npy", embedded[ds])
+    _save(d / "qry_idx.npy", q.column("qry_idx").to_numpy().astype(np.int64))
+    names, starts, counts = np.unique(q.column("dataset").to_numpy(zero_copy_only=False), return_index=True,
+                                      return_counts=True)
+    by_start = np.argsort(starts)
+    if np.any(starts[by_start][1:] != (starts + counts)[by_start][:-1]):
+        raise AssertionError("the reader's queries are not sorted by dataset")
+    ranges = {str(ds): [int(lo), int(lo + n)] for ds, lo, n in zip(names, starts, counts)}
+    return CorpusMeta(q.num_rows, corpus.items.num_rows, corpus.n_groups, corpus.rows_in,
+                      corpus.candidate_rows_rejected, corpus.rejects, ranges, list(corpus.pools),
+                      {ds: int(len(pool)) for ds, pool in corpus.pools.items()}, input_negatives.width(q))
 
 
-def _stores(root: Path, items_path: Path, cfg: Config, pools: dict, corpus_pools: dict, qrows: dict,
-            use_ray: bool) -> tuple[VectorStore, VectorStore]:
+def _save(path: Path, array: np.ndarray) -> None:
+    """np.save by a new file: the driver may still have the old one mapped (`corpus_rows`)."""
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def read_corpus(state_dir: Path, meta: CorpusMeta):
+    """The `Corpus` of `write_corpus`'s files (the queries read into memory: `drop_failed` writes them again)."""
+    from .read import Corpus
+
+    state_dir = Path(state_dir)
+    with pa.OSFile(str(state_dir / QUERIES_IN)) as f:
+        queries = pa.ipc.open_file(f).read_all()
+    pools = {ds: np.load(state_dir / CORPUS / f"pool-{j:05d}.npy") for j, ds in enumerate(meta.pools)}
+    return Corpus(queries, read_items(state_dir), pools, np.load(state_dir / "item_groups.npy"), meta.n_groups,
+                  meta.rejects, meta.rows_in, meta.candidate_rows_rejected)
+
+
+def corpus_rows(state_dir: Path, meta: CorpusMeta) -> tuple[dict, dict, dict]:
+    """({dataset: its pool}, {dataset: the item rows it embeds as candidates}, {dataset: its queries' item rows}),
+    memory-mapped from the read stage's files."""
+    d = Path(state_dir) / CORPUS
+    load = lambda name: np.load(d / name, mmap_mode="r")  # noqa: E731
+    qry_idx = load("qry_idx.npy")
+    return ({ds: load(f"pool-{j:05d}.npy") for j, ds in enumerate(meta.pools)},
+            {ds: load(f"embed-{j:05d}.npy") for j, ds in enumerate(meta.pools)},
+            {ds: qry_idx[lo:hi] for ds, (lo, hi) in meta.ranges.items()})
+
+
+def drop_failed(state_dir: Path, meta: CorpusMeta, failed: set, reason: str, detail: str, block_rows: int,
+                use_ray: bool) -> CorpusMeta:
+    """The corpus files without the items in `failed` (`read.drop_items`), rewritten in a task; the new metadata."""
+    if not failed:
+        return meta
+    return run_task(_drop_failed, (str(state_dir), meta, failed, reason, detail, block_rows), use_ray)
+
+
+def _drop_failed(spec) -> CorpusMeta:
+    from .read import drop_items
+
+    state_dir, meta, failed, reason, detail, block_rows = spec
+    corpus = drop_items(read_corpus(state_dir, meta), failed, reason, detail)
+    return write_corpus(corpus, Path(state_dir), block_rows, items=False)
+
+
+def _stores(spec) -> tuple[VectorStore, VectorStore]:
+    """The query and candidate stores of one teacher, laid out from the read stage's files in one task (the layout
+    sorts every pool and query row: not in the driver), whose shards are written by block tasks."""
+    root, state_dir, meta, cfg, use_ray = spec
+    corpus_pools, pools, qrows = corpus_rows(state_dir, meta)
     fps = lambda role, rows: {ds: role_fingerprint(cfg, role, ds) for ds in rows}  # noqa: E731
     cand = layout(pools, corpus_pools)
     query = layout(qrows)
     return tuple(write_stores([(root / "query", query, fps("query", query), None),
-                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)], items_path, cfg,
-                              use_ray))
+                               (root / "candidate", cand, fps("candidate", cand), corpus_pools)],
+                              Path(state_dir) / "items.arrow", cfg, use_ray))
 
 
-def retrieve_run(corpus, cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> dict:
-    """Retrieve every query's candidates into `state_dir` (all of pipeline/blocks.py's files but state.json);
-    returns the state's metadata and info for `write_state`."""
+def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | None = None,
+                 mix: float = 0.0) -> dict:
+    """Retrieve every query's candidates into `state_dir`, which holds the read stage's files (`write_corpus`): all
+    of pipeline/blocks.py's files but state.json; returns the state's metadata and info for `write_state`."""
     state_dir = Path(state_dir)
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
-    q, items = corpus.queries, corpus.items
     block_rows = cfg.retrieve.block_rows
-    write_items(state_dir, q, items, corpus.item_groups, block_rows)
-    _write_ipc(q, state_dir / QUERIES_IN, block_rows)
     use_ray = ray_active(cfg)
-    pools = input_negatives.candidate_pools(corpus.pools, q)
-    qrows = query_rows(q)
+    _, pools, qrows = corpus_rows(state_dir, meta)
     cand_stats, qry_stats = embed_roles(state_dir / "items.arrow", [("candidate", pools, "candidates"),
                                                                    ("query", qrows, "queries")], cfg)
     embed_stats = {"candidates": cand_stats, "queries": qry_stats}
     vec_dir = state_dir / "vectors"
-    stores = Stores(*_stores(vec_dir / "teacher", state_dir / "items.arrow", cfg, pools, corpus.pools, qrows,
-                             use_ray))
+    stores = Stores(*run_task(_stores, (vec_dir / "teacher", state_dir, meta, cfg, use_ray), use_ray))
     if mix:
         stats_c, stats_q = embed_roles(state_dir / "items.arrow",
                                        [("candidate", pools, "candidates (mixed-in teacher)"),
                                         ("query", qrows, "queries (mixed-in teacher)")], base)
         embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
-        stores.base_query, stores.base_cand = _stores(vec_dir / "mixed_in", state_dir / "items.arrow", base, pools,
-                                                      corpus.pools, qrows, ray_active(base))
+        stores.base_query, stores.base_cand = run_task(_stores, (vec_dir / "mixed_in", state_dir, meta, base,
+                                                                 ray_active(base)), use_ray)
+    del pools
 
-    nq = q.num_rows
+    nq = meta.nq
     blocks = [(i, s, min(s + block_rows, nq)) for i, s in enumerate(range(0, nq, block_rows))]
-    per_dataset, width, in_block = _search_datasets(corpus, cfg, state_dir, stores, blocks, use_ray)
-    m = input_negatives.width(q)
+    per_dataset, width, in_block = _search_datasets(meta, qrows, cfg, state_dir, stores, blocks, use_ray)
+    m = meta.input_width
     finish = [SearchSpec(str(state_dir), i, s, e, stores, width=width, input_width=m, mix=mix,
                          parts=tuple(in_block[i])) for i, s, e in blocks]
-    columns = list(map_blocks(finish_block, finish, use_ray))
-    q = q.append_column("pos_score", _concat([c.column("pos_score") for c in columns], pa.float32()))
-    if extra_positives.COLUMN in q.column_names:
-        q = q.append_column(extra_positives.SCORES, _concat([c.column(extra_positives.SCORES) for c in columns],
-                                                            pa.list_(pa.float32())))
-    _write_ipc(q, state_dir / "queries.arrow", block_rows)
-    for name in (vec_dir, state_dir / STAGING):
+    for _ in map_blocks(finish_block, finish, use_ray):
+        pass
+    run_task(join_queries, (str(state_dir), len(blocks)), use_ray)
+    for name in (vec_dir, state_dir / STAGING, state_dir / CORPUS):
         shutil.rmtree(name, ignore_errors=True)
     (state_dir / QUERIES_IN).unlink()
-    info = {"rows_in": corpus.rows_in, "candidate_rows_rejected": corpus.candidate_rows_rejected,
+    info = {"rows_in": meta.rows_in, "candidate_rows_rejected": meta.candidate_rows_rejected,
             "embed": embed_stats, "retrieval": per_dataset}
-    return {"rejects": corpus.rejects, "n_groups": corpus.n_groups, "info": info, "nq": nq,
-            "n_items": items.num_rows, "k": width + m, "blocks": [[s, e] for _, s, e in blocks], "from_input": m > 0}
+    return {"rejects": meta.rejects, "n_groups": meta.n_groups, "info": info, "nq": nq,
+            "n_items": meta.n_items, "k": width + m, "blocks": [[s, e] for _, s, e in blocks], "from_input": m > 0}
 
 
-def _search_datasets(corpus, cfg: Config, state_dir: Path, stores: Stores, blocks: list, use_ray: bool):
+def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path, stores: Stores, blocks: list,
+                     use_ray: bool):
     """Phases 2 and 3: per dataset, open its index, search its queries block by block (deepening the short ones),
     close it. Returns (per-dataset info, the run's candidate width, {block: datasets with rows in it})."""
-    q, items = corpus.queries, corpus.items
-    nq, k = q.num_rows, cfg.retrieve.top_k
-    datasets = q.column("dataset").to_numpy(zero_copy_only=False)
+    nq, k = meta.nq, cfg.retrieve.top_k
     deepen = cfg.retrieve.deepen_factor > 1 and cfg.filters.max_rank is None and nq > 0
     thresholds = {}
     if deepen:  # each dataset's positive-score cap, from one float a query
         pos_score = np.concatenate([np.zeros(0, np.float32), *map_blocks(
             positive_scores, [SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks], use_ray)])
-        thresholds = data_filters(cfg.filters, pos_score, datasets)
+        thresholds = data_filters(cfg.filters, pos_score, meta.ranges)
         del pos_score
     per_dataset, width, in_block = {}, k, {i: [] for i, _, _ in blocks}
-    qry_idx = q.column("qry_idx").to_numpy()
-    for j, ds in enumerate(sorted(corpus.pools)):
-        rows = np.flatnonzero(datasets == ds)
-        pool = corpus.pools[ds]
-        if not len(rows) or not len(pool):
+    for j, ds in enumerate(sorted(meta.pools)):
+        lo, hi = meta.ranges.get(ds, (0, 0))
+        n_pool = meta.pool_sizes[ds]
+        if hi <= lo or not n_pool:
             continue
         t0 = time.perf_counter()
-        kk = min(k, len(pool))
-        searcher, info = open_index(stores.cand.pool(ds), len(rows), kk, cfg.index,
-                                    lambda r: stores.query.get(ds, qry_idx[rows[r]]))
+        kk = min(k, n_pool)
+        searcher, info = open_index(stores.cand.pool(ds), hi - lo, kk, cfg.index,
+                                    lambda r: stores.query.get(ds, qrows[ds][r]))
         try:
             deep = {"factor": cfg.retrieve.deepen_factor, "n_negatives": cfg.sample.n_negatives,
-                    "filters": thresholds.get(str(ds)), "n_groups": corpus.n_groups, "n_items": items.num_rows}
+                    "filters": thresholds.get(str(ds)), "n_groups": meta.n_groups, "n_items": meta.n_items}
             specs = []
             for i, s, e in blocks:
-                mine = rows[(rows >= s) & (rows < e)]
+                mine = np.arange(max(lo, s), min(hi, e), dtype=np.int64)
                 if len(mine):
                     in_block[i].append(j)
                     specs.append(SearchSpec(str(state_dir), i, s, e, stores, str(ds), j, mine, searcher.client(), k,
@@ -178,9 +262,9 @@ def _search_datasets(corpus, cfg: Config, state_dir: Path, stores: Stores, block
         finally:
             searcher.close()
         search_s = time.perf_counter() - t1
-        info.update({"search_s": round(search_s, 3), "qps": round(len(rows) / search_s, 1) if search_s > 0 else None,
+        info.update({"search_s": round(search_s, 3), "qps": round((hi - lo) / search_s, 1) if search_s > 0 else None,
                      "total_s": round(time.perf_counter() - t0, 3)})
-        per_dataset[ds] = {"queries": int(len(rows)), "pool": int(len(pool)), "k": kk, "index": info}
+        per_dataset[ds] = {"queries": int(hi - lo), "pool": int(n_pool), "k": kk, "index": info}
         by_k = {}
         for w, counts in results:
             width = max(width, w)
@@ -192,12 +276,21 @@ def _search_datasets(corpus, cfg: Config, state_dir: Path, stores: Stores, block
     return per_dataset, width, in_block
 
 
-def _concat(columns: list, type_=None) -> pa.Array:
-    """One array of the blocks' columns (one chunk: the queries file's batches do not depend on the block count)."""
-    chunks = [c for col in columns for c in col.chunks]
-    if not chunks:
-        return pa.array([], type_ or pa.float32())
-    return pa.concat_arrays(chunks)
+def _block_queries(state_dir: Path, block: int) -> Path:
+    return Path(state_dir) / STAGING / f"queries-{block:05d}.arrow"
+
+
+def join_queries(spec) -> None:
+    """queries.arrow: QUERIES_IN with the per-query columns of phase 4, one record batch a block, as the whole table
+    would be written in `block_rows` batches; the blocks' files (`finish_block`) are read memory-mapped, in order."""
+    state_dir, n_blocks = Path(spec[0]), spec[1]
+    schema = pa.ipc.open_file(pa.memory_map(str(state_dir / QUERIES_IN))).schema.append(
+        pa.field("pos_score", pa.float32()))
+    if extra_positives.COLUMN in schema.names:
+        schema = schema.append(pa.field(extra_positives.SCORES, pa.list_(pa.float32())))
+    with pa.OSFile(str(state_dir / "queries.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for i in range(n_blocks):
+            writer.write_table(open_ipc(_block_queries(state_dir, i)))
 
 
 def _queries(spec: SearchSpec) -> pa.Table:
@@ -294,9 +387,10 @@ def search_block(spec: SearchSpec) -> tuple[int, dict]:
     return cand.shape[1], by_k
 
 
-def finish_block(spec: SearchSpec) -> pa.Table:
+def finish_block(spec: SearchSpec) -> None:
     """Phase 4: one query block's candidates part (every dataset's rows at the run's width, the input's negatives
-    merged, the mixed-in teacher blended in) and its per-query columns (pos_score, extra positives' scores)."""
+    merged, the mixed-in teacher blended in) and its queries with their per-query columns (pos_score, extra
+    positives' scores), one record batch for `join_queries`."""
     q = _queries(spec)
     n, width = q.num_rows, spec.width
     cand = np.full((n, width), -1, np.int64)
@@ -318,7 +412,9 @@ def finish_block(spec: SearchSpec) -> pa.Table:
     if spec.input_width and from_input is None:
         from_input = np.zeros(cand.shape, bool)
     write_part(Path(spec.state_dir), spec.block, cand, scores, pos_sims, from_input)
-    return scored.select([c for c in ("pos_score", extra_positives.SCORES) if c in scored.column_names])
+    path = _block_queries(spec.state_dir, spec.block)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_ipc(scored.combine_chunks(), path, max(n, 1))
 
 
 def mix_in(q: pa.Table, cand, scores, pos_score, pos_sims, stores: Stores, mix: float):

@@ -53,6 +53,40 @@ def test_several_actors_or_distributed_search_want_ray(monkeypatch):
         assert use_ray(cfg, 10) is True
 
 
+def test_a_new_run_counts_its_items_before_reading(tmp_path):
+    """`use_ray` is asked before the read (so the read runs where the job does): two items a pairs row, one a
+    candidates row, from Parquet metadata and JSONL lines; a file that cannot be counted counts 0 (the read says
+    what is wrong with it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import InputConfig
+    from pipeline.read import input_items
+
+    pairs = write_jsonl(tmp_path / "p.jsonl", text_pairs(30))
+    with open(pairs, "a") as f:
+        f.write('{"id": "last", "qry": "a", "pos_text": "b"}')  # no newline at the end
+    pq.write_table(pa.table({"text": [f"c{i}" for i in range(7)]}), tmp_path / "c.parquet")
+    assert input_items(InputConfig(pairs=[str(pairs)], candidates=str(tmp_path / "c.parquet"))) == 2 * 31 + 7
+    assert input_items(InputConfig(pairs=[str(tmp_path / "missing.jsonl")])) == 0
+
+
+def test_an_input_error_from_the_read_task_reaches_the_user_as_it_is(ray_session, tmp_path):
+    """On Ray the read is a task; the reader's InputError comes back as the reader raised it (one line, exit 2)."""
+    from pipeline.config import InputConfig
+    from pipeline.read import InputError, load_corpus
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"qry": "a"}\n')  # no positive column
+    with pytest.raises(InputError) as in_process:
+        load_corpus(InputConfig(pairs=[str(path)]), caption_mode=False)
+    raw = base_config(path, str(tmp_path / "cache"), run={"executor": "ray"})
+    with pytest.raises(InputError) as from_task:
+        mine(config_from_dict(raw), tmp_path / "out")
+    assert type(from_task.value) is InputError and str(from_task.value) == str(in_process.value)
+    assert "\n" not in str(from_task.value)
+
+
 def test_local_and_ray_runs_write_identical_shards_and_candidates(ray_session, tmp_path):
     """The same config, executor ray vs local (each with its own empty cache): the same shard and `_candidates`
     bytes, and the vectors each wrote to its cache are the same bytes."""
@@ -76,6 +110,13 @@ def test_local_and_ray_runs_write_identical_shards_and_candidates(ray_session, t
     assert len(files["ray"]) == 6  # 70 queries in 3 shards, and their candidates
     for rel in files["ray"]:
         assert (out["ray"].epoch_dir / rel).read_bytes() == (out["local"].epoch_dir / rel).read_bytes(), rel
+    # the kept retrieval too (the read ran in a Ray task on one side, in this process on the other)
+    state = {e: sorted(p.relative_to(tmp_path / e) for p in (tmp_path / e / "_run").rglob("*")
+                       if p.is_file() and p.name not in ("state.json", "lock", "hardneg.json", "run.json"))
+             for e in out}
+    assert state["ray"] == state["local"] and any(p.name == "queries.arrow" for p in state["ray"])
+    for rel in state["ray"]:
+        assert (tmp_path / "ray" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
 
     fp = out["ray"].stats["embed"]["candidates"]["fingerprint"]
     keys = []

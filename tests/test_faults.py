@@ -101,15 +101,15 @@ def lose_after_read(monkeypatch, vanishing, pairs, tmp_path, executor: str) -> d
     import pipeline.mine
     from corpus import base_config
 
-    real_load = pipeline.mine.load_corpus
+    real_read = pipeline.mine.read_input
 
-    def load_then_lose_a_file(*args, **kwargs):
-        corpus = real_load(*args, **kwargs)
+    def read_then_lose_a_file(*args, **kwargs):
+        meta = real_read(*args, **kwargs)
         if vanishing.exists():
             vanishing.rename(vanishing.with_suffix(".gone"))
-        return corpus
+        return meta
 
-    monkeypatch.setattr(pipeline.mine, "load_corpus", load_then_lose_a_file)
+    monkeypatch.setattr(pipeline.mine, "read_input", read_then_lose_a_file)
     return base_config(pairs, str(tmp_path / "cache"),
                        teacher={"kind": "custom", "cls": "pipeline.teachers.examples:HashingTeacher",
                                 "image_mode": "native", "batch_size": 4},

@@ -67,8 +67,9 @@ def test_many_blocks_on_ray_write_the_candidates_of_one_block_in_the_driver(ray_
     assert a.queries().equals(b.queries())
     for rel in sorted(p.relative_to(one.epoch_dir) for p in one.epoch_dir.rglob("*.parquet")):
         assert (one.epoch_dir / rel).read_bytes() == (many.epoch_dir / rel).read_bytes(), rel
-    # the staging files and the vectors are gone once the run is kept
-    assert not (b.dir / "vectors").exists() and not (b.dir / search_mod.STAGING).exists()
+    # the staging files, the read stage's pools and the vectors are gone once the run is kept
+    for name in ("vectors", search_mod.STAGING, search_mod.CORPUS, search_mod.QUERIES_IN):
+        assert not (b.dir / name).exists(), name
 
 
 def test_the_driver_never_gathers_vectors_and_tasks_get_paths_not_arrays(ray_session, shared_cache, tmp_path,
