@@ -310,7 +310,7 @@ def simulate(pairs: int, nodes: int, dim: int, c: dict, cores_per_node: int = 32
       measured second of the measured machine's `c["cpus"]` cores is `c["cpus"]` core-seconds;
     * the index is what `choose_index` picks for the pool with half the cluster's memory as `memory_budget_gb`;
       search scales with the floats (code bytes) a query scans, adding with vectors x lists x d, the recall check
-      with 500 queries x pool x d; k-means training runs in one process (the driver) on one node's cores;
+      with 500 queries x pool x d; k-means training runs in one process (a Ray task) on one node's cores;
     * embedding: `embed_items_per_s_per_node` (a real teacher's throughput) or the measured hashing teacher's;
     * filter-sample-write: as block stages over all cores (`fsw`), and as today, in the driver (`fsw_in_driver`);
     * memory per node: its share of the index + one process per core holding Ray/Python (measured) and two blocks
@@ -356,7 +356,7 @@ def simulate_table(c: dict, pairs: int = 100_000_000, dims=(384, 1024, 3584), no
 
 
 def simulation_table(rows: list[dict]) -> str:
-    lines = ["| d | nodes | index (GiB) | embed h | train h (driver) | add h | recall check h | search h | "
+    lines = ["| d | nodes | index (GiB) | embed h | train h (one process) | add h | recall check h | search h | "
              "filter-sample-write h (blocks / in driver) | total h | memory per node GiB | cache GiB | "
              "driver today GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
