@@ -10,7 +10,7 @@ the older random-word pairs (`--data words`: vectors close to uniformly random, 
 would blur the per-stage split), an empty embedding cache, every other setting at its default. The child starts
 Ray (`ensure_ray`) and runs `pipeline.mine.mine` once, as `hardneg mine` would. Measured:
 
-* driver peak RSS: the child's own `ru_maxrss` (Ray's processes are not in it);
+* driver peak RSS: the child's own `VmHWM` (Ray's processes are not in it);
 * tree peak RSS and PSS: the child and all its descendants (raylet, GCS, every worker), sampled every 0.2 s by
   `benchmarks.vs_sentence_transformers.TreeSampler`;
 * wall time per stage: Ray start and `mine` from the child's own marks; read, embed, index + search and
@@ -129,6 +129,18 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which exec resets. `ru_maxrss` is not: it starts at the parent's RSS
+    when the parent forked (a parent that made the pairs first would show up as the driver's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(a) -> dict:
     """One mine in this process (the driver); its own marks and the run's stage timings."""
     t0 = time.perf_counter()
@@ -139,7 +151,7 @@ def child(a) -> dict:
     t_import = time.perf_counter()
     ensure_ray(cfg)
     t_ray = time.perf_counter()
-    rss_after_ray = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_after_ray = _peak_rss()
     result = mine(cfg, a.out)
     t_mine = time.perf_counter()
     stats = result.stats
@@ -152,7 +164,7 @@ def child(a) -> dict:
     stages = {"ray_start_s": t_ray - t_import, "read_s": read_s, "embed_s": max(er - index_s, 0.0),
               "index_search_s": index_s, "filter_sample_write_s": max(total - read_s - er, 0.0),
               "mine_s": t_mine - t_ray}
-    return {"pairs": a.n, "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"pairs": a.n, "driver_peak_rss": _peak_rss(),
             "driver_peak_rss_after_ray_start": rss_after_ray, "import_s": round(t_import - t0, 3),
             "stages": {k: round(v, 3) for k, v in stages.items()}, "timings": tm,
             "index": {ds: {k: r.get("index", {}).get(k) for k in INDEX_KEYS} for ds, r in retrieval.items()},
