@@ -166,9 +166,9 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
 def system_memory_pool():
     """Arrow's buffers from the C library's allocator for a while, then the default pool (mimalloc) again. A fresh
     process's mimalloc segments are new memory: on a kernel with transparent huge pages always on, touching them
-    faulted in 2 MB pages that cost a warm 4,000 x 22,565 job ~0.8 s of system CPU time (1.7 s instead of 2.6 s
-    after imports, docs/benchmarks.md "Small jobs"). Only for a job without Ray: a Ray job's driver and workers
-    keep the default."""
+    faulted in 2 MB pages that cost a warm 4,000 x 22,565 job's fresh process 0.4-0.8 s of system CPU time (of
+    2.6 s after imports, docs/benchmarks.md "Small jobs"). Only for a job without Ray: a Ray job's driver and
+    workers keep the default."""
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
