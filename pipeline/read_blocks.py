@@ -14,6 +14,7 @@ The files are byte for byte those of `write_corpus(load_corpus(...))` (tested wi
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -211,8 +212,6 @@ def read_blocks(cfg, state_dir: Path, use_ray: bool, block_rows: int = READ_BLOC
         return error
     meta = run_task(assemble, (cfg.input, str(state_dir), specs, results, cfg.retrieve.block_rows), use_ray)
     if not isinstance(meta, InputError):
-        import shutil
-
         shutil.rmtree(staging)
     return meta
 
@@ -244,7 +243,8 @@ def assemble(task) -> CorpusMeta | InputError:
             qids = [q if h else synthetic_id(d, path, first + i, spec.shared)
                     for q, h, d, i in zip(qids, has_id, dataset, local)]
             rows = rows.set_column(0, "query_id", pa.array(qids, pa.string()))
-            _write(f"{spec.out}.rows.arrow", {name: rows.column(name).combine_chunks() for name in rows.column_names})
+            _write(f"{spec.out}.tmp.arrow", {name: rows.column(name).combine_chunks() for name in rows.column_names})
+            Path(f"{spec.out}.tmp.arrow").replace(f"{spec.out}.rows.arrow")  # a new file: the old one is mapped
             rows = _tables(spec, "rows")
         qry, pos, num = (rows.column(name).to_pylist() for name in ("qry_item_id", "pos_item_id", "_n"))
         duplicates = dedup.run([(q, h, (d, a, b), path, n) for q, h, d, a, b, n in
