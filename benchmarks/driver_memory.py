@@ -388,7 +388,7 @@ def simulation_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hardneg-driver-memory"))
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), f"hardneg-driver-memory-{REPO.name}"))
     p.add_argument("--out", default=str(RESULTS / "driver_memory.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "img" / "driver_memory.png"))
     p.add_argument("--simulate", action="store_true", help="print the N-node projection from --out and stop")

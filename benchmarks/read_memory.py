@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hardneg-read-memory"))
     p.add_argument("--out", default=str(RESULTS / "read_memory.json"))
-    p.add_argument("--block-rows", type=int, default=100_000, help="rows a read block task (pipeline/read_blocks.py)")
+    p.add_argument("--block-rows", type=int, default=50_000, help="rows a read block task (pipeline/read_blocks.py)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--make", nargs=2, help=argparse.SUPPRESS)

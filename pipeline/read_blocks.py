@@ -33,7 +33,7 @@ from .read import (_ID, MODALITIES, QUERY_COLUMNS, InputError, ReadContext, _arr
                    iter_numbered, jsonl_verdict, pair_items, plan_spans, query_values, synthetic_id)
 from .search import CORPUS, QUERIES_IN, CorpusMeta, _save
 
-READ_BLOCK_ROWS = 100_000
+READ_BLOCK_ROWS = 50_000
 """Input rows a read block: what one task holds as Arrow, a batch (read.BATCH_ROWS) of it as Python objects."""
 STAGING = "read"  # the blocks' files, under the state dir, until the read ends
 ROW_COLUMNS = {**QUERY_COLUMNS, "_i": pa.int64(), "_has_id": pa.bool_(), "_has_neg": pa.bool_()}
@@ -206,7 +206,8 @@ def read_blocks(cfg, state_dir: Path, use_ray: bool, block_rows: int = READ_BLOC
         specs, errors = plan(cfg.input, caption_mode, staging, block_rows)
     except InputError as exc:
         return exc
-    results = list(map_blocks(read_block, specs, use_ray))
+    results = ([run_task(read_block, specs[0], use_ray)] if len(specs) == 1  # a task, not the driver, on Ray
+               else list(map_blocks(read_block, specs, use_ray)))
     error = file_errors(cfg.input, specs, results, errors)
     if error is not None:
         return error
