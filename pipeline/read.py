@@ -810,7 +810,7 @@ class _Dedup:
         self.paths = paths
         self.seen = {"id": _Seen(), "content": _Seen()}
         self.starts = [0]  # accepted pairs before each chunk
-        self.chunks: list[tuple[pa.Table, Optional[np.ndarray]]] = []  # accepted pairs: a table, and its rows
+        self.chunks: list[tuple] = []  # accepted pairs: a table (or what opens it), and its rows
         self.pending = None
 
     def run(self, pairs: list[tuple]) -> dict[int, dict]:
@@ -843,7 +843,8 @@ class _Dedup:
         return rejects
 
     def commit(self, table: pa.Table, rows: Optional[np.ndarray] = None) -> None:
-        """The accepted pairs of the last `run`: `table` (COLUMNS), or its `rows`, in order."""
+        """The accepted pairs of the last `run`: `table` (COLUMNS; or a function that opens it, when a duplicate
+        needs it), or its `rows`, in order."""
         for name, hashes in zip(("id", "content"), self.pending):
             self.seen[name].add(hashes, self.starts[-1])
         self.starts.append(self.starts[-1] + len(self.pending[0]))
@@ -856,6 +857,7 @@ class _Dedup:
         for g in self.seen[kind].rows(h):
             c = bisect.bisect_right(self.starts, g) - 1
             table, rows = self.chunks[c]
+            table = table() if callable(table) else table
             at = g - self.starts[c] if rows is None else int(rows[g - self.starts[c]])
             pair = {name: table.column(name)[at].as_py() for name in self.COLUMNS}
             key = (pair["qry_item_id"], pair["pos_item_id"])

@@ -36,6 +36,9 @@ from .search import CORPUS, QUERIES_IN, CorpusMeta, _save
 READ_BLOCK_ROWS = 50_000
 """Input rows a read block: what one task holds as Arrow, a batch (read.BATCH_ROWS) of it as Python objects."""
 STAGING = "read"  # the blocks' files, under the state dir, until the read ends
+MAX_PARTS = 256
+"""At most this many item-id ranges: each block writes a file per range, and the assembling task holds one range's
+texts at a time."""
 ROW_COLUMNS = {**QUERY_COLUMNS, "_i": pa.int64(), "_has_id": pa.bool_(), "_has_neg": pa.bool_()}
 ITEM_COLUMNS = {"item_id": _ID, "text": pa.string(), "image_path": pa.string(), "embed_text": pa.string()}
 
@@ -46,9 +49,10 @@ class BlockSpec:
     caption_mode: bool
     k: int                # the file's index in cfg.pairs; -1: the candidates file
     span: tuple
-    out: str              # the block's files: OUT.rows.arrow, OUT.items.arrow (pairs); OUT.members.arrow ...
+    out: str              # the block's files: OUT.rows.arrow, OUT.items-PPPP.arrow, OUT.members.arrow ...
     file_dataset: str = ""
     shared: bool = False
+    parts: int = 1        # item-id ranges the block's items are written in (`_part`)
 
 
 @dataclass
@@ -108,8 +112,8 @@ def _pairs_block(spec: BlockSpec, result: BlockResult) -> None:
             j += 1
         result.n_bad += len(bad)
     _write(f"{spec.out}.rows.arrow", {name: _array(v, ROW_COLUMNS[name]) for name, v in rows_out.items()})
-    _write(f"{spec.out}.items.arrow", {**{name: _array(items_out[name], kind) for name, kind in ITEM_COLUMNS.items()},
-                                       "_row": _array(items_out["_row"], pa.int32())})
+    _write_parts(spec, {**{name: _array(items_out[name], kind) for name, kind in ITEM_COLUMNS.items()},
+                        "_row": _array(items_out["_row"], pa.int32())})
 
 
 def _candidates_block(spec: BlockSpec, result: BlockResult) -> None:
@@ -127,15 +131,31 @@ def _candidates_block(spec: BlockSpec, result: BlockResult) -> None:
             groups["group"].append(group)
         result.rejects += rejects
         result.n_rows, result.n_bad = result.n_rows + len(rows), result.n_bad + len(bad)
-    _write(f"{spec.out}.items.arrow", {"item_id": _array(list(items), _ID),
-                                       "text": _array([v[0] for v in items.values()], pa.string()),
-                                       "image_path": _array([v[1] for v in items.values()], pa.string()),
-                                       "embed_text": _array([None if v[2] == v[0] else v[2] for v in items.values()],
-                                                            pa.string())})
+    _write_parts(spec, {"item_id": _array(list(items), _ID),
+                        "text": _array([v[0] for v in items.values()], pa.string()),
+                        "image_path": _array([v[1] for v in items.values()], pa.string()),
+                        "embed_text": _array([None if v[2] == v[0] else v[2] for v in items.values()], pa.string())})
     _write(f"{spec.out}.members.arrow", {"item_id": _array(members["item_id"], _ID),
                                          "dataset": _array(members["dataset"], pa.string())})
     _write(f"{spec.out}.groups.arrow", {"item_id": _array(groups["item_id"], _ID),
                                         "group": _array(groups["group"], pa.string())})
+
+
+def _part(ids: np.ndarray, parts: int) -> np.ndarray:
+    """The id range (of `parts` equal ranges of the ids' first two bytes) each 16-byte id is in: in id order, so
+    the ranges' sorted items, one after another, are `items.arrow`'s rows."""
+    first = np.frombuffer(np.ascontiguousarray(ids).tobytes(), np.uint8).reshape(-1, 16)[:, :2].astype(np.int64)
+    return (first[:, 0] * 256 + first[:, 1]) * parts >> 16
+
+
+def _write_parts(spec: BlockSpec, columns: dict) -> None:
+    """A block's items as one file per id range, each in the block's order."""
+    table = pa.table(columns)
+    part = _part(_ids(table.column("item_id").combine_chunks()), spec.parts)
+    for p in range(spec.parts):
+        rows = np.flatnonzero(part == p)
+        _write(f"{spec.out}.items-{p:04d}.arrow", {name: column.take(rows) for name, column
+                                                   in zip(table.column_names, table.columns)})
 
 
 def _write(path: str, columns: dict) -> None:
@@ -161,6 +181,9 @@ def plan(cfg: InputConfig, caption_mode: bool, staging: Path, block_rows: int = 
         specs += [BlockSpec(cfg, caption_mode, k, span, str(staging / f"{len(specs) + b:06d}"),
                             file_dataset.get(path, ""), file_dataset.get(path) in shared)
                   for b, span in enumerate(spans)]
+    parts = min(sum(2 if spec.k >= 0 else 1 for spec in specs), MAX_PARTS)  # ~ a block's rows of items each
+    for spec in specs:
+        spec.parts = max(parts, 1)
     return specs, errors
 
 
@@ -251,7 +274,7 @@ def assemble(task) -> CorpusMeta | InputError:
         duplicates = dedup.run([(q, h, (d, a, b), path, n) for q, h, d, a, b, n in
                                 zip(qids, has_id, dataset, qry, pos, num)])
         ok = np.array([j for j in range(len(qids)) if j not in duplicates], np.int64)
-        dedup.commit(rows.select(list(_Dedup.COLUMNS)), ok)
+        dedup.commit(lambda spec=spec: _tables(spec, "rows"), ok)
         accepted.append(ok)
         rename = lambda r, ds, i: r if not first or ds is None else {  # noqa: E731
             **r, "query_id": synthetic_id(ds, path, first + i, spec.shared)}
@@ -276,40 +299,41 @@ def assemble(task) -> CorpusMeta | InputError:
     except InputError as exc:
         return exc
 
-    # the items: every accepted pair's and candidate's, the first occurrence of each id kept
-    keys, where = [], []
-    for b, (spec, _) in enumerate(pairs):
-        table = _tables(spec, "items")
-        at = np.flatnonzero(np.isin(table.column("_row").to_numpy(), accepted[b]))
-        keys.append(_ids(table.column("item_id").combine_chunks())[at])
-        where.append(np.stack([np.full(len(at), b), at]))
-    for b, (spec, _) in enumerate(cands, len(pairs)):
-        n = _tables(spec, "items").num_rows
-        keys.append(_ids(_tables(spec, "items").column("item_id").combine_chunks()))
-        where.append(np.stack([np.full(n, b), np.arange(n)]))
-    ids, first = np.unique(np.concatenate(keys) if keys else np.zeros(0, "S16"), return_index=True)
-    where = (np.concatenate(where, axis=1) if where else np.zeros((2, 0), np.int64))[:, first]
-    del keys, first
+    # the items: every accepted pair's and candidate's, the first occurrence of each id kept, one id range at a time
     all_specs = [s for s, _ in pairs] + [s for s, _ in cands]
-    item_tables = [_tables(s, "items") for s in all_specs]
     (state_dir / PARTS).mkdir(parents=True, exist_ok=True)
-    modality = np.zeros(len(ids), np.int8)
+    ids, modality = [], []
     schema = pa.schema([("item_id", pa.string()), ("text", pa.string()), ("image_path", pa.string()),
                         ("modality", pa.string()), ("embed_text", pa.string())])
-    with _Writer(state_dir / "items.arrow", schema) as writer:
-        for lo in range(0, len(ids), block_rows):
-            hi = min(lo + block_rows, len(ids))
-            part = _gather(item_tables, where[0, lo:hi], where[1, lo:hi], list(ITEM_COLUMNS)[1:])
-            text, image, embed = (part.column(name).combine_chunks() for name in ("text", "image_path", "embed_text"))
-            codes = np.zeros(len(text), np.int8)
-            with_image = np.flatnonzero(pc.not_equal(image, "").to_numpy(zero_copy_only=False))
-            if len(with_image):
-                codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
-            modality[lo:hi] = codes
-            embed = text if embed.null_count == len(embed) else pc.coalesce(embed, text)
-            writer.write(pa.table([_hex(ids[lo:hi]), text, image, pa.array(MODALITIES, pa.string()).take(codes),
-                                   embed], schema=schema))
-    del item_tables, where
+    with _Writer(state_dir / "items.arrow", schema, block_rows) as writer:
+        for p in range(all_specs[0].parts if all_specs else 0):
+            tables = [_tables(spec, f"items-{p:04d}") for spec in all_specs]
+            keys, where = [], []
+            for b, table in enumerate(tables):
+                at = (np.flatnonzero(np.isin(table.column("_row").to_numpy(), accepted[b])) if b < len(pairs)
+                      else np.arange(table.num_rows))
+                keys.append(_ids(table.column("item_id").combine_chunks())[at])
+                where.append(np.stack([np.full(len(at), b), at]))
+            part_ids, first = np.unique(np.concatenate(keys), return_index=True)
+            where = np.concatenate(where, axis=1)[:, first]
+            del keys, first
+            for lo in range(0, len(part_ids), block_rows):
+                hi = min(lo + block_rows, len(part_ids))
+                got = _gather(tables.__getitem__, where[0, lo:hi], where[1, lo:hi], list(ITEM_COLUMNS)[1:])
+                text, image, embed = (got.column(name).combine_chunks() for name in ("text", "image_path",
+                                                                                   "embed_text"))
+                codes = np.zeros(len(text), np.int8)
+                with_image = np.flatnonzero(pc.not_equal(image, "").to_numpy(zero_copy_only=False))
+                if len(with_image):
+                    codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
+                modality.append(codes)
+                embed = text if embed.null_count == len(embed) else pc.coalesce(embed, text)
+                writer.write(pa.table([_hex(part_ids[lo:hi]), text, image,
+                                       pa.array(MODALITIES, pa.string()).take(codes), embed], schema=schema))
+            ids.append(part_ids)
+            del tables, where
+    ids = np.concatenate(ids) if ids else np.zeros(0, "S16")
+    modality = np.concatenate(modality) if modality else np.zeros(0, np.int8)
     n_items = len(ids)
 
     # the queries: by dataset, file path, place in the file
@@ -325,10 +349,8 @@ def assemble(task) -> CorpusMeta | InputError:
         groups.update(g for g in pc.unique(rows.column("group").take(accepted[b])).to_pylist() if g is not None)
     groups = pa.array(sorted(groups), pa.string())
     n_groups = max(len(groups), 1)
-    row_tables = []
     for b, (spec, _) in enumerate(pairs):
         rows = _tables(spec, "rows")
-        row_tables.append(rows)
         ok = accepted[b]
         sel = rows.select(["dataset", "_n", "qry_item_id", "pos_item_id", "group", "pos_extra_ids",
                            "input_neg_ids"]).take(ok)
@@ -366,10 +388,11 @@ def assemble(task) -> CorpusMeta | InputError:
                         + [("qry_idx", pa.int32()), ("pos_idx", pa.int32()), ("group_code", pa.int32())]
                         + [(name, pa.list_(pa.int32())) for _, name, _ in list_columns])
     tmp = state_dir / f"{QUERIES_IN}.tmp"
-    with _Writer(tmp, qschema) as writer:
+    with _Writer(tmp, qschema, block_rows) as writer:
         for lo in range(0, nq, block_rows):
             hi = min(lo + block_rows, nq)
-            part = _gather(row_tables, src_b[lo:hi], src_j[lo:hi], list(QUERY_COLUMNS)[:9])
+            part = _gather(lambda b: _tables(pairs[b][0], "rows"), src_b[lo:hi], src_j[lo:hi],
+                           list(QUERY_COLUMNS)[:9])
             columns = [part.column(name).combine_chunks() if QUERY_COLUMNS[name] != _ID
                        else _hex(_ids(part.column(name).combine_chunks())) for name in list(QUERY_COLUMNS)[:9]]
             columns += [pa.array(a[lo:hi]) for a in (qry_idx, pos_idx, group_code)]
@@ -378,7 +401,6 @@ def assemble(task) -> CorpusMeta | InputError:
                 columns.append(pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)),
                                                         pa.array(values[off[0]:off[-1]])))
             writer.write(pa.table(columns, schema=qschema))
-    del row_tables
 
     # the pools: each dataset's pairs' positives and extra positives, then the candidates'
     member_rows = [pos_idx, lists["extra"][1]]
@@ -446,15 +468,14 @@ def _permute(lengths: np.ndarray, values: np.ndarray, order: np.ndarray) -> tupl
     return np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64), values[take]
 
 
-def _gather(tables: list[pa.Table], blocks: np.ndarray, rows: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows (`blocks[i]`, `rows[i]`) of the blocks' tables, in that order: a take per block, then one reorder."""
+def _gather(table, blocks: np.ndarray, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows (`blocks[i]`, `rows[i]`) of the blocks' tables (`table(b)`), in that order: a take per block, then one
+    reorder."""
     parts, at = [], []
     for b in np.unique(blocks):
         sel = np.flatnonzero(blocks == b)
-        parts.append(tables[b].select(columns).take(rows[sel]))
+        parts.append(table(int(b)).select(columns).take(rows[sel]))
         at.append(sel)
-    if not parts:
-        return tables[0].select(columns).slice(0, 0) if tables else pa.table({c: [] for c in columns})
     table = pa.concat_tables(parts).combine_chunks()
     inverse = np.empty(len(blocks), np.int64)
     inverse[np.concatenate(at)] = np.arange(len(blocks))
@@ -462,19 +483,33 @@ def _gather(tables: list[pa.Table], blocks: np.ndarray, rows: np.ndarray, column
 
 
 class _Writer:
-    """An Arrow IPC file written a batch at a time, as `blocks._write_ipc` writes each batch of a whole table."""
+    """An Arrow IPC file written a few rows at a time in batches of `batch_rows`, as `blocks._write_ipc` writes a
+    whole table."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, schema)
+        self.batch_rows, self.held, self.rows, self.empty = batch_rows, [], 0, schema.empty_table()
 
     def write(self, table: pa.Table) -> None:
-        self.writer.write_table(exact_batch(table))
+        self.held.append(table)
+        self.rows += table.num_rows
+        while self.rows >= self.batch_rows:
+            self._flush(self.batch_rows)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.held)
+        self.writer.write_table(exact_batch(table.slice(0, n)))
+        self.held, self.rows = [table.slice(n)], table.num_rows - n
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
+        if kind is None:
+            if self.rows or not self.writer.stats.num_record_batches:
+                self.held.append(self.empty)
+                self._flush(self.rows)
         self.writer.close()
         self.sink.close()
         return False
