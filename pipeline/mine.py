@@ -177,7 +177,7 @@ def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
 
 
 def read_stage(spec) -> CorpusMeta | InputError:
-    """`load_corpus` and `write_corpus`; an InputError is returned, not raised (a Ray task would wrap it)."""
+    """`load_corpus` and `write_corpus` in this process; an InputError is returned, as `read_blocks` returns it."""
     cfg, state_dir = spec
     try:
         corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
