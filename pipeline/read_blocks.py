@@ -84,61 +84,53 @@ def read_block(spec: BlockSpec) -> BlockResult:
 def _pairs_block(spec: BlockSpec, result: BlockResult) -> None:
     ctx = ReadContext.of(spec.cfg, spec.caption_mode)
     path = spec.cfg.pairs[spec.k]
-    rows_out = {name: [] for name in ROW_COLUMNS}
-    items_out = {name: [] for name in [*ITEM_COLUMNS, "_row"]}
     j = 0
-    for rows, numbers, bad in iter_numbered(path, spec.span, result.info):
-        result.read_rejects += bad
-        for i, row in enumerate(rows[:max(1000 - result.n_rows, 0)]):
-            keys = tuple(row)
-            if not result.keysets or result.keysets[-1][1] != keys:
-                result.keysets.append((result.n_rows + i, keys))
-        for c in check_pairs(ctx, path, rows, numbers, result.n_rows, spec.file_dataset, spec.shared):
-            i = result.n_rows
-            result.n_rows += 1
-            if c.problem is not None:
-                result.problems.append((i, c.problem, None if c.has_id else f"{c.dataset}"))
-                continue
-            post: list = []
-            negs, extras = pair_items(ctx, c, path, post)
-            result.post += [(j, r) for r in post]
-            values = query_values(c, negs, extras, spec.k)
-            values.update(_i=i, _has_id=c.has_id, _has_neg=_has_negatives(c.row))
-            for name, value in values.items():
-                rows_out[name].append(value)
-            for iid, text, image, embed_text in c.sides + negs + extras:
-                for name, value in zip(items_out, (iid, text, image, None if embed_text == text else embed_text, j)):
-                    items_out[name].append(value)
-            j += 1
-        result.n_bad += len(bad)
-    _write(f"{spec.out}.rows.arrow", {name: _array(v, ROW_COLUMNS[name]) for name, v in rows_out.items()})
-    _write_parts(spec, {**{name: _array(items_out[name], kind) for name, kind in ITEM_COLUMNS.items()},
-                        "_row": _array(items_out["_row"], pa.int32())})
+    with _Sinks(spec, {"rows": ROW_COLUMNS}, {**ITEM_COLUMNS, "_row": pa.int32()}) as sinks:
+        for rows, numbers, bad in iter_numbered(path, spec.span, result.info):
+            result.read_rejects += bad
+            for i, row in enumerate(rows[:max(1000 - result.n_rows, 0)]):
+                keys = tuple(row)
+                if not result.keysets or result.keysets[-1][1] != keys:
+                    result.keysets.append((result.n_rows + i, keys))
+            rows_out = {name: [] for name in ROW_COLUMNS}
+            items_out = {name: [] for name in [*ITEM_COLUMNS, "_row"]}
+            for c in check_pairs(ctx, path, rows, numbers, result.n_rows, spec.file_dataset, spec.shared):
+                i = result.n_rows
+                result.n_rows += 1
+                if c.problem is not None:
+                    result.problems.append((i, c.problem, None if c.has_id else f"{c.dataset}"))
+                    continue
+                post: list = []
+                negs, extras = pair_items(ctx, c, path, post)
+                result.post += [(j, r) for r in post]
+                values = query_values(c, negs, extras, spec.k)
+                values.update(_i=i, _has_id=c.has_id, _has_neg=_has_negatives(c.row))
+                for name, value in values.items():
+                    rows_out[name].append(value)
+                for iid, text, image, embed_text in c.sides + negs + extras:
+                    for name, value in zip(items_out, (iid, text, image, None if embed_text == text else embed_text,
+                                                       j)):
+                        items_out[name].append(value)
+                j += 1
+            result.n_bad += len(bad)
+            sinks.write("rows", rows_out)
+            sinks.items(items_out)
 
 
 def _candidates_block(spec: BlockSpec, result: BlockResult) -> None:
     ctx = ReadContext.of(spec.cfg, spec.caption_mode)
-    items, members, groups = {}, {"item_id": [], "dataset": []}, {"item_id": [], "group": []}
-    for rows, numbers, bad in iter_numbered(spec.cfg.candidates, spec.span, result.info):
-        result.read_rejects += [{**r, "kind": "candidate"} for r in bad]
-        new, ids, datasets, group_pairs, rejects = check_candidates(ctx, rows, numbers)
-        for iid, value in new.items():
-            items.setdefault(iid, value)
-        members["item_id"] += ids
-        members["dataset"] += datasets
-        for iid, group in group_pairs:
-            groups["item_id"].append(iid)
-            groups["group"].append(group)
-        result.rejects += rejects
-        result.n_rows, result.n_bad = result.n_rows + len(rows), result.n_bad + len(bad)
-    _write_parts(spec, {"item_id": _array(list(items), _ID),
-                        "text": _array([v[0] for v in items.values()], pa.string()),
-                        "image_path": _array([v[1] for v in items.values()], pa.string()),
-                        "embed_text": _array([None if v[2] == v[0] else v[2] for v in items.values()], pa.string())})
-    _write(f"{spec.out}.members.arrow", {"item_id": _array(members["item_id"], _ID),
-                                         "dataset": _array(members["dataset"], pa.string())})
-    _write(f"{spec.out}.groups.arrow", {"item_id": _array(groups["item_id"], _ID),
-                                        "group": _array(groups["group"], pa.string())})
+    with _Sinks(spec, {"members": {"item_id": _ID, "dataset": pa.string()},
+                       "groups": {"item_id": _ID, "group": pa.string()}}, ITEM_COLUMNS) as sinks:
+        for rows, numbers, bad in iter_numbered(spec.cfg.candidates, spec.span, result.info):
+            result.read_rejects += [{**r, "kind": "candidate"} for r in bad]
+            items, ids, datasets, group_pairs, rejects = check_candidates(ctx, rows, numbers)
+            sinks.items({"item_id": list(items), "text": [v[0] for v in items.values()],
+                         "image_path": [v[1] for v in items.values()],
+                         "embed_text": [None if v[2] == v[0] else v[2] for v in items.values()]})
+            sinks.write("members", {"item_id": ids, "dataset": datasets})
+            sinks.write("groups", {"item_id": [iid for iid, _ in group_pairs], "group": [g for _, g in group_pairs]})
+            result.rejects += rejects
+            result.n_rows, result.n_bad = result.n_rows + len(rows), result.n_bad + len(bad)
 
 
 def _part(ids: np.ndarray, parts: int) -> np.ndarray:
@@ -148,14 +140,48 @@ def _part(ids: np.ndarray, parts: int) -> np.ndarray:
     return (first[:, 0] * 256 + first[:, 1]) * parts >> 16
 
 
-def _write_parts(spec: BlockSpec, columns: dict) -> None:
-    """A block's items as one file per id range, each in the block's order."""
-    table = pa.table(columns)
-    part = _part(_ids(table.column("item_id").combine_chunks()), spec.parts)
-    for p in range(spec.parts):
-        rows = np.flatnonzero(part == p)
-        _write(f"{spec.out}.items-{p:04d}.arrow", {name: column.take(rows) for name, column
-                                                   in zip(table.column_names, table.columns)})
+class _Sinks:
+    """A block's files, written a batch of rows at a time (so the block holds one batch as Python objects): named
+    tables (OUT.NAME.arrow) and its items, one file per id range (OUT.items-PPPP.arrow), each in the block's order."""
+
+    def __init__(self, spec: BlockSpec, tables: dict, items: dict):
+        self.spec = spec
+        self.schemas = {f"{spec.out}.{name}.arrow": pa.schema(kinds) for name, kinds in tables.items()}
+        self.item_schema = pa.schema(items)
+        self.schemas.update({self._item_path(p): self.item_schema for p in range(spec.parts)})
+        self.writers: dict = {}
+
+    def _item_path(self, p: int) -> str:
+        return f"{self.spec.out}.items-{p:04d}.arrow"
+
+    def _put(self, path: str, table: pa.Table) -> None:
+        if path not in self.writers:
+            sink = pa.OSFile(path, "wb")
+            self.writers[path] = (sink, pa.ipc.new_file(sink, self.schemas[path]))
+        self.writers[path][1].write_table(table)
+
+    def write(self, name: str, columns: dict) -> None:
+        path = f"{self.spec.out}.{name}.arrow"
+        self._put(path, pa.table({n: _array(columns[n], f.type) for n, f in zip(self.schemas[path].names,
+                                                                                self.schemas[path])}))
+
+    def items(self, columns: dict) -> None:
+        table = pa.table({f.name: _array(columns[f.name], f.type) for f in self.item_schema})
+        part = _part(_ids(table.column("item_id").combine_chunks()), self.spec.parts)
+        for p in np.unique(part):
+            self._put(self._item_path(int(p)), table.take(np.flatnonzero(part == p)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for path, schema in self.schemas.items():  # every file there, if empty
+            if path not in self.writers:
+                self._put(path, schema.empty_table())
+        for sink, writer in self.writers.values():
+            writer.close()
+            sink.close()
+        return False
 
 
 def _write(path: str, columns: dict) -> None:

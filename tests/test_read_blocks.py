@@ -57,17 +57,21 @@ def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_blocks_write_the_one_task_read_s_files_byte_for_byte(tmp_path):
+def test_blocks_write_the_one_task_read_s_files_byte_for_byte(tmp_path, monkeypatch):
+    import pipeline.read as read
+
     cfg = _input(tmp_path)
     one = write_corpus(load_corpus(cfg.input, caption_mode=False), tmp_path / "one", cfg.retrieve.block_rows)
     reasons = [(r["query_id"], r["reason"]) for r in one.rejects]
     assert {"duplicate_row", "duplicate_id", "missing_image", "empty_text", "bad_json"} <= {r for _, r in reasons}
     assert ("a:23", "duplicate_row") in reasons  # a row without an id, named by its place in the file
     expected = _files(tmp_path / "one")
-    for block_rows in (1, 3, 7, 10_000):
-        meta = read_blocks(cfg, tmp_path / f"blocks-{block_rows}", use_ray=False, block_rows=block_rows)
+    for block_rows, batch_rows in ((1, 10_000), (3, 10_000), (7, 2), (10_000, 10_000), (10_000, 3)):
+        monkeypatch.setattr(read, "BATCH_ROWS", batch_rows)  # a block reads its rows a batch at a time
+        meta = read_blocks(cfg, tmp_path / f"blocks-{block_rows}-{batch_rows}", use_ray=False,
+                           block_rows=block_rows)
         assert meta == one, block_rows
-        files = _files(tmp_path / f"blocks-{block_rows}")
+        files = _files(tmp_path / f"blocks-{block_rows}-{batch_rows}")
         assert sorted(files) == sorted(expected)
         for name, data in expected.items():
             assert files[name] == data, (block_rows, name)
