@@ -98,3 +98,11 @@ def test_blocks_raise_the_one_task_read_s_errors(tmp_path, case):
     for block_rows in (1, 2):
         error = read_blocks(cfg, tmp_path / f"blocks-{block_rows}", use_ray=False, block_rows=block_rows)
         assert isinstance(error, InputError) and str(error) == str(one.value), (block_rows, str(one.value))
+
+
+def test_blocks_as_ray_tasks_write_the_same_files(ray_session, tmp_path):
+    """The block tasks and the assembling task in Ray workers: the files and metadata of the one-task read."""
+    cfg = _input(tmp_path)
+    one = write_corpus(load_corpus(cfg.input, caption_mode=False), tmp_path / "one", cfg.retrieve.block_rows)
+    assert read_blocks(cfg, tmp_path / "ray", use_ray=True, block_rows=5) == one
+    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
