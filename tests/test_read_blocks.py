@@ -40,7 +40,8 @@ def _input(tmp_path):
     with open(pairs, "a") as f:
         f.write("{broken\n\n")
         f.write(json.dumps({"qry": "after", "pos_text": "the broken line", "dataset": "b"}) + "\n")
-    pq.write_table(pa.table({"id": ["p0", "q1", "p2", "p3", None, None], "qry": ["cat", "dog", "red", "cat", "sun", "sun"],
+    pq.write_table(pa.table({"id": ["p0", "q1", "p2", "p3", None, None],
+                             "qry": ["cat", "dog", "red", "cat", "sun", "sun"],
                              "pos_text": ["a cat", "a dog", "a ball", "a cat", "a sun", "a sun"],
                              "grp": ["g2", None, "g1", "g2", None, None]}), tmp_path / "two.parquet", row_group_size=2)
     candidates = write_jsonl(tmp_path / "cands.jsonl", [
