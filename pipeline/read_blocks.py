@@ -395,16 +395,17 @@ def assemble(task) -> CorpusMeta | InputError:
             lists = sel.column(column).combine_chunks()
             parts[f"{name}_n"].append(pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64))
             parts[name].append(np.searchsorted(ids, _ids(lists.flatten())).astype(np.int32))
-    cat = {name: np.concatenate(v) if v else np.zeros(0, np.int64) for name, v in parts.items()}
-    del parts
-    order = np.lexsort((cat["n"], cat["p"], cat["d"]))
+    cat = {}  # each column joined, then put in order, one at a time: what is held is a column's two copies
+    for name in list(parts):
+        chunks = parts.pop(name)
+        cat[name] = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+        del chunks
+    order = np.lexsort((cat.pop("n"), cat.pop("p"), cat["d"]))
     nq = len(order)
-    src_b, src_j = cat["b"][order], cat["j"][order]
-    qry_idx, pos_idx, group_code = cat["qry"][order], cat["pos"][order], cat["group_values"][order]
-    lists = {name: _permute(cat[f"{name}_n"], cat[name], order) for name in ("extra", "neg")}
-    dataset_code = cat["d"][order]
+    src_b, src_j, qry_idx, pos_idx, group_code, dataset_code = (cat.pop(name)[order] for name in (
+        "b", "j", "qry", "pos", "group_values", "d"))
+    lists = {name: _permute(cat.pop(f"{name}_n"), cat.pop(name), order) for name in ("extra", "neg")}
     pool_of = np.array([pools[name] for name in names] or [0], np.int64)[dataset_code]
-    del cat
 
     list_columns = [(flag, name, lists[key]) for flag, name, key in
                     ((has_extras, extra_positives.COLUMN, "extra"), (has_negatives, input_negatives.COLUMN, "neg"))
