@@ -4,7 +4,12 @@ Per size, in a child process of its own: random-word (query, positive) pairs in 
 outside the measurement; a fast variant of `benchmarks.driver_memory.random_word_pairs`: 4-10 words a query, a
 positive repeating half of them among 8-20 others, ids and a dataset column), then `load_corpus` once. Measured:
 the child's peak RSS (`ru_maxrss`) before and after, the growth per pair, the wall time, and the sizes of the
-corpus tables it returns (Arrow bytes). The read stage runs in the driver, so its peak is the driver's at read.
+corpus tables it returns (Arrow bytes). A job without Ray reads in the driver, so this peak is the driver's at read.
+
+The same input read as block tasks (pipeline/read_blocks.py, a job on Ray), side by side: in one child process
+all the block tasks of `--block-rows` rows one after another (a Ray worker runs one at a time), in another the task
+that assembles them into the state dir's files; each child's peak RSS (`blocks`). The one-task read (`load_corpus`
+and `write_corpus`) is the peak these replace on Ray.
 
     python benchmarks/read_memory.py --sizes 100000 400000 1600000   # -> benchmarks/results/read_memory.json
 """
@@ -59,14 +64,46 @@ def child(pairs: str) -> dict:
             "tables_bytes": corpus.queries.nbytes + corpus.items.nbytes}
 
 
+def blocks_child(pairs: str, phase: str, work: str, block_rows: int) -> dict:
+    """One phase of the read as block tasks, in this process: "blocks" (every block task, one after another) or
+    "assemble" (the one task after them), handing over through a pickle in `work`."""
+    import pickle
+
+    from pipeline.config import InputConfig
+    from pipeline.read_blocks import STAGING, assemble, plan, read_block
+
+    cfg = InputConfig(pairs=[pairs])
+    state_dir = Path(work) / "state"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    if phase == "blocks":
+        (state_dir / STAGING).mkdir(parents=True, exist_ok=True)
+        specs, _ = plan(cfg, False, state_dir / STAGING, block_rows)
+        results = [read_block(spec) for spec in specs]
+        (Path(work) / "blocks.pkl").write_bytes(pickle.dumps((specs, results)))
+        out = {"blocks": len(specs)}
+    else:
+        specs, results = pickle.loads((Path(work) / "blocks.pkl").read_bytes())
+        meta = assemble((cfg, str(state_dir), specs, results, 50_000))
+        out = {"queries": meta.nq, "items": meta.n_items}
+    wall = time.perf_counter() - t0
+    return {**out, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
+            "wall_s": round(wall, 2)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hardneg-read-memory"))
     p.add_argument("--out", default=str(RESULTS / "read_memory.json"))
+    p.add_argument("--block-rows", type=int, default=50_000, help="rows a read block task (pipeline/read_blocks.py)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.child and a.phase:
+        print(json.dumps(blocks_child(a.child, a.phase[0], a.phase[1], a.block_rows)))
+        return 0
     if a.child:
         print(json.dumps(child(a.child)))
         return 0
@@ -91,9 +128,23 @@ def main(argv=None) -> int:
         print(f"{n:>9,} pairs: peak {r['peak_rss_mb']:,.0f} MB ({r['growth_bytes_per_pair']:,} B/pair over the "
               f"{r['rss_before'] / 2**20:,.0f} MB before), tables {r['tables_bytes'] / 2**20:,.0f} MB, "
               f"{r['wall_s']} s", flush=True)
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            r["blocks"] = {}
+            for phase in ("blocks", "assemble"):
+                out = subprocess.run([sys.executable, __file__, "--child", str(pairs), "--phase", phase, tmp,
+                                      "--block-rows", str(a.block_rows)], capture_output=True, text=True, check=True,
+                                     env=env)
+                b = json.loads(out.stdout.strip().splitlines()[-1])
+                b["peak_rss_mb"] = round(b["peak_rss"] / 2**20, 1)
+                r["blocks"][phase] = b
+            print(f"{'':>9}  as blocks of {a.block_rows:,} rows: peak {r['blocks']['blocks']['peak_rss_mb']:,.0f} MB "
+                  f"in the block tasks ({r['blocks']['blocks']['blocks']} blocks, {r['blocks']['blocks']['wall_s']} s),"
+                  f" {r['blocks']['assemble']['peak_rss_mb']:,.0f} MB assembling "
+                  f"({r['blocks']['assemble']['wall_s']} s)", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"command": "python benchmarks/read_memory.py --sizes "
-                                       + " ".join(map(str, a.sizes)), "runs": runs}, indent=1))
+                                       + " ".join(map(str, a.sizes)) + f" --block-rows {a.block_rows}",
+                                       "runs": runs}, indent=1))
     return 0
 
 

@@ -109,7 +109,16 @@ def write_state(run_dir: Path, rejects: list, n_groups: int, info: dict, nq: int
 
 def _write_ipc(table: pa.Table, path: Path, batch_rows: int) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=batch_rows)
+        for lo in range(0, table.num_rows, batch_rows) if table.num_rows else [0]:
+            writer.write_table(exact_batch(table.slice(lo, batch_rows)))
+
+
+def exact_batch(table: pa.Table) -> pa.Table:
+    """The rows as a copy with buffers of exactly their size. IPC writes a slice of a column with up to 64 bytes
+    of what its buffer holds after the slice, so a table written whole and the same rows written a batch at a time
+    (pipeline/read_blocks.py) would differ in those bytes; written exact, they are the same file."""
+    return pa.table([pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
+                     for column in table.columns], schema=table.schema)
 
 
 def _candidate_table(cand, scores, pos_sims, from_input, k: int) -> pa.Table:

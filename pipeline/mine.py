@@ -21,8 +21,8 @@ from .blocks import RunStore, is_legacy, upgrade, write_state
 from .config import EPOCH, RETRIEVAL, RUN, Config, check_epoch, config_view
 from .embed import embed_or_reject
 from .epoch import write_epoch
-from .executor import run_task
 from .read import InputError, input_items, load_corpus
+from .read_blocks import read_blocks
 from .search import CorpusMeta, retrieve_run, write_corpus
 from .ray_session import ray_active
 from .teachers import teacher_fingerprint
@@ -191,17 +191,18 @@ def _build_run(cfg: Config, state_dir: Path, base: Config | None, mix: float, t0
 
 
 def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
-    """The read stage, in one Ray task when the job runs on Ray (so its tables never enter the driver), else here:
-    the corpus files in `state_dir` (`search.write_corpus`), and their metadata. An error in the input reaches the
-    user as the reader raised it."""
-    meta = run_task(read_stage, (cfg, str(state_dir)), ray_active(cfg))
+    """The read stage: on Ray as block tasks and one assembling task (pipeline/read_blocks.py: no process holds the
+    corpus), else here in one pass (`read_stage`): the corpus files in `state_dir` (`search.write_corpus`'s, the
+    same bytes either way), and their metadata. An error in the input reaches the user as the reader raised it."""
+    use_ray = ray_active(cfg)
+    meta = read_blocks(cfg, state_dir, use_ray) if use_ray else read_stage((cfg, str(state_dir)))
     if isinstance(meta, InputError):
         raise meta
     return meta
 
 
 def read_stage(spec) -> CorpusMeta | InputError:
-    """`load_corpus` and `write_corpus`; an InputError is returned, not raised (a Ray task would wrap it)."""
+    """`load_corpus` and `write_corpus` in this process; an InputError is returned, as `read_blocks` returns it."""
     cfg, state_dir = spec
     try:
         corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")

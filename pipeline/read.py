@@ -90,52 +90,121 @@ def read_numbered(path: str) -> tuple[list[dict], list[int], list[dict]]:
     return rows, numbers, rejects
 
 
-def iter_numbered(path: str) -> Iterator[tuple[list[dict], list[int], list[dict]]]:
+def iter_numbered(path: str, span: Optional[tuple] = None,
+                  info: Optional[dict] = None) -> Iterator[tuple[list[dict], list[int], list[dict]]]:
     """`read_numbered` a batch of up to BATCH_ROWS rows at a time, so that a caller holds one batch of Python rows,
-    not the file's. A JSONL batch carries the rejects of its lines."""
+    not the file's. A JSONL batch carries the rejects of its lines. `span` (from `plan_spans`) reads one block of
+    the file; what is said of the file as a whole (a JSONL file that is one JSON document) then goes into `info`
+    for the caller to judge over all its blocks (`jsonl_verdict`)."""
     batch_rows = BATCH_ROWS
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
-            yield from _parquet_batches(path, batch_rows)
+            yield from _parquet_batches(path, batch_rows, span)
         except (OSError, pa.ArrowInvalid) as exc:
             raise InputError(f"{path}: cannot read Parquet file: {exc}") from exc
         return
     if suffix in (".jsonl", ".json", ".ndjson"):
-        try:
-            yield from _jsonl_batches(path, batch_rows)
-        except IsADirectoryError:
-            raise InputError(f"{path} is a folder; give a JSONL or Parquet file") from None
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read JSONL file: {exc.strerror or exc}") from None
+        with _jsonl_errors(path):
+            yield from _jsonl_batches(path, batch_rows, span, info)
         return
-    raise InputError(f"{path}: unsupported file type {suffix!r}; give Parquet (.parquet) or JSON lines (.jsonl)")
+    raise _unsupported(path, suffix)
 
 
-def _parquet_batches(path: str, batch_rows: int):
-    """What `pq.read_table(path)` reads, a batch at a time. Opened as read_table opens it (the same errors; a file,
-    or a folder of them with hive partitions); a file that is the whole table streams through ParquetFile, which
-    holds less than a dataset scan (no read-ahead)."""
+def _unsupported(path: str, suffix: str) -> InputError:
+    return InputError(f"{path}: unsupported file type {suffix!r}; give Parquet (.parquet) or JSON lines (.jsonl)")
+
+
+class _jsonl_errors:
+    """A JSONL file that cannot be opened or read, said as the reader says it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, IsADirectoryError):
+            raise InputError(f"{self.path} is a folder; give a JSONL or Parquet file") from None
+        if isinstance(exc, OSError):
+            raise InputError(f"{self.path}: cannot read JSONL file: {exc.strerror or exc}") from None
+        return False
+
+
+def plan_spans(path: str, block_rows: int) -> list[tuple]:
+    """A file cut into blocks of `block_rows` rows, for `iter_numbered(path, span)`: Parquet row ranges
+    (start, end) from its metadata, JSONL line ranges as byte ranges (start, end, first line number), found by one
+    scan of the file's bytes."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        try:
+            n = sum(fragment.metadata.num_rows for fragment in pq.ParquetDataset(path).fragments)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputError(f"{path}: cannot read Parquet file: {exc}") from exc
+        return [(lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows)] or [(0, 0)]
+    if suffix not in (".jsonl", ".json", ".ndjson"):
+        raise _unsupported(path, suffix)
+    ends, lines, offset = [], 0, 0  # the byte after every `block_rows`-th newline
+    with _jsonl_errors(path), open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            at = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+            cut = at[(lines + np.arange(1, len(at) + 1)) % block_rows == 0]
+            ends += (offset + cut + 1).tolist()
+            lines, offset = lines + len(at), offset + len(chunk)
+    if not ends or ends[-1] < offset:
+        ends.append(offset)
+    starts = [0] + ends[:-1]
+    return [(lo, hi, 1 + i * block_rows) for i, (lo, hi) in enumerate(zip(starts, ends))]
+    return spans
+
+
+def _parquet_batches(path: str, batch_rows: int, span: Optional[tuple] = None):
+    """What `pq.read_table(path)` reads (rows [start, end) of it with a `span`), a batch at a time. Opened as
+    read_table opens it (the same errors; a file, or a folder of them with hive partitions); a file that is the whole
+    table streams through ParquetFile, which holds less than a dataset scan (no read-ahead), and reads only the row
+    groups the span needs."""
+    lo, hi = span or (0, None)
     dataset = pq.ParquetDataset(path)
     start = 0
     for fragment in dataset.fragments:
-        whole = fragment.physical_schema.equals(dataset.schema)
-        for batch in (pq.ParquetFile(fragment.path, filesystem=dataset.filesystem, buffer_size=1 << 20,
-                                     pre_buffer=False)
-                      .iter_batches(batch_size=batch_rows)
-                      if whole else fragment.to_batches(schema=dataset.schema, batch_size=batch_rows)):
-            rows = batch.to_pylist()
-            yield rows, list(range(start, start + len(rows))), []
-            start += len(rows)
+        if hi is not None and start >= hi:
+            return
+        if fragment.physical_schema.equals(dataset.schema):
+            file = pq.ParquetFile(fragment.path, filesystem=dataset.filesystem, buffer_size=1 << 20, pre_buffer=False)
+            sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+            bounds = start + np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+            groups = [g for g in range(len(sizes)) if bounds[g + 1] > lo and (hi is None or bounds[g] < hi)]
+            batches = file.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else []
+            at, end = (int(bounds[groups[0]]) if groups else int(bounds[-1])), int(bounds[-1])
+        else:
+            batches, at, end = fragment.to_batches(schema=dataset.schema, batch_size=batch_rows), start, None
+        for batch in batches:
+            n = len(batch)
+            first, last = max(lo - at, 0), n if hi is None else min(hi - at, n)
+            if last > first:
+                yield batch.slice(first, last - first).to_pylist(), list(range(at + first, at + last)), []
+            at += n
+            if hi is not None and at >= hi:
+                return
+        start = at if end is None else end
 
 
-def _jsonl_batches(path: str, batch_rows: int):
+def _jsonl_batches(path: str, batch_rows: int, span: Optional[tuple] = None, info: Optional[dict] = None):
     """Line by line with the json module: strings stay strings (pyarrow's reader turns "2021-05-01" into a date),
-    every row keeps its line number, and a line that is not UTF-8 is rejected instead of altered."""
+    every row keeps its line number, and a line that is not UTF-8 is rejected instead of altered. With a `span`
+    (start byte, end byte, first line number), its lines only; `info` then gets the block's first non-blank line
+    (`first`), whether it starts one JSON document (`document`) and whether any row was read (`rows`)."""
+    lo, hi, first_n = span or (0, None, 1)
     rows, numbers, rejects = [], [], []
     first, first_line, any_rows = None, None, False
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        f.seek(lo)
+        offset = lo
+        for n, raw in enumerate(f, first_n):
+            if hi is not None and offset >= hi:
+                break
+            offset += len(raw)
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
                 raw = raw[3:]
             if not raw.strip():
@@ -150,7 +219,9 @@ def _jsonl_batches(path: str, batch_rows: int):
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 if n == first_line and (first.startswith(b"[") or first == b"{"):
-                    raise _not_json_lines(path, first) from None
+                    if info is None:
+                        raise _not_json_lines(path, first) from None
+                    info["document"] = True
                 if bad_bytes is not None:
                     rejects.append(_bad_encoding(path, n, None, bad_bytes))
                 else:
@@ -170,9 +241,20 @@ def _jsonl_batches(path: str, batch_rows: int):
             if len(rows) == batch_rows:
                 yield rows, numbers, rejects
                 rows, numbers, rejects, any_rows = [], [], [], True
-    if rejects and not rows and not any_rows:
+    if info is not None:
+        info.update(first=first, rows=any_rows or bool(rows))
+    elif rejects and not rows and not any_rows:
         raise _not_json_lines(path, first)
     yield rows, numbers, rejects
+
+
+def jsonl_verdict(path: str, infos: list[dict]) -> Optional[InputError]:
+    """What `_jsonl_batches` says of a whole file, from its blocks' `info` in order: one JSON document, or no line
+    of it a JSON object."""
+    firsts = [i for i in infos if i.get("first") is not None]
+    if firsts and (firsts[0].get("document") or not any(i["rows"] for i in infos)):
+        return _not_json_lines(path, firsts[0]["first"])
+    return None
 
 
 def _not_json_lines(path: str, first: bytes) -> InputError:
@@ -420,16 +502,13 @@ class _Reader:
     of accepted pairs as sorted hashes (`_Seen`), pool and group memberships as arrays. Rejects stay dicts."""
 
     def __init__(self, cfg: InputConfig, caption_mode: bool):
-        self.cfg, self.caption_mode = cfg, caption_mode
-        self.captions = _load_captions(cfg.captions) if caption_mode else {}
-        self.probe = ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
-                                max_bytes=cfg.max_image_bytes)
+        self.cfg = cfg
+        self.context = ReadContext.of(cfg, caption_mode)
         self.read_rejects, self.rejects = [], []
         self.candidate_read_rejects, self.candidate_rejects = [], []
         self.queries = {name: [] for name in QUERY_COLUMNS}  # chunks, one a batch
-        self.starts = [0]  # accepted pairs before each chunk
         self.items = {name: [] for name in ITEM_COLUMNS}  # every batch's new items (an item may recur across them)
-        self.seen = {"id": _Seen(), "content": _Seen()}
+        self.dedup = _Dedup(cfg.pairs)
         self.pools: dict[str, int] = {}  # dataset -> pool number, in the order the pools appear
         self.candidate_pools: dict[str, list] = {"item_id": [], "pool": []}  # pool -1 - k: the first k pools
         self.group_pairs: dict[str, list] = {"item_id": [], "group": []}
@@ -437,113 +516,36 @@ class _Reader:
 
     def add_pairs(self, k, rows, numbers, first_n, file_dataset, shared) -> None:
         """Validate one batch of pairs rows (the `first_n`-th row of file `k` on); keep the accepted ones."""
-        cfg, probe, captions, caption_mode = self.cfg, self.probe, self.captions, self.caption_mode
-        path = cfg.pairs[k]
-        probe.run({r.get(c) for r in rows for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
-        probe.run({p for r in rows for c in ("neg_image_path", "pos_image_path", "pos_extra_image_path")
-                   for p in _as_list(r.get(c)) if isinstance(p, str)})
-        checked = []
-        for i, row in enumerate(rows):
-            n, num, qid = first_n + i, numbers[i], row.get("id")
-            row, more = _split_positives(row)
-            dataset = row.get("dataset") or file_dataset
-            has_id = qid is not None
-            if has_id:
-                qid = str(qid)
-            else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
-                qid = f"{dataset}:{Path(path).stem}:{n}" if shared else f"{dataset}:{n}"
-            sides, problem = [], _key_type_problem(path, num, qid, row)
-            for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
-                if problem:
-                    break
-                side = _side(row, text_col, image_col, probe, captions, caption_mode)
-                if isinstance(side, dict):
-                    problem = _reject(path, num, qid, side["field"], side["reason"], side["detail"])
-                    break
-                sides.append(side)
-            if problem is None and cfg.group_key and row.get(cfg.group_key) is not None \
-                    and not isinstance(row.get(cfg.group_key), (str, int)):
-                problem = _reject(path, num, qid, cfg.group_key, "bad_type",
-                                  f"group key must be a string or integer, got {row.get(cfg.group_key)!r}")
-            content = None if problem else (str(dataset), sides[0][0], sides[1][0])
-            checked.append((problem, row, more, qid, has_id, dataset, sides, num, content))
-        # which ids and contents an earlier batch has: a hash match, confirmed against that pair in `_first`
-        valid = [c for c in checked if c[0] is None]
-        id_hash = np.array([hash(c[3]) for c in valid], np.int64)
-        content_hash = np.array([hash(c[8]) for c in valid], np.int64)
-        id_hit, content_hit = self.seen["id"].hits(id_hash), self.seen["content"].hits(content_hash)
-
-        batch_ids, batch_content, accepted = {}, {}, []
+        cfg, path = self.cfg, self.cfg.pairs[k]
+        checked = check_pairs(self.context, path, rows, numbers, first_n, file_dataset, shared)
+        duplicates = self.dedup.run([(c.qid, c.has_id, c.content, path, c.num) for c in checked if c.problem is None])
         columns: dict[str, list] = {name: [] for name in QUERY_COLUMNS}
         items: dict[bytes, tuple] = {}
         group_pairs: set[tuple[bytes, str]] = set()
         j = -1
-        for problem, row, more, qid, has_id, dataset, sides, num, content in checked:
-            if problem is None:
+        for c in checked:
+            if c.problem is None:
                 j += 1
-                key = content[1:]
-                first = (self._first("id", qid, id_hash[j]) if id_hit[j] else None) or batch_ids.get(qid)
-                if first:
-                    first_path, first_num, first_key = first
-                    same = first_key == key
-                    problem = _reject(path, num, qid, "id", "duplicate_row" if same else "duplicate_id",
-                                      f"id {qid!r} already used by {_where(first_path, first_num)}"
-                                      + ("" if same else " with different content; give every pair a unique id"))
-                elif not has_id and (first := (self._first("content", content, content_hash[j])
-                                               if content_hit[j] else None) or batch_content.get(content)):
-                    # No id to tell them apart: the same query and positive in one dataset is the same pair again
-                    problem = _reject(path, num, qid, None, "duplicate_row",
-                                      f"same query, positive and dataset as {_where(*first[:2])}; "
-                                      "remove the repeated row")
-                else:
-                    batch_ids[qid] = (path, num, key)
-                    batch_content.setdefault(content, (path, num, key))
-                    accepted.append(j)
-            if problem:
-                self.rejects.append(problem)
+                c.problem = duplicates.get(j)
+            if c.problem:
+                self.rejects.append(c.problem)
                 continue
-            group = row.get(cfg.group_key) if cfg.group_key else None
-            group = None if group is None else str(group)
-            for iid, text, image, embed_text in sides:
+            negs, extras = pair_items(self.context, c, path, self.rejects)
+            for iid, text, image, embed_text in c.sides + negs + extras:
                 items.setdefault(iid, (text, image, embed_text))
-            negs = _input_negatives(row, probe, captions, caption_mode, path, num, qid, self.rejects)
-            extras = _extra_positives(more, {sides[1][0]}, probe, captions, caption_mode, path, num, qid,
-                                      self.rejects)
-            for iid, text, image, embed_text in negs + extras:
-                items.setdefault(iid, (text, image, embed_text))
-            self.has_negatives |= _has_negatives(row)
+            self.has_negatives |= _has_negatives(c.row)
             self.has_extras |= bool(extras)
-            self.pools.setdefault(str(dataset), len(self.pools))
-            for name, value in (("query_id", qid), ("dataset", str(dataset)), ("qry", row.get("qry") or ""),
-                                ("input_neg_ids", [neg[0] for neg in negs]),
-                                ("qry_image_path", row.get("qry_image_path") or ""),
-                                ("pos_text", row.get("pos_text") or ""),
-                                ("pos_image_path", row.get("pos_image_path") or ""), ("group", group),
-                                ("qry_item_id", sides[0][0]), ("pos_item_id", sides[1][0]), ("_file", k),
-                                ("_n", num), ("pos_extra_ids", [e[0] for e in extras])):
+            self.pools.setdefault(str(c.dataset), len(self.pools))
+            for name, value in query_values(c, negs, extras, k).items():
                 columns[name].append(value)
-            if group is not None:
-                group_pairs.update((iid, group) for iid in [sides[1][0], *(e[0] for e in extras)])
-        del checked, valid
-        for name, kind in (("id", id_hash), ("content", content_hash)):
-            self.seen[name].add(kind[accepted], self.starts[-1])
-        self.starts.append(self.starts[-1] + len(accepted))
+            if c.group is not None:
+                group_pairs.update((iid, c.group) for iid in [c.sides[1][0], *(e[0] for e in extras)])
+        del checked
         for name, values in columns.items():
             self.queries[name].append(_array(values, QUERY_COLUMNS[name]))
+        self.dedup.commit(pa.table({name: self.queries[name][-1] for name in _Dedup.COLUMNS}))
         self._keep_items(items)
         self._keep_groups(group_pairs)
-
-    def _first(self, kind: str, value, h: int) -> Optional[tuple]:
-        """(path, number, (query item, positive item)) of the first accepted pair of an earlier batch whose id
-        (kind "id") or (dataset, query item, positive item) (kind "content") is `value`; None if there is none."""
-        for g in self.seen[kind].rows(h):
-            c = bisect.bisect_right(self.starts, g) - 1
-            pair = {name: self.queries[name][c][g - self.starts[c]].as_py()
-                    for name in ("query_id", "dataset", "qry_item_id", "pos_item_id", "_file", "_n")}
-            key = (pair["qry_item_id"], pair["pos_item_id"])
-            if (pair["query_id"] if kind == "id" else (pair["dataset"], *key)) == value:
-                return self.cfg.pairs[pair["_file"]], pair["_n"], key
-        return None
 
     def _keep_items(self, items: dict[bytes, tuple]) -> None:
         """A batch's items as chunks; `embed_text` is null where it is the text (no caption), shared at the end."""
@@ -559,32 +561,14 @@ class _Reader:
 
     def add_candidates(self) -> int:
         """The candidate corpus (input.candidates) into the items and pools; returns how many rows it rejected."""
-        cfg, probe, captions, caption_mode = self.cfg, self.probe, self.captions, self.caption_mode
         count = 0
-        for rows, numbers, bad in iter_numbered(cfg.candidates):
+        for rows, numbers, bad in iter_numbered(self.cfg.candidates):
             self.candidate_read_rejects.extend({**r, "kind": "candidate"} for r in bad)
-            count += len(bad)
-            probe.run({r.get("image_path") for r in rows if isinstance(r.get("image_path"), str)})
-            items: dict[bytes, tuple] = {}
-            group_pairs: set[tuple[bytes, str]] = set()
-            members, pools = [], []
-            for n, row in zip(numbers, rows):
-                text, p1 = _text_field(row, "text")
-                image, p2 = _text_field(row, "image_path")
-                side = {"field": "text", "reason": "bad_type", "detail": p1 or p2} if (p1 or p2) else \
-                    _content(text, image, "text", "image_path", probe, captions, caption_mode)
-                if isinstance(side, dict):
-                    self.candidate_rejects.append(_reject(cfg.candidates, n, row.get("id"), side["field"],
-                                                          side["reason"], side["detail"], kind="candidate"))
-                    count += 1
-                    continue
-                iid = side[0]
-                items.setdefault(iid, side[1:])
-                members.append(iid)  # into its dataset's pool, or (no dataset) into every pool there is so far
-                pools.append(self.pools.setdefault(str(row["dataset"]), len(self.pools)) if row.get("dataset")
-                             else -1 - len(self.pools))
-                if cfg.group_key and row.get(cfg.group_key) is not None:
-                    group_pairs.add((iid, str(row[cfg.group_key])))
+            items, members, datasets, group_pairs, rejects = check_candidates(self.context, rows, numbers)
+            self.candidate_rejects += rejects
+            count += len(bad) + len(rejects)
+            pools = [self.pools.setdefault(ds, len(self.pools)) if ds is not None else -1 - len(self.pools)
+                     for ds in datasets]  # into its dataset's pool, or (no dataset) into every pool there is so far
             self.candidate_pools["item_id"].append(_array(members, _ID))
             self.candidate_pools["pool"].append(np.array(pools, np.int64))
             self._keep_items(items)
@@ -694,6 +678,192 @@ class _Seen:
             run = (np.concatenate([last[0], run[0]]), np.concatenate([last[1], run[1]]))
         order = np.argsort(run[0], kind="stable")
         self.runs.append((run[0][order], run[1][order]))
+
+
+@dataclass
+class Checked:
+    """One pairs row after its own checks (`check_pairs`): its reject, or its sides as items."""
+
+    problem: Optional[dict]
+    row: dict
+    more: list
+    qid: str
+    has_id: bool
+    dataset: object
+    sides: list
+    num: int
+    content: Optional[tuple]  # (dataset, query item, positive item): what a pair without an id is told apart by
+    group: Optional[str] = None
+
+
+@dataclass
+class ReadContext:
+    """What checking a row needs besides the row: the config, the image probe (its results cached), captions."""
+
+    cfg: InputConfig
+    caption_mode: bool
+    probe: ImageProbe
+    captions: dict
+
+    @classmethod
+    def of(cls, cfg: InputConfig, caption_mode: bool) -> "ReadContext":
+        return cls(cfg, caption_mode, ImageProbe(cfg.image_root, cfg.max_image_pixels, tuple(cfg.allowed_schemes),
+                                                 max_bytes=cfg.max_image_bytes),
+                   _load_captions(cfg.captions) if caption_mode else {})
+
+
+def check_pairs(ctx: ReadContext, path, rows, numbers, first_n, file_dataset, shared) -> list[Checked]:
+    """Each row's own checks (types, both sides' content and images, the group key), with no regard to other rows:
+    a row without an id is named by its place in the file, `first_n + i`."""
+    cfg, probe, captions, caption_mode = ctx.cfg, ctx.probe, ctx.captions, ctx.caption_mode
+    probe.run({r.get(c) for r in rows for c in ("qry_image_path", "pos_image_path") if isinstance(r.get(c), str)})
+    probe.run({p for r in rows for c in ("neg_image_path", "pos_image_path", "pos_extra_image_path")
+               for p in _as_list(r.get(c)) if isinstance(p, str)})
+    checked = []
+    for i, row in enumerate(rows):
+        n, num, qid = first_n + i, numbers[i], row.get("id")
+        row, more = _split_positives(row)
+        dataset = row.get("dataset") or file_dataset
+        has_id = qid is not None
+        if has_id:
+            qid = str(qid)
+        else:  # several files of one dataset (MMEB-train's splits of a subset): the file's stem keeps ids apart
+            qid = synthetic_id(dataset, path, n, shared)
+        sides, problem = [], _key_type_problem(path, num, qid, row)
+        for text_col, image_col in (("qry", "qry_image_path"), ("pos_text", "pos_image_path")):
+            if problem:
+                break
+            side = _side(row, text_col, image_col, probe, captions, caption_mode)
+            if isinstance(side, dict):
+                problem = _reject(path, num, qid, side["field"], side["reason"], side["detail"])
+                break
+            sides.append(side)
+        if problem is None and cfg.group_key and row.get(cfg.group_key) is not None \
+                and not isinstance(row.get(cfg.group_key), (str, int)):
+            problem = _reject(path, num, qid, cfg.group_key, "bad_type",
+                              f"group key must be a string or integer, got {row.get(cfg.group_key)!r}")
+        content = None if problem else (str(dataset), sides[0][0], sides[1][0])
+        group = row.get(cfg.group_key) if cfg.group_key else None
+        checked.append(Checked(problem, row, more, qid, has_id, dataset, sides, num, content,
+                               None if group is None else str(group)))
+    return checked
+
+
+def synthetic_id(dataset, path: str, n: int, shared: bool) -> str:
+    """The query id of a row without one: its dataset and its place among the file's rows."""
+    return f"{dataset}:{Path(path).stem}:{n}" if shared else f"{dataset}:{n}"
+
+
+def pair_items(ctx: ReadContext, c: Checked, path, rejects: list) -> tuple[list, list]:
+    """An accepted pair's input negatives and extra positives as items; what is unusable of them goes to
+    `rejects`."""
+    negs = _input_negatives(c.row, ctx.probe, ctx.captions, ctx.caption_mode, path, c.num, c.qid, rejects)
+    extras = _extra_positives(c.more, {c.sides[1][0]}, ctx.probe, ctx.captions, ctx.caption_mode, path, c.num, c.qid,
+                              rejects)
+    return negs, extras
+
+
+def query_values(c: Checked, negs: list, extras: list, k: int) -> dict:
+    """An accepted pair's row of QUERY_COLUMNS."""
+    row = c.row
+    return {"query_id": c.qid, "dataset": str(c.dataset), "qry": row.get("qry") or "",
+            "qry_image_path": row.get("qry_image_path") or "", "pos_text": row.get("pos_text") or "",
+            "pos_image_path": row.get("pos_image_path") or "", "group": c.group, "qry_item_id": c.sides[0][0],
+            "pos_item_id": c.sides[1][0], "input_neg_ids": [neg[0] for neg in negs],
+            "pos_extra_ids": [e[0] for e in extras], "_file": k, "_n": c.num}
+
+
+def check_candidates(ctx: ReadContext, rows: list[dict], numbers: list[int]) -> tuple:
+    """A batch of candidate rows checked: (new items {id: (text, image, embed_text)}, the accepted rows' items and
+    datasets (None: no dataset), their (item, group) pairs, the rejects)."""
+    cfg, probe = ctx.cfg, ctx.probe
+    probe.run({r.get("image_path") for r in rows if isinstance(r.get("image_path"), str)})
+    items: dict[bytes, tuple] = {}
+    group_pairs: set[tuple[bytes, str]] = set()
+    members, datasets, rejects = [], [], []
+    for n, row in zip(numbers, rows):
+        text, p1 = _text_field(row, "text")
+        image, p2 = _text_field(row, "image_path")
+        side = {"field": "text", "reason": "bad_type", "detail": p1 or p2} if (p1 or p2) else \
+            _content(text, image, "text", "image_path", probe, ctx.captions, ctx.caption_mode)
+        if isinstance(side, dict):
+            rejects.append(_reject(cfg.candidates, n, row.get("id"), side["field"], side["reason"], side["detail"],
+                                   kind="candidate"))
+            continue
+        iid = side[0]
+        items.setdefault(iid, side[1:])
+        members.append(iid)
+        datasets.append(str(row["dataset"]) if row.get("dataset") else None)
+        if cfg.group_key and row.get(cfg.group_key) is not None:
+            group_pairs.add((iid, str(row[cfg.group_key])))
+    return items, members, datasets, group_pairs, rejects
+
+
+class _Dedup:
+    """Which valid pairs are accepted, in input order: the first of each id, and, among pairs without an id, the
+    first of each (dataset, query, positive). What an earlier chunk accepted is kept as hashes (`_Seen`), and a hash
+    match is confirmed against that pair's columns in its chunk."""
+
+    COLUMNS = ("query_id", "dataset", "qry_item_id", "pos_item_id", "_file", "_n")
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.seen = {"id": _Seen(), "content": _Seen()}
+        self.starts = [0]  # accepted pairs before each chunk
+        self.chunks: list[tuple] = []  # accepted pairs: a table (or what opens it), and its rows
+        self.pending = None
+
+    def run(self, pairs: list[tuple]) -> dict[int, dict]:
+        """(qid, has_id, content, path, number) of a chunk's valid pairs -> {index: duplicate reject}. `commit`
+        then keeps the accepted ones."""
+        id_hash = np.array([hash(p[0]) for p in pairs], np.int64)
+        content_hash = np.array([hash(p[2]) for p in pairs], np.int64)
+        id_hit, content_hit = self.seen["id"].hits(id_hash), self.seen["content"].hits(content_hash)
+        batch_ids, batch_content, accepted, rejects = {}, {}, [], {}
+        for j, (qid, has_id, content, path, num) in enumerate(pairs):
+            key = content[1:]
+            first = (self._first("id", qid, id_hash[j]) if id_hit[j] else None) or batch_ids.get(qid)
+            if first:
+                first_path, first_num, first_key = first
+                same = first_key == key
+                rejects[j] = _reject(path, num, qid, "id", "duplicate_row" if same else "duplicate_id",
+                                     f"id {qid!r} already used by {_where(first_path, first_num)}"
+                                     + ("" if same else " with different content; give every pair a unique id"))
+            elif not has_id and (first := (self._first("content", content, content_hash[j])
+                                           if content_hit[j] else None) or batch_content.get(content)):
+                # No id to tell them apart: the same query and positive in one dataset is the same pair again
+                rejects[j] = _reject(path, num, qid, None, "duplicate_row",
+                                     f"same query, positive and dataset as {_where(*first[:2])}; "
+                                     "remove the repeated row")
+            else:
+                batch_ids[qid] = (path, num, key)
+                batch_content.setdefault(content, (path, num, key))
+                accepted.append(j)
+        self.pending = (id_hash[accepted], content_hash[accepted])
+        return rejects
+
+    def commit(self, table: pa.Table, rows: Optional[np.ndarray] = None) -> None:
+        """The accepted pairs of the last `run`: `table` (COLUMNS; or a function that opens it, when a duplicate
+        needs it), or its `rows`, in order."""
+        for name, hashes in zip(("id", "content"), self.pending):
+            self.seen[name].add(hashes, self.starts[-1])
+        self.starts.append(self.starts[-1] + len(self.pending[0]))
+        self.chunks.append((table, rows))
+        self.pending = None
+
+    def _first(self, kind: str, value, h: int) -> Optional[tuple]:
+        """(path, number, (query item, positive item)) of the first accepted pair of an earlier chunk whose id
+        (kind "id") or (dataset, query item, positive item) (kind "content") is `value`; None if there is none."""
+        for g in self.seen[kind].rows(h):
+            c = bisect.bisect_right(self.starts, g) - 1
+            table, rows = self.chunks[c]
+            table = table() if callable(table) else table
+            at = g - self.starts[c] if rows is None else int(rows[g - self.starts[c]])
+            pair = {name: table.column(name)[at].as_py() for name in self.COLUMNS}
+            key = (pair["qry_item_id"], pair["pos_item_id"])
+            if (pair["query_id"] if kind == "id" else (pair["dataset"], *key)) == value:
+                return self.paths[pair["_file"]], pair["_n"], key
+        return None
 
 
 def _array(values: list, kind: pa.DataType) -> pa.Array:
