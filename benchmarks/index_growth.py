@@ -153,7 +153,7 @@ def rules(n: int, also: list[str]) -> dict[str, dict]:
     for f in also:
         if f.startswith("hnsw"):  # 'hnsw' or 'hnsw:M': one HNSW graph over the whole pool, efSearch tuned
             out[f] = {"kind": "hnsw", "hnsw_m": int(f.partition(":")[2] or 32)}
-        elif f in ("ivf_sq8", "ivf_flat"):  # a named kind at auto's lists (SQ8: exact rescoring of 2k candidates)
+        elif f in ("ivf_sq8", "ivf_flat", "ivf_fs"):  # a named kind at auto's lists (SQ8: exact rescoring of 2k candidates)
             out[f] = {"kind": f}
         elif nl:
             out[f.format(nlist=nl)] = {"kind": f.format(nlist=nl), "train_size": min(n, max(40 * nl, 65_536))}

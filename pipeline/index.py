@@ -12,7 +12,7 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;
   ties are ordered by id so the result does not depend on how the pool was sharded.
 * ``exact_search`` (streaming brute force), ``merge_topk`` (exact merge of per-shard top-k), ``recall_at_k``,
-  ``rescore_exact`` (exact scores for lossy codes) and ``gpu_plan`` (when GPU FAISS is used) support retrieve.py.
+  ``refine`` / ``rescore_exact`` (exact scores for lossy codes) and ``gpu_plan`` (when GPU FAISS is used) support retrieve.py.
 See docs/scale.md for the figures behind the defaults.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ GPU_MAX_K = 2048        # GPU FAISS: k and nprobe are limited to 2048 (k-selecti
 GPU_MAX_NPROBE = 2048
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code sizes GPU IVF-PQ supports
 PQ_M_CHOICES = (96, 64, 48, 32, 24, 16, 8, 4)  # bytes per vector tried, largest first (8-bit codes)
+FS_REFINE = 8  # ivf_fs: candidates per result rescored exactly (4-bit codes of one dimension each rank well enough)
 
 from pipeline.config import IndexConfig, check_section  # noqa: F401  (the `index` section of the run config)
 
@@ -257,6 +258,9 @@ def estimate_bytes(kind: str, n: int, d: int, params: dict) -> int:
         return int(n * d * 4) + _ivf_overhead(n, d, nlist)
     if kind == "ivf_sq8":
         return int(n * d) + _ivf_overhead(n, d, nlist) + 8 * d
+    if kind == "ivf_fs":  # 4-bit codes, packed in blocks of 32 vectors per list; 16 centroids per dimension
+        code = (d + 1) // 2
+        return int(n * code) + nlist * 32 * code + _ivf_overhead(n, d, nlist) + 16 * d * 4
     if kind == "ivf_pq":
         m = params["pq_m"]
         opq = d * d * 4 if params.get("opq") else 0
@@ -294,6 +298,9 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
         elif kind == "ivf_sq8":
             factory = f"{q},SQ8"
             p["refine_factor"] = int(_cfg(cfg, "refine_factor") or 2)
+        elif kind == "ivf_fs":
+            factory = f"{q},PQ{d}x4fs"
+            p["refine_factor"] = int(_cfg(cfg, "refine_factor") or FS_REFINE)
         elif kind == "ivf_pq":
             m = p["pq_m"] = int(pq_m or _cfg(cfg, "pq_m") or 0)
             if d % m:
@@ -306,7 +313,7 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
             raise ValueError(kind)
         p["train_size"] = int(min(n, _cfg(cfg, "train_size") or max(40 * nlist, 65_536)))
     return {"kind": kind, "factory": factory, "params": p, "n": int(n), "dim": int(d),
-            "est_bytes": estimate_bytes(kind, n, d, p), "lossy": kind in ("ivf_sq8", "ivf_pq")}
+            "est_bytes": estimate_bytes(kind, n, d, p), "lossy": kind in ("ivf_sq8", "ivf_pq", "ivf_fs")}
 
 
 def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) -> dict:
@@ -318,7 +325,7 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
     budget = _budget_bytes(cfg)
     if gpu_available is None:
         gpu_available = gpu_plan(cfg, k=1, kind="ivf_flat")["use_gpu"]
-    named = ("flat", "hnsw", "ivf_flat", "ivf_sq8", "ivf_pq")
+    named = ("flat", "hnsw", "ivf_flat", "ivf_fs", "ivf_sq8", "ivf_pq")
     low = kind.lower()
     if low in named:
         if low == "ivf_pq" and not _cfg(cfg, "pq_m"):
@@ -728,8 +735,19 @@ def search(built: BuiltIndex, queries: np.ndarray, k: int, batch: int = 65_536) 
     D = np.concatenate(outD) if outD else np.zeros((0, kk), np.float32)
     I = np.concatenate(outI) if outI else np.zeros((0, kk), np.int64)
     if built.info.get("lossy") and built.source is not None:
-        D = rescore_exact(built.source, q, I)
+        return refine(built.source, q, D, I, k)
     return canonical_topk(D, I, k)
+
+
+def refine(source: VectorSource, queries: np.ndarray, D: np.ndarray, I: np.ndarray, k: int):
+    """Top-k of lossy candidates (approximate scores ``D`` descending, global ids ``I``, kk columns) by exact score.
+    Candidates tied with the kk-th approximate score are dropped: 4-bit codes tie often, FAISS keeps an arbitrary
+    part of a tie, and which part would depend on how the pool is sharded; every candidate scored strictly above
+    is in the kk best of its own shard too, so the set rescored is the same however the pool is split."""
+    if I.shape[1] < source.n:
+        full = I[:, -1:] >= 0
+        I = np.where(full & (D >= D[:, -1:]), -1, I)
+    return canonical_topk(rescore_exact(source, queries, I), I, k)
 
 
 def rescore_exact(source: VectorSource, queries: np.ndarray, ids: np.ndarray, offset: int = 0,
