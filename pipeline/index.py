@@ -746,7 +746,7 @@ def refine(source: VectorSource, queries: np.ndarray, D: np.ndarray, I: np.ndarr
     is in the kk best of its own shard too, so the set rescored is the same however the pool is split."""
     if I.shape[1] < source.n:
         full = I[:, -1:] >= 0
-        I = np.where(full & (D >= D[:, -1:]), -1, I)
+        I = np.where(full & (D <= D[:, -1:]), -1, I)
     return canonical_topk(rescore_exact(source, queries, I), I, k)
 
 
