@@ -290,13 +290,20 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "index_growth"),
                     help="where the vectors are cached")
     ap.add_argument("--out", default=str(RESULTS / "index_growth.json"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="FAISS threads (0: FAISS's default, all cores); 1 is what a shard actor gets on a 2-core "
+                         "machine (index.threads: CPUs / shards), and keeps OpenMP from spinning on a loaded one")
     a = ap.parse_args(argv)
+    if a.threads:
+        import faiss
+        faiss.omp_set_num_threads(a.threads)
     from benchmarks.vs_sentence_transformers import machine
 
     command = "python benchmarks/index_growth.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(runs):  # after every size, so a long run leaves what it has measured
-        result = {"command": command, "data": a.data, "k": a.k, "queries": a.queries, "runs": runs,
+        result = {"command": command, "data": a.data, "k": a.k, "queries": a.queries, "threads": a.threads or None,
+                  "runs": runs,
                   "ratios_auto_over_today": ratios(runs), "ratios_auto_over_before": ratios(runs, "before"),
                   "machine": machine()}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
