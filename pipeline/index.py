@@ -682,6 +682,13 @@ def canonical_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np
     D = np.asarray(D, dtype=np.float32)
     I = np.asarray(I, dtype=np.int64)
     D = np.where(I < 0, -np.inf, D).astype(np.float32)
+    n = D.shape[1]
+    if len(D) and n > 2 * k:  # lossy candidates (k x refine_factor): sort only the columns that can make the top k
+        kth = np.partition(D, n - k, axis=1)[:, n - k:n - k + 1]
+        w = int((D >= kth).sum(axis=1).max())  # the k best and every tie of the k-th, in the widest row
+        if w < n:
+            keep = np.argpartition(D, n - w, axis=1)[:, n - w:]
+            D, I = np.take_along_axis(D, keep, 1), np.take_along_axis(I, keep, 1)
     order = canonical_order(D, I)
     D2 = np.take_along_axis(D, order, 1)[:, :k]
     I2 = np.take_along_axis(I, order, 1)[:, :k]
