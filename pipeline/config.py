@@ -209,7 +209,8 @@ class IndexConfig:
     """How candidates are retrieved (pipeline/index.py, pipeline/retrieve.py; figures in docs/scale.md)."""
     kind: str = "auto"
     """`auto` (chosen from pool size, dimension and memory budget), `flat` (exact), `hnsw`, `ivf_flat`, `ivf_fs`
-    (IVF with 4-bit fast-scan codes, rescored exactly; CPU only), `ivf_sq8`, `ivf_pq`, or any FAISS factory string
+    (IVF with 4-bit fast-scan codes, rescored exactly; CPU only; ~2x less CPU than `ivf_flat` at 400k-1.6M
+    vectors, docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string
     (e.g. `OPQ32,IVF4096,PQ32`), built with inner product."""
     exact_below: int = 50_000
     """`auto`: exact (Flat) search for pools smaller than this."""
@@ -218,8 +219,8 @@ class IndexConfig:
     IVF builds faster, searches faster at equal recall on 2 cores, and unlike HNSW gives the same neighbours however
     the pool is sharded (docs/scale.md)."""
     memory_budget_gb: float = 8.0
-    """Memory the index may take, all shards together: `auto` picks IVF-FS on CPU (half a byte per dimension),
-    IVF-Flat on GPU if the raw vectors fit, else IVF-SQ8; else (OPQ) IVF-PQ with the largest code that fits."""
+    """Memory the index may take, all shards together: `auto` picks IVF-Flat if the raw vectors fit, else IVF-SQ8,
+    else (OPQ) IVF-PQ with the largest code that fits."""
     nlist: Optional[int] = None
     """IVF lists (default: a power of two near the larger of 2*sqrt(pool size) and min(pool size / 256, 32,768):
     from ~260k to ~8M vectors the lists keep 180-360 vectors each, so a probed list costs the same at any pool size

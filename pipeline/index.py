@@ -4,10 +4,9 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 
 * ``choose_index(n, dim, cfg)`` -> the plan (factory string + derived parameters + estimated bytes), from the
   pool size, the dimension and ``cfg.memory_budget_gb``: ``Flat`` below ``exact_below``, ``HNSW`` up to
-  ``hnsw_below`` (CPU only; off by default), then on CPU ``IVF-FS`` (4-bit fast-scan codes, half a byte per
-  dimension, the top 8k rescored exactly), on GPU ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
-  a byte per dimension fits; else ``(OPQ) IVF-PQ`` with the largest code that fits; or the FAISS factory string
-  in ``cfg.kind``.
+  ``hnsw_below`` (CPU only; off by default), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
+  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named kind or FAISS
+  factory string in ``cfg.kind`` (``ivf_fs``: 4-bit fast-scan codes, the top 8k rescored exactly, CPU only).
 * ``build_index(vectors, cfg)`` trains on a sample and adds in batches from an array, a memmap or a list of ``.npy``
   shards (``VectorSource``): peak memory is the index plus one batch.
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;
@@ -362,13 +361,11 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
         if plan["est_bytes"] <= budget:
             plan["reason"] = f"index.exact_below <= n={n} < index.hnsw_below={hnsw_below}, fits the budget"
             return plan
-    # CPU: 4-bit fast-scan codes, rescored exactly, scan ~4x cheaper than float32 lists at the same recall (GPU
-    # FAISS has no fast-scan: IVF-Flat there)
-    for k in ("ivf_flat", "ivf_sq8") if gpu_available else ("ivf_fs",):
+    for k in ("ivf_flat", "ivf_sq8"):
         plan = _plan_for(k, n, dim, cfg, gpu_available)
         if plan["est_bytes"] <= budget:
             plan["reason"] = (f"{_gb(plan['est_bytes'])} GB fits index.memory_budget_gb={_cfg(cfg, 'memory_budget_gb')}"
-                              + (" (raw float32 vectors do not)" if k == "ivf_sq8" else ""))
+                              + ("" if k == "ivf_flat" else " (raw float32 vectors do not)"))
             return plan
     return _plan_pq(n, dim, cfg, budget, gpu_available)
 

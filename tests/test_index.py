@@ -40,13 +40,13 @@ def brute(x, q, k):
 @pytest.mark.parametrize("n,dim,budget,kind,factory", [
     (1_000, 128, 8, "flat", "Flat"),
     (49_999, 768, 8, "flat", "Flat"),
-    (50_000, 128, 8, "ivf_fs", "IVF512,PQ128x4fs"),
-    (1_000_000, 128, 8, "ivf_fs", "IVF4096,PQ128x4fs"),
-    (5_000_000, 128, 8, "ivf_fs", "IVF16384_HNSW32,PQ128x4fs"),
-    (5_000_000, 128, 0.5, "ivf_fs", "IVF16384_HNSW32,PQ128x4fs"),  # 5M * (64 + 8) B + lists' padding = 0.37 GB
+    (50_000, 128, 8, "ivf_flat", "IVF512,Flat"),
+    (1_000_000, 128, 8, "ivf_flat", "IVF4096,Flat"),
+    (5_000_000, 128, 8, "ivf_flat", "IVF16384_HNSW32,Flat"),
+    (5_000_000, 128, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
     (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF16384_HNSW32,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
     (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF8192_HNSW32,PQ64"),  # 40 x 8192 x 768-d: a 1 GB sample
-    (100_000_000, 128, 8, "ivf_fs", "IVF32768_HNSW32,PQ128x4fs"),  # 100M * (64 + 8) B = 6.8 GB
+    (100_000_000, 128, 8, "ivf_pq", "OPQ32,IVF32768_HNSW32,PQ32"),
     (1_000_000_000, 128, 64, "ivf_pq", "OPQ32,IVF65536_HNSW32,PQ32"),
 ])
 def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
@@ -61,18 +61,13 @@ def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
         assert 39 * p["nlist"] <= p["train_size"] <= n
     if kind == "ivf_pq":
         assert plan["lossy"] and plan["params"]["refine_factor"] == 4
-    if kind == "ivf_fs":
-        assert plan["lossy"] and plan["params"]["refine_factor"] == 8
 
 
-@pytest.mark.parametrize("n,budget,kind,factory", [
-    (1_000_000, 8, "ivf_flat", "IVF4096,Flat"),
-    (5_000_000, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
-])
-def test_gpu_faiss_has_no_fast_scan_codes(n, budget, kind, factory):
-    plan = ix.choose_index(n, 128, IndexConfig(memory_budget_gb=budget), gpu_available=True)
-    assert (plan["kind"], plan["factory"]) == (kind, factory)
-    assert not ix.gpu_plan(IndexConfig(gpu="auto"), k=10, kind="ivf_fs", ngpu=1)["use_gpu"]
+def test_fast_scan_kind_is_sized_and_stays_on_cpu():
+    plan = ix.choose_index(5_000_000, 128, IndexConfig(kind="ivf_fs"), gpu_available=False)
+    assert (plan["factory"], plan["lossy"], plan["params"]["refine_factor"]) == ("IVF16384_HNSW32,PQ128x4fs", True, 8)
+    assert plan["est_bytes"] < 5_000_000 * (64 + 8) * 1.15  # half a byte per dimension + ids + lists' padding
+    assert not ix.gpu_plan(IndexConfig(gpu="auto"), k=10, kind="ivf_fs", ngpu=1)["use_gpu"]  # no GPU fast-scan
 
 
 def test_lists_keep_a_bounded_size_as_the_pool_grows():
@@ -108,7 +103,7 @@ def test_exact_below_budget_and_explicit_kinds():
     cfg = IndexConfig(kind="auto", exact_below=10, hnsw_below=100_000)
     assert ix.choose_index(50_000, 64, cfg, gpu_available=False)["factory"] == "HNSW32"
     assert ix.choose_index(50_000, 64, cfg, gpu_available=True)["kind"] == "ivf_flat"  # no HNSW on GPU FAISS
-    assert ix.choose_index(500_000, 64, cfg, gpu_available=False)["kind"] == "ivf_fs"
+    assert ix.choose_index(500_000, 64, cfg, gpu_available=False)["kind"] == "ivf_flat"
     assert ix.choose_index(10, 64, IndexConfig(kind="flat"))["factory"] == "Flat"
     p = ix.choose_index(100_000, 64, IndexConfig(kind="ivf_flat", nlist=300, nprobe=7), gpu_available=False)
     assert (p["factory"], p["params"]["nprobe"]) == ("IVF300,Flat", 7)
