@@ -3,6 +3,7 @@
     python benchmarks/index_growth.py --sizes 100000 400000 --also 'IVF{nlist}_HNSW32,Flat'
     python benchmarks/index_growth.py --sizes 1600000 --out benchmarks/results/index_growth-1.6m.json
     python benchmarks/index_growth.py --data clustered --sizes 100000 400000 --also hnsw ivf_sq8
+    python benchmarks/index_growth.py --also ivf_flat ivf_fs --only ivf_flat ivf_fs --threads 1
 
 Data: `benchmarks.driver_memory.topic_pairs(n)` (n / 500 topics, the data the driver-memory benchmark mines) embedded
 by the package's `HashingTeacher` (96-d): the pool is the n positives, the queries the first `--queries` pairs'
@@ -19,7 +20,8 @@ queries as a run does; then all the queries are searched once (timed) and compar
 * `before`: `choose_index` at the default `IndexConfig`, nprobe doubled until the floor (the tuning before the
   bisection: `pipeline.retrieve._narrow` is switched off for this rule);
 * `auto`: `choose_index` at the default `IndexConfig`, tuned as a run tunes now;
-* `--also`: factory templates at auto's lists, `ivf_sq8` (named kind), `hnsw` / `hnsw:M` (a graph over the pool).
+* `--also`: factory templates at auto's lists, `ivf_flat` / `ivf_fs` / `ivf_sq8` (named kinds), `hnsw` / `hnsw:M`
+  (a graph over the pool).
 
 `--data clustered` swaps the topic pairs for `benchmarks/scale.py`'s clustered mixture (96-d; queries are fresh
 draws). Reported per size and rule: factory, nlist, tuned nprobe / efSearch, bytes and build time per vector, build +
@@ -153,7 +155,7 @@ def rules(n: int, also: list[str]) -> dict[str, dict]:
     for f in also:
         if f.startswith("hnsw"):  # 'hnsw' or 'hnsw:M': one HNSW graph over the whole pool, efSearch tuned
             out[f] = {"kind": "hnsw", "hnsw_m": int(f.partition(":")[2] or 32)}
-        elif f in ("ivf_sq8", "ivf_flat"):  # a named kind at auto's lists (SQ8: exact rescoring of 2k candidates)
+        elif f in ("ivf_sq8", "ivf_flat", "ivf_fs"):  # a named kind at auto's lists (SQ8 / FS: exact rescoring)
             out[f] = {"kind": f}
         elif nl:
             out[f.format(nlist=nl)] = {"kind": f.format(nlist=nl), "train_size": min(n, max(40 * nl, 65_536))}
@@ -290,13 +292,20 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "index_growth"),
                     help="where the vectors are cached")
     ap.add_argument("--out", default=str(RESULTS / "index_growth.json"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="FAISS threads (0: FAISS's default, all cores); 1 is what a shard actor gets on a 2-core "
+                         "machine (index.threads: CPUs / shards), and keeps OpenMP from spinning on a loaded one")
     a = ap.parse_args(argv)
+    if a.threads:
+        import faiss
+        faiss.omp_set_num_threads(a.threads)
     from benchmarks.vs_sentence_transformers import machine
 
     command = "python benchmarks/index_growth.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(runs):  # after every size, so a long run leaves what it has measured
-        result = {"command": command, "data": a.data, "k": a.k, "queries": a.queries, "runs": runs,
+        result = {"command": command, "data": a.data, "k": a.k, "queries": a.queries, "threads": a.threads or None,
+                  "runs": runs,
                   "ratios_auto_over_today": ratios(runs), "ratios_auto_over_before": ratios(runs, "before"),
                   "machine": machine()}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,15 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 * ``choose_index(n, dim, cfg)`` -> the plan (factory string + derived parameters + estimated bytes), from the
   pool size, the dimension and ``cfg.memory_budget_gb``: ``Flat`` below ``exact_below``, ``HNSW`` up to
   ``hnsw_below`` (CPU only; off by default), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
-  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the FAISS factory string in
-  ``cfg.kind``.
+  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named kind or FAISS
+  factory string in ``cfg.kind`` (``ivf_fs``: 4-bit fast-scan codes, the top 8k rescored exactly, CPU only).
 * ``build_index(vectors, cfg)`` trains on a sample and adds in batches from an array, a memmap or a list of ``.npy``
   shards (``VectorSource``): peak memory is the index plus one batch.
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;
   ties are ordered by id so the result does not depend on how the pool was sharded.
 * ``exact_search`` (streaming brute force), ``merge_topk`` (exact merge of per-shard top-k), ``recall_at_k``,
-  ``rescore_exact`` (exact scores for lossy codes) and ``gpu_plan`` (when GPU FAISS is used) support retrieve.py.
+  ``refine`` / ``rescore_exact`` (exact scores for lossy codes) and ``gpu_plan`` (when GPU FAISS is used) support
+  retrieve.py.
 See docs/scale.md for the figures behind the defaults.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ GPU_MAX_K = 2048        # GPU FAISS: k and nprobe are limited to 2048 (k-selecti
 GPU_MAX_NPROBE = 2048
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code sizes GPU IVF-PQ supports
 PQ_M_CHOICES = (96, 64, 48, 32, 24, 16, 8, 4)  # bytes per vector tried, largest first (8-bit codes)
+FS_REFINE = 8  # ivf_fs: candidates per result rescored exactly (4-bit codes of one dimension each rank well enough)
 
 from pipeline.config import IndexConfig, check_section  # noqa: F401  (the `index` section of the run config)
 
@@ -257,6 +259,9 @@ def estimate_bytes(kind: str, n: int, d: int, params: dict) -> int:
         return int(n * d * 4) + _ivf_overhead(n, d, nlist)
     if kind == "ivf_sq8":
         return int(n * d) + _ivf_overhead(n, d, nlist) + 8 * d
+    if kind == "ivf_fs":  # 4-bit codes, packed in blocks of 32 vectors per list; 16 centroids per dimension
+        code = (d + 1) // 2
+        return int(n * code) + nlist * 32 * code + _ivf_overhead(n, d, nlist) + 16 * d * 4
     if kind == "ivf_pq":
         m = params["pq_m"]
         opq = d * d * 4 if params.get("opq") else 0
@@ -294,6 +299,9 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
         elif kind == "ivf_sq8":
             factory = f"{q},SQ8"
             p["refine_factor"] = int(_cfg(cfg, "refine_factor") or 2)
+        elif kind == "ivf_fs":
+            factory = f"{q},PQ{d}x4fs"
+            p["refine_factor"] = int(_cfg(cfg, "refine_factor") or FS_REFINE)
         elif kind == "ivf_pq":
             m = p["pq_m"] = int(pq_m or _cfg(cfg, "pq_m") or 0)
             if d % m:
@@ -306,7 +314,7 @@ def _plan_for(kind: str, n: int, d: int, cfg, gpu_ok: bool, pq_m: Optional[int] 
             raise ValueError(kind)
         p["train_size"] = int(min(n, _cfg(cfg, "train_size") or max(40 * nlist, 65_536)))
     return {"kind": kind, "factory": factory, "params": p, "n": int(n), "dim": int(d),
-            "est_bytes": estimate_bytes(kind, n, d, p), "lossy": kind in ("ivf_sq8", "ivf_pq")}
+            "est_bytes": estimate_bytes(kind, n, d, p), "lossy": kind in ("ivf_sq8", "ivf_pq", "ivf_fs")}
 
 
 def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) -> dict:
@@ -318,7 +326,7 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
     budget = _budget_bytes(cfg)
     if gpu_available is None:
         gpu_available = gpu_plan(cfg, k=1, kind="ivf_flat")["use_gpu"]
-    named = ("flat", "hnsw", "ivf_flat", "ivf_sq8", "ivf_pq")
+    named = ("flat", "hnsw", "ivf_flat", "ivf_fs", "ivf_sq8", "ivf_pq")
     low = kind.lower()
     if low in named:
         if low == "ivf_pq" and not _cfg(cfg, "pq_m"):
@@ -432,6 +440,8 @@ def gpu_plan(cfg, k: int, kind: str, ngpu: Optional[int] = None, nprobe: Optiona
         return {"use_gpu": False, "search_on_gpu": False, "ngpu": 0, "reason": "no GPU visible to FAISS"}
     if kind == "hnsw":
         return {"use_gpu": False, "search_on_gpu": False, "ngpu": ngpu, "reason": "HNSW has no GPU FAISS version"}
+    if kind == "ivf_fs":
+        return {"use_gpu": False, "search_on_gpu": False, "ngpu": ngpu, "reason": "fast-scan has no GPU FAISS version"}
     if not has_gpu_faiss and want == "auto":
         return {"use_gpu": False, "search_on_gpu": False, "ngpu": ngpu, "reason": "FAISS build has no GPU support"}
     if k > GPU_MAX_K:
@@ -669,6 +679,13 @@ def canonical_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np
     D = np.asarray(D, dtype=np.float32)
     I = np.asarray(I, dtype=np.int64)
     D = np.where(I < 0, -np.inf, D).astype(np.float32)
+    n = D.shape[1]
+    if len(D) and n > 2 * k:  # lossy candidates (k x refine_factor): sort only the columns that can make the top k
+        kth = np.partition(D, n - k, axis=1)[:, n - k:n - k + 1]
+        w = int((D >= kth).sum(axis=1).max())  # the k best and every tie of the k-th, in the widest row
+        if w < n:
+            keep = np.argpartition(D, n - w, axis=1)[:, n - w:]
+            D, I = np.take_along_axis(D, keep, 1), np.take_along_axis(I, keep, 1)
     order = canonical_order(D, I)
     D2 = np.take_along_axis(D, order, 1)[:, :k]
     I2 = np.take_along_axis(I, order, 1)[:, :k]
@@ -728,26 +745,51 @@ def search(built: BuiltIndex, queries: np.ndarray, k: int, batch: int = 65_536) 
     D = np.concatenate(outD) if outD else np.zeros((0, kk), np.float32)
     I = np.concatenate(outI) if outI else np.zeros((0, kk), np.int64)
     if built.info.get("lossy") and built.source is not None:
-        D = rescore_exact(built.source, q, I)
+        return refine(built.source, q, D, I, k)
     return canonical_topk(D, I, k)
 
 
+def refine(source: VectorSource, queries: np.ndarray, D: np.ndarray, I: np.ndarray, k: int):
+    """Top-k of lossy candidates (approximate scores ``D`` descending, global ids ``I``, kk columns) by exact score.
+    Candidates tied with the kk-th approximate score are dropped: 4-bit codes tie often, FAISS keeps an arbitrary
+    part of a tie, and which part would depend on how the pool is sharded; every candidate scored strictly above
+    is in the kk best of its own shard too, so the set rescored is the same however the pool is split."""
+    if I.shape[1] < source.n:
+        full = I[:, -1:] >= 0
+        I = np.where(full & (D <= D[:, -1:]), -1, I)
+    return canonical_topk(rescore_exact(source, queries, I), I, k)
+
+
 def rescore_exact(source: VectorSource, queries: np.ndarray, ids: np.ndarray, offset: int = 0,
-                  chunk: int = 4096) -> np.ndarray:
+                  chunk: int = 256) -> np.ndarray:
     """Exact inner products between each query and its candidate ids (global ids; ``offset`` = first row of
-    ``source`` in global ids); -inf for -1."""
+    ``source`` in global ids); -inf for -1. FAISS computes them in place (`fvec_inner_products_by_idx`): a numpy
+    gather of the candidates (queries x kk x d floats) costs ~10x more at kk=400. A pool in memory is read where
+    it lies; one on disk a chunk of queries' distinct rows at a time."""
+    q = _f32(queries)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
     out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    arr = getattr(source, "arr", None)
+    if type(arr) is np.ndarray and arr.dtype == np.float32 and arr.flags.c_contiguous:
+        _ip_by_idx(out, q, arr, np.where(ids >= 0, ids - offset, -1))
+        return out
     for s in range(0, len(ids), chunk):
         I = ids[s:s + chunk]
         valid = I >= 0
         if not valid.any():
             continue
-        flat = I[valid] - offset
-        uniq, inv = np.unique(flat, return_inverse=True)
-        X = source.take(uniq)
-        qrow = np.broadcast_to(np.arange(len(I))[:, None], I.shape)[valid]
-        out[s:s + chunk][valid] = np.einsum("ij,ij->i", queries[s + qrow], X[inv]).astype(np.float32)
+        uniq, inv = np.unique(I[valid] - offset, return_inverse=True)
+        local = np.full(I.shape, -1, np.int64)
+        local[valid] = inv
+        _ip_by_idx(out[s:s + chunk], q[s:s + chunk], source.take(uniq), local)
     return out
+
+
+def _ip_by_idx(out: np.ndarray, q: np.ndarray, x: np.ndarray, ids: np.ndarray) -> None:
+    """out[i, j] = q[i] . x[ids[i, j]] (-inf where ids[i, j] < 0), all C-contiguous."""
+    x = _f32(x)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(x),
+                                     faiss.swig_ptr(ids), q.shape[1], len(q), ids.shape[1])
 
 
 def exact_search(source, queries: np.ndarray, k: int, batch_rows: int = 262_144,

@@ -27,7 +27,7 @@ import faiss
 from pipeline.ray_session import ray_is_up
 from pipeline.index import (
     IndexConfig, VectorSource, _cfg, _f32, add_source, as_source, build_index, canonical_topk, check_config,
-    choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, rescore_exact, retune,
+    choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, refine, retune,
     search, set_search_params, source_from_spec, tame_malloc, to_gpu, train_index,
 )
 
@@ -209,8 +209,7 @@ class _SearchStage:
         parts = self.ray.get([s.search.remote(qref, self.kk) for s in self.shards])
         D, I = merge_topk(parts, self.kk)
         if self.src is not None:
-            D = rescore_exact(self.src, q, I)
-            D, I = canonical_topk(D, I, self.k)
+            D, I = refine(self.src, q, D, I, self.k)
         return {"row": rows, "scores": D, "ids": I}
 
 
@@ -239,7 +238,7 @@ class ShardClient:
             outI.append(I)
         D, I = np.concatenate(outD), np.concatenate(outI)
         if self.plan["lossy"]:
-            D = rescore_exact(self.source, _f32(q), I)
+            return refine(self.source, _f32(q), D, I, k)
         return canonical_topk(D, I, k)
 
 
@@ -397,8 +396,7 @@ class _RaySearcher:
             raise RuntimeError(f"search stage returned {seen} of {nq} query rows")
         del qref
         if self.plan["lossy"] and spec is None:  # in-memory pool: rescore in the driver
-            D = rescore_exact(self.src, _f32(q), I)
-            D, I = canonical_topk(D, I, k)
+            D, I = refine(self.src, _f32(q), D, I, k)
         return D, I
 
     def index_info(self) -> dict:

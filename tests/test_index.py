@@ -63,6 +63,13 @@ def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
         assert plan["lossy"] and plan["params"]["refine_factor"] == 4
 
 
+def test_fast_scan_kind_is_sized_and_stays_on_cpu():
+    plan = ix.choose_index(5_000_000, 128, IndexConfig(kind="ivf_fs"), gpu_available=False)
+    assert (plan["factory"], plan["lossy"], plan["params"]["refine_factor"]) == ("IVF16384_HNSW32,PQ128x4fs", True, 8)
+    assert plan["est_bytes"] < 5_000_000 * (64 + 8) * 1.15  # half a byte per dimension + ids + lists' padding
+    assert not ix.gpu_plan(IndexConfig(gpu="auto"), k=10, kind="ivf_fs", ngpu=1)["use_gpu"]  # no GPU fast-scan
+
+
 def test_lists_keep_a_bounded_size_as_the_pool_grows():
     """Below ~260k the lists stay as before (2 sqrt(n)); above, nlist grows with n so the vectors a probe scans do
     not, up to MAX_SIZED_NLIST lists, then 2 sqrt(n) again; nprobe starts at 16 whatever the size (the recall check
@@ -243,6 +250,41 @@ def test_sharded_ivf_with_one_trained_quantizer_equals_the_single_ivf_index():
     s, i = ix.merge_topk(parts, 20)
     es, ei = ix.search(single, q, 20)
     assert np.array_equal(i, ei) and np.array_equal(s, es)
+
+
+def test_fast_scan_codes_shard_and_thread_invariantly_with_exact_scores():
+    """ivf_fs: 4-bit codes tie often at the kk-th approximate score, and FAISS keeps an arbitrary part of a tie; the
+    candidates tied there are dropped (`refine`), so any split of the pool over shards, and any thread count, gives
+    the same ids, with exact scores, at the recall of IVF-Flat at the same nprobe."""
+    x = clustered(12_000, 32, seed=9)
+    q = clustered(300, 32, seed=10)
+    cfg = IndexConfig(kind="ivf_fs", nprobe=8)
+    single = ix.build_index(x, cfg)
+    plan = single.plan
+    assert (plan["factory"], plan["lossy"], plan["params"]["refine_factor"]) == ("IVF256,PQ32x4fs", True, 8)
+    assert single.info["bytes"] <= plan["est_bytes"] < 12_000 * 32 * 4 / 2  # codes of d / 2 bytes, not 4 d
+    es, ei = ix.search(single, q, 20)
+    assert np.allclose(es, np.einsum("qd,qkd->qk", q, x[ei]), atol=1e-5)
+    flat = ix.search(ix.build_index(x, IndexConfig(kind="ivf_flat", nprobe=8)), q, 20)
+    _, exact = ix.exact_search(x, q, 20)
+    assert ix.recall_at_k(ei, exact) >= ix.recall_at_k(flat[1], exact) - 0.01
+    tmpl = ix.make_index(plan)
+    ix.train_index(tmpl, ix.as_source(x), plan, seed=0)
+    blob = faiss.serialize_index(tmpl)
+    kk = 20 * plan["params"]["refine_factor"]
+    for bounds, threads in [([0, 5000, 5001, 12_000], 1), ([0, 3000, 6000, 9000, 12_000], 2)]:
+        faiss.omp_set_num_threads(threads)
+        parts = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            shard = faiss.deserialize_index(blob)
+            ix.add_source(shard, ix.as_source(x), lo, hi, 1000)
+            ix.set_search_params(shard, plan, 20)
+            D, I = shard.search(q, kk)
+            parts.append((D, np.where(I >= 0, I + lo, -1)))
+        D, I = ix.merge_topk(parts, kk)
+        s, i = ix.refine(ix.as_source(x), q, D, I, 20)
+        assert np.array_equal(i, ei) and np.array_equal(s, es)
+    faiss.omp_set_num_threads(1)
 
 
 def test_hnsw_quantizer_is_built_the_same_every_time_and_shards_exactly():

@@ -128,3 +128,17 @@ def test_ray_lossy_index_rescored_exactly(ray_session):
     s, i, info = retrieve(x, q, 10, cfg)
     assert info["lossy"] and info["recall_at_k"] >= 0.95
     assert np.allclose(s, np.einsum("qd,qkd->qk", q, x[i]), atol=1e-5)  # exact scores of what was returned
+
+
+def test_ray_sharded_fast_scan_equals_in_process_and_meets_the_floor(ray_session):
+    """ivf_fs over 3 shard actors (approximate top-kk merged, then rescored exactly) gives the ids and scores of the
+    in-process index, and the tuned nprobe meets the recall floor on the whole query set, not only the sample."""
+    x = clustered(12_000, 32, seed=9)
+    q = clustered(900, 32, seed=10)
+    base = dict(kind="ivf_fs", nprobe=1, recall_sample=300, query_batch=256, add_batch=1000)
+    s1, i1, f1 = retrieve(x, q, 20, IndexConfig(distributed="never", **base))
+    s2, i2, f2 = retrieve(x, q, 20, IndexConfig(distributed="always", num_shards=3, **base))
+    assert f1["factory"] == f2["factory"] == "IVF256,PQ32x4fs" and f2["mode"] == "ray" and f1["tuned"]
+    assert np.array_equal(i1, i2) and np.array_equal(s1, s2) and f1["recall_trials"] == f2["recall_trials"]
+    es, ei = brute(x, q, 20)
+    assert ix.recall_at_k(i1, ei, 20, s1, es) >= 0.95
