@@ -3,8 +3,9 @@ write the candidates parts, so neither the vectors nor the (queries x k) matrice
 
 1. Embed queries and candidates into the cache (one pass), then write each (role, dataset)'s vectors as `.npy`
    shards under the state dir (pipeline/vectors.py); with a mixed-in teacher its vectors too.
-2. With deepening on, a cheap first pass returns each query's positive score (one float a query: the driver
-   derives each dataset's positive-score cap from them, as the filters will).
+2. With deepening on, a cheap first pass histograms each block's positive scores per dataset (one float a query,
+   staged for a second pass that pins the quantile: `stats.positive_score_caps`); the driver merges them into each
+   dataset's positive-score cap, the float the filters will use, holding no score.
 3. Per dataset: build its index over the pool shards (in this process, or in shard actors on Ray), measure recall,
    then one task per query block searches it (`search_block`): exact scores, positive similarities and, for queries
    the filters leave short, deeper searches. Each writes its rows to a staging file.
@@ -39,6 +40,7 @@ from .filters import KEPT, CandidateBlock, filter_candidates
 from .index import canonical_order
 from .ray_session import ray_active
 from .retrieve import open_index
+from .stats import positive_score_caps
 from .vectors import VectorStore, layout, write_stores
 
 SIM_CHUNK = 256  # queries per chunk of cosines: 256 x k x d floats (20 MB at k=51, d=384)
@@ -232,11 +234,12 @@ def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path
     nq, k = meta.nq, cfg.retrieve.top_k
     deepen = cfg.retrieve.deepen_factor > 1 and cfg.filters.max_rank is None and nq > 0
     thresholds = {}
-    if deepen:  # each dataset's positive-score cap, from one float a query
-        pos_score = np.concatenate([np.zeros(0, np.float32), *map_blocks(
-            positive_scores, [SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks], use_ray)])
-        thresholds = data_filters(cfg.filters, pos_score, meta.ranges)
-        del pos_score
+    if deepen:  # each dataset's positive-score cap, from the blocks' histograms of one float a query
+        quantile = cfg.filters.positive_quantile
+        caps = positive_score_caps([SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks],
+                                   positive_scores, [] if quantile is None else [quantile], use_ray,
+                                   staged_positive_scores)
+        thresholds = data_filters(cfg.filters, caps, meta.ranges)
     per_dataset, width, in_block = {}, k, {i: [] for i, _, _ in blocks}
     for j, ds in enumerate(sorted(meta.pools)):
         lo, hi = meta.ranges.get(ds, (0, 0))
@@ -299,8 +302,9 @@ def _queries(spec: SearchSpec) -> pa.Table:
                                                                                          spec.end - spec.start)
 
 
-def positive_scores(spec: SearchSpec) -> np.ndarray:
-    """Phase 2: the query-positive cosine of the block's queries (0 where their dataset has no pool)."""
+def positive_scores(spec: SearchSpec) -> dict[str, np.ndarray]:
+    """Phase 2: {dataset: the query-positive cosines of the block's queries} (0 where the dataset has no pool),
+    staged for the cap's second pass (`staged_positive_scores`) so it does not read the vectors again."""
     q = _queries(spec)
     out = np.zeros(q.num_rows, np.float32)
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
@@ -309,7 +313,21 @@ def positive_scores(spec: SearchSpec) -> np.ndarray:
         if str(ds) in spec.stores.cand.datasets and str(ds) in spec.stores.query.datasets:
             rows = np.flatnonzero(datasets == ds)
             out[rows] = _dot(spec.stores.query.get(ds, qry_idx[rows]), spec.stores.cand.get(ds, pos_idx[rows]))
-    return out
+    path = _staged_scores(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, out)
+    return {str(ds): out[datasets == ds] for ds in np.unique(datasets)}
+
+
+def staged_positive_scores(spec: SearchSpec) -> dict[str, np.ndarray]:
+    """`positive_scores` of a block, read back from its staging file."""
+    datasets = _queries(spec).column("dataset").to_numpy(zero_copy_only=False)
+    out = np.load(_staged_scores(spec))
+    return {str(ds): out[datasets == ds] for ds in np.unique(datasets)}
+
+
+def _staged_scores(spec: SearchSpec) -> Path:
+    return Path(spec.state_dir) / STAGING / f"pos-{spec.block:05d}.npy"
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
