@@ -636,7 +636,7 @@ def _sorted_unique(arrays: list) -> np.ndarray:
     keep = np.empty(len(rows), bool)
     keep[:1] = True
     np.not_equal(rows[1:], rows[:-1], out=keep[1:])
-    return rows[keep]
+    return rows if keep.all() else rows[keep]  # rows already unique (a pool's): no second copy
 
 
 def role_fingerprint(cfg: Config, role: str, dataset) -> str:
@@ -715,7 +715,9 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
                                   batch_size, batch_tokens, max_tokens))
     try:
         planned = list(map_blocks(plan_range, specs, on_ray))
-        del specs
+        del specs, members  # the rows are in the plan files: the driver holds none while the actors embed
+        if not allow_failed:
+            parts = [(role, (order, [])) for role, (order, _) in parts]
         counts = sum(p["counts"] for p in planned)
         stats, failed_rows = {"executor": executor}, np.zeros(0, np.int64)
         if any(p["embedded"] for p in planned):

@@ -32,7 +32,8 @@ from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, cap_quantiles, ev
     resolve, with_extra_positives
 from .config import Config, FilterConfig, SampleConfig
 from .executor import map_blocks, run_task
-from .filters import KEPT, REASONS, CandidateBlock, FilterContext
+from .filters import KEPT, REASONS, CandidateBlock, FilterContext, _isin_sorted
+from .index import _drop_pages
 from .progress import Progress
 from .run import EpochFolder
 from .sample import query_keys, sample_negatives
@@ -40,7 +41,7 @@ from .stats import SCORE_COLUMNS, EpochStats, key_counts, positive_score_caps
 from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
 
 LEVELS = (1, 2, 3)  # evidence strengths calibrate.py chooses among
-CODE_CHUNK = 1 << 20
+CODE_CHUNK = 1 << 16
 SOURCES = pa.array(["retrieved", "input"])  # cand_sources: from_input False / True
 
 
@@ -193,13 +194,15 @@ def _merge_evidence(a: Evidence | None, b: Evidence) -> Evidence:
 
 
 def _subset_codes(codes: np.ndarray, wanted: np.ndarray, divisor: int) -> np.ndarray:
-    """The sorted codes whose `code // divisor` is in `wanted`, read chunk by chunk (codes may be memory-mapped);
-    the first code is kept too, so a filter that checks whether any codes exist still sees some."""
+    """The sorted codes whose `code // divisor` is in `wanted`, read chunk by chunk (codes may be memory-mapped: the
+    pages read are dropped, so the file, 8 bytes a query or item, never stays in the driver); the first code is
+    kept too, so a filter that checks whether any codes exist still sees some."""
     wanted = np.unique(wanted)
-    parts = [np.asarray(codes[:1])]
-    for start in range(0, len(codes), CODE_CHUNK):
+    parts = [np.array(codes[:1])]
+    for start in range(0, len(codes) if len(wanted) else 0, CODE_CHUNK):
         chunk = np.asarray(codes[start:start + CODE_CHUNK])
-        parts.append(chunk[np.isin(chunk // divisor, wanted)])
+        parts.append(chunk[_isin_sorted(chunk // divisor, wanted)])
+        _drop_pages(codes)
     return np.unique(np.concatenate(parts)).astype(np.int64)
 
 

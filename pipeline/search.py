@@ -207,11 +207,11 @@ def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | 
         embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
         stores.base_query, stores.base_cand = run_task(_stores, (vec_dir / "mixed_in", state_dir, meta, base,
                                                                  ray_active(base)), use_ray)
-    del pools
+    del pools, qrows  # unmapped: the files' pages leave the driver
 
     nq = meta.nq
     blocks = [(i, s, min(s + block_rows, nq)) for i, s in enumerate(range(0, nq, block_rows))]
-    per_dataset, width, in_block = _search_datasets(meta, qrows, cfg, state_dir, stores, blocks, use_ray)
+    per_dataset, width, in_block = _search_datasets(meta, cfg, state_dir, stores, blocks, use_ray)
     m = meta.input_width
     finish = [SearchSpec(str(state_dir), i, s, e, stores, width=width, input_width=m, mix=mix,
                          parts=tuple(in_block[i])) for i, s, e in blocks]
@@ -227,8 +227,7 @@ def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | 
             "n_items": meta.n_items, "k": width + m, "blocks": [[s, e] for _, s, e in blocks], "from_input": m > 0}
 
 
-def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path, stores: Stores, blocks: list,
-                     use_ray: bool):
+def _search_datasets(meta: CorpusMeta, cfg: Config, state_dir: Path, stores: Stores, blocks: list, use_ray: bool):
     """Phases 2 and 3: per dataset, open its index, search its queries block by block (deepening the short ones),
     close it. Returns (per-dataset info, the run's candidate width, {block: datasets with rows in it})."""
     nq, k = meta.nq, cfg.retrieve.top_k
@@ -248,8 +247,8 @@ def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path
             continue
         t0 = time.perf_counter()
         kk = min(k, n_pool)
-        searcher, info = open_index(stores.cand.pool(ds), hi - lo, kk, cfg.index,
-                                    lambda r: stores.query.get(ds, qrows[ds][r]))
+        searcher, info = open_index(stores.cand.pool(ds), hi - lo, kk, cfg.index, lambda r: run_task(
+            recall_sample, (str(state_dir), stores.query, ds, lo, r), use_ray))
         try:
             deep = {"factor": cfg.retrieve.deepen_factor, "n_negatives": cfg.sample.n_negatives,
                     "filters": thresholds.get(str(ds)), "n_groups": meta.n_groups, "n_items": meta.n_items}
@@ -277,6 +276,14 @@ def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path
             by_k = {str(key): by_k[key] for key in sorted(by_k)}
             per_dataset[ds]["deepened"] = {"queries": max(by_k.values()), "by_k": by_k}
     return per_dataset, width, in_block
+
+
+def recall_sample(spec) -> np.ndarray:
+    """The vectors of some of a dataset's queries (rows `rows` from its first row `lo`: the index's recall sample),
+    looked up in a task: the look-up maps the query store's files and the queries' item rows whole."""
+    state_dir, store, ds, lo, rows = spec
+    qry_idx = np.load(Path(state_dir) / CORPUS / "qry_idx.npy", mmap_mode="r")
+    return store.get(ds, qry_idx[lo + np.asarray(rows, np.int64)])
 
 
 def _block_queries(state_dir: Path, block: int) -> Path:
