@@ -91,16 +91,25 @@ def with_thresholds(cfg: FilterConfig, thresholds: dict) -> FilterConfig:
                                        for k in THRESHOLD_KEYS})
 
 
-def score_cap(quantile: Optional[float], pos_score: np.ndarray) -> Optional[float]:
+def score_cap(quantile: Optional[float], pos_score: np.ndarray | dict) -> Optional[float]:
     """The `positive_quantile` score cap of one dataset: that quantile of its query-positive scores (known matches).
-    Sorted before use, so it depends on the scores only, not on their order or on how many workers produced them."""
+    Sorted before use, so it depends on the scores only, not on their order or on how many workers produced them.
+    `pos_score`: the scores, or their caps found per block ({quantile: cap}, `stats.positive_score_caps`: a run's
+    driver holds no score), which hold every quantile of `cap_quantiles`."""
+    if isinstance(pos_score, dict):
+        return None if quantile is None else pos_score[quantile]
     finite = np.sort(np.asarray(pos_score, np.float64)[np.isfinite(pos_score)])
     if quantile is None or not len(finite):
         return None
     return float(np.float32(np.quantile(finite, quantile)))
 
 
-def resolve(cfg: FilterConfig, pos_score: np.ndarray) -> FilterConfig:
+def cap_quantiles(cfg: FilterConfig) -> tuple:
+    """The quantiles a dataset's score cap may be taken at: the configured one and the calibration grid's."""
+    return tuple(sorted({q for q in (cfg.positive_quantile, *POSITIVE_QUANTILE) if q is not None}))
+
+
+def resolve(cfg: FilterConfig, pos_score: np.ndarray | dict) -> FilterConfig:
     """`cfg` with its positive_quantile turned into a max_score for a dataset whose positives score `pos_score`."""
     cap = score_cap(cfg.positive_quantile, pos_score)
     if cap is None:
@@ -109,10 +118,10 @@ def resolve(cfg: FilterConfig, pos_score: np.ndarray) -> FilterConfig:
                                max_score=cap if cfg.max_score is None else min(cfg.max_score, cap))
 
 
-def data_filters(cfg: FilterConfig, pos_score: np.ndarray, ranges: dict) -> dict[str, FilterConfig]:
-    """Per dataset (`ranges`: dataset -> [lo, hi), its queries' rows: the reader sorts them by dataset), the
-    configured filters with the score cap its own positive scores give (no evidence needed)."""
-    return {str(ds): resolve(cfg, pos_score[lo:hi]) for ds, (lo, hi) in ranges.items()}
+def data_filters(cfg: FilterConfig, caps: dict, datasets) -> dict[str, FilterConfig]:
+    """Per dataset, the configured filters with the score cap its own positive scores give (no evidence needed;
+    `caps`: {dataset: {quantile: cap}}, `stats.positive_score_caps`)."""
+    return {str(ds): resolve(cfg, caps.get(str(ds), {})) for ds in datasets}
 
 
 def grid(cfg: FilterConfig) -> list[dict]:
@@ -195,10 +204,10 @@ class DatasetEvidence:
     counts: dict              # pairs of true matches per kind of evidence
     evidence_rows: np.ndarray  # rows of `block` that carry evidence
     source: str = "group/multi_positive"  # which labels the estimate rests on
-    pos_score: Optional[np.ndarray] = None  # every query-positive score of the dataset (the positive_quantile cap)
+    pos_score: Optional[np.ndarray | dict] = None  # the dataset's query-positive scores, or their caps (score_cap)
     masks: dict = dataclasses.field(default_factory=dict)  # (bare, threshold, value) -> what it keeps (one base config)
 
-    def cap_scores(self) -> np.ndarray:
+    def cap_scores(self) -> np.ndarray | dict:
         return self.block.pos_score if self.pos_score is None else self.pos_score
 
     def kept(self, filters: FilterConfig, thresholds: dict, ctx: FilterContext, bare: bool) -> np.ndarray:
@@ -302,8 +311,9 @@ def calibrate(block: CandidateBlock, datasets: np.ndarray, keys: np.ndarray, ctx
     """Per dataset: the filter config to mine with and what `_stats.json` says under `false_negatives`.
 
     `block` holds every query of the epoch; `judge_seen` (nq, k) marks the candidates the judge scored;
-    `reviewed` the query rows a person reviewed. `pos_scores` ({dataset: every query-positive score}) gives the
-    score cap when `block` holds a subset of the queries (the per-block evidence of pipeline/epoch.py)."""
+    `reviewed` the query rows a person reviewed. `pos_scores` ({dataset: its caps per quantile of `cap_quantiles`,
+    or every query-positive score}) gives the score cap when `block` holds a subset of the queries (the per-block
+    evidence of pipeline/epoch.py)."""
     labels, found, strength = evidence_labels(block, ctx, judge_seen, reviewed)
     # with a judge, the thresholds stay as configured (the judge saw what they keep): its verdicts give the estimate
     search = filters.calibrate == "auto" and judge_seen is None

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from .blocks import _write_ipc, open_ipc
 from .config import Config
 from .executor import map_blocks
+from .index import _drop_pages
 from .progress import Progress
 from .ray_session import cuda_devices, ray_active, ray_is_up
 from .teachers import teacher_fingerprint
@@ -630,13 +631,16 @@ def _dataset_rows(rows_by_dataset: dict, cfg: Config) -> tuple[list, list[np.nda
 
 def _sorted_unique(arrays: list) -> np.ndarray:
     """np.unique of the arrays joined, sorted in the one copy the join makes: the driver holds the rows of a run,
-    and np.unique would copy them once more (about 8 bytes a row less at the peak)."""
+    and np.unique would copy them once more (about 8 bytes a row less at the peak). Memory-mapped arrays (the read
+    stage's files) have the pages the join read dropped: they would stay in the driver while the actors embed."""
     rows = np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64) for r in arrays]])
+    for r in arrays:
+        _drop_pages(r)
     rows.sort()
     keep = np.empty(len(rows), bool)
     keep[:1] = True
     np.not_equal(rows[1:], rows[:-1], out=keep[1:])
-    return rows[keep]
+    return rows if keep.all() else rows[keep]  # rows already unique (a pool's): no second copy
 
 
 def role_fingerprint(cfg: Config, role: str, dataset) -> str:
@@ -715,7 +719,9 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
                                   batch_size, batch_tokens, max_tokens))
     try:
         planned = list(map_blocks(plan_range, specs, on_ray))
-        del specs
+        del specs, members  # the rows are in the plan files: the driver holds none while the actors embed
+        if not allow_failed:
+            parts = [(role, (order, [])) for role, (order, _) in parts]
         counts = sum(p["counts"] for p in planned)
         stats, failed_rows = {"executor": executor}, np.zeros(0, np.int64)
         if any(p["embedded"] for p in planned):

@@ -28,19 +28,20 @@ import pyarrow.parquet as pq
 
 from . import blocklist, extra_positives, input_negatives, judge
 from .blocks import RunStore
-from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, evidence_labels, filter_by_dataset, resolve, \
-    with_extra_positives
+from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, cap_quantiles, evidence_labels, filter_by_dataset, \
+    resolve, with_extra_positives
 from .config import Config, FilterConfig, SampleConfig
 from .executor import map_blocks, run_task
-from .filters import KEPT, REASONS, CandidateBlock, FilterContext
+from .filters import KEPT, REASONS, CandidateBlock, FilterContext, _isin_sorted
+from .index import _drop_pages
 from .progress import Progress
 from .run import EpochFolder
 from .sample import query_keys, sample_negatives
-from .stats import SCORE_COLUMNS, EpochStats, key_counts
+from .stats import SCORE_COLUMNS, EpochStats, key_counts, positive_score_caps
 from .write import CANDIDATE_SCHEMA, TRAIN_SCHEMA, write_json, write_jsonl, write_table
 
 LEVELS = (1, 2, 3)  # evidence strengths calibrate.py chooses among
-CODE_CHUNK = 1 << 20
+CODE_CHUNK = 1 << 16
 SOURCES = pa.array(["retrieved", "input"])  # cand_sources: from_input False / True
 
 
@@ -193,29 +194,39 @@ def _merge_evidence(a: Evidence | None, b: Evidence) -> Evidence:
 
 
 def _subset_codes(codes: np.ndarray, wanted: np.ndarray, divisor: int) -> np.ndarray:
-    """The sorted codes whose `code // divisor` is in `wanted`, read chunk by chunk (codes may be memory-mapped);
-    the first code is kept too, so a filter that checks whether any codes exist still sees some."""
+    """The sorted codes whose `code // divisor` is in `wanted`, read chunk by chunk (codes may be memory-mapped: the
+    pages read are dropped, so the file, 8 bytes a query or item, never stays in the driver); the first code is
+    kept too, so a filter that checks whether any codes exist still sees some."""
     wanted = np.unique(wanted)
-    parts = [np.asarray(codes[:1])]
-    for start in range(0, len(codes), CODE_CHUNK):
+    parts = [np.array(codes[:1])]
+    for start in range(0, len(codes) if len(wanted) else 0, CODE_CHUNK):
         chunk = np.asarray(codes[start:start + CODE_CHUNK])
-        parts.append(chunk[np.isin(chunk // divisor, wanted)])
+        parts.append(chunk[_isin_sorted(chunk // divisor, wanted)])
+        _drop_pages(codes)
     return np.unique(np.concatenate(parts)).astype(np.int64)
 
 
-def dataset_pos_scores(store: RunStore) -> dict[str, np.ndarray]:
-    """{dataset: every query-positive score} (the positive_quantile cap is a quantile of them): 4 bytes a query,
-    read from the memory-mapped queries without a Python object per row."""
-    q = store.queries()
+def block_pos_scores(spec: tuple) -> dict[str, np.ndarray]:
+    """{dataset: the query-positive scores of query rows [start, end)} of a retrieval (`spec`: run dir, start,
+    end), read from the memory-mapped queries without a Python object per row."""
+    run_dir, start, end = spec
+    q = RunStore(run_dir).queries().slice(start, end - start)
     datasets, pos_score = q.column("dataset"), q.column("pos_score")
     return {str(ds): pc.filter(pos_score, pc.equal(datasets, ds)).to_numpy()
             for ds in pc.unique(datasets).to_pylist()}
 
 
+def positive_caps(store: RunStore, filters: FilterConfig, ranges: list, use_ray: bool) -> dict[str, dict]:
+    """{dataset: {quantile: score cap}} at every quantile calibration may choose (`cap_quantiles`), from the blocks'
+    histograms of the positive scores (`stats.positive_score_caps`): the driver holds no score."""
+    specs = [(str(store.dir), start, end) for _, start, end in ranges]
+    return positive_score_caps(specs, block_pos_scores, cap_quantiles(filters), use_ray)
+
+
 def calibrate_blocks(store: RunStore, ev: Evidence, blocked: np.ndarray, reviewed: np.ndarray, cfg: Config,
-                     epoch: int) -> tuple[dict, dict]:
-    """calibrate() on the compact evidence block, with the filter context cut to its rows; the evidence counts of
-    the report are the exact ones over every query."""
+                     epoch: int, caps: dict) -> tuple[dict, dict]:
+    """calibrate() on the compact evidence block, with the filter context cut to its rows (`caps`: `positive_caps`);
+    the evidence counts of the report are the exact ones over every query."""
     full = store.context(blocked)
     n_items = store.n_items
     safe = np.maximum(ev.block.cand, 0)
@@ -226,7 +237,7 @@ def calibrate_blocks(store: RunStore, ev: Evidence, blocked: np.ndarray, reviewe
     order = np.argsort(ev.rows, kind="stable")
     ev = _cut(ev, order)
     configs, report = calibrate(ev.block, ev.datasets, ev.keys, ctx, cfg.filters, cfg.sample, epoch, ev.seen,
-                                reviewed, dataset_pos_scores(store))
+                                reviewed, caps)
     for ds, entry in report.items():
         if entry.get("evidence") is not None:
             exact = {k: n for k, n in ev.found.get(ds, {}).items() if n}
@@ -361,14 +372,14 @@ def _item_rows(store: RunStore, item_ids: list[str]) -> np.ndarray:
 
 
 def judge_epoch(store: RunStore, cfg: Config, run_root: Path, work: Path, ranges: list, base: dict, ids: tuple,
-                use_ray: bool) -> tuple[judge.JudgePlan, dict]:
+                caps: dict, use_ray: bool) -> tuple[judge.JudgePlan, dict]:
     """Score the pairs this epoch's blocks need and the run's judge cache lacks; the plan the block passes judge
-    with, and the judge's report (its drop counts come with the evidence pass)."""
+    with, and the judge's report (its drop counts come with the evidence pass). `caps`: `positive_caps`."""
     j = cfg.judge
     fp = judge.judge_fingerprint(j, cfg.teacher.image_placeholder)
     cache = judge.JudgeCache(run_root / "judge" / fp)
     rule = judge.resolved_rule(j)
-    filters = {ds: resolve(cfg.filters, ps) for ds, ps in dataset_pos_scores(store).items()}
+    filters = {ds: resolve(cfg.filters, ds_caps) for ds, ds_caps in caps.items()}
     plan = judge.JudgePlan(filters, str(work), str(work / "known-0"), j, rule, judge.judge_class(j).probabilistic)
     specs = (BlockSpec(start=start, end=end, shard=shard, blocked=np.zeros(0, np.int64), blocklist_ids=ids,
                        judge=plan, **base) for shard, start, end in ranges)
@@ -419,9 +430,10 @@ def write_epoch(store: RunStore, cfg: Config, out: Path, epoch: int, config: dic
     try:
         for left in (out / "_run").glob(".judge-*"):  # a killed run's scratch; the caller holds OUT's writer lock
             shutil.rmtree(left, ignore_errors=True)
+        caps = positive_caps(store, cfg.filters, ranges, use_ray)
         if cfg.judge.kind != "none" and nq:  # scored once per run (OUT/_run/judge), applied after every other filter
             work = Path(tempfile.mkdtemp(prefix=".judge-", dir=out / "_run"))
-            judge_plan, judge_info = judge_epoch(store, cfg, out / "_run", work, ranges, base, ids, use_ray)
+            judge_plan, judge_info = judge_epoch(store, cfg, out / "_run", work, ranges, base, ids, caps, use_ray)
         ev = None
         specs = (BlockSpec(start=start, end=end, shard=shard, blocked=np.zeros(0, np.int64), filters=cfg.filters,
                            blocklist_ids=ids, judge=judge_plan, **base) for shard, start, end in ranges)
@@ -429,7 +441,7 @@ def write_epoch(store: RunStore, cfg: Config, out: Path, epoch: int, config: dic
             ev = _merge_evidence(ev, part)
         blocked = np.unique(ev.blocked) if ev is not None else np.zeros(0, np.int64)
         reviewed = np.unique(ev.reviewed) if ev is not None else np.zeros(0, np.int64)
-        filter_cfgs, fn_report = calibrate_blocks(store, ev, blocked, reviewed, cfg, epoch) if ev is not None \
+        filter_cfgs, fn_report = calibrate_blocks(store, ev, blocked, reviewed, cfg, epoch, caps) if ev is not None \
             else ({}, {})
         if judge_info is not None:
             judge_info.update(ev.judged)

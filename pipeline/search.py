@@ -3,8 +3,9 @@ write the candidates parts, so neither the vectors nor the (queries x k) matrice
 
 1. Embed queries and candidates into the cache (one pass), then write each (role, dataset)'s vectors as `.npy`
    shards under the state dir (pipeline/vectors.py); with a mixed-in teacher its vectors too.
-2. With deepening on, a cheap first pass returns each query's positive score (one float a query: the driver
-   derives each dataset's positive-score cap from them, as the filters will).
+2. With deepening on, a cheap first pass histograms each block's positive scores per dataset (one float a query,
+   staged for a second pass that pins the quantile: `stats.positive_score_caps`); the driver merges them into each
+   dataset's positive-score cap, the float the filters will use, holding no score.
 3. Per dataset: build its index over the pool shards (in this process, or in shard actors on Ray), measure recall,
    then one task per query block searches it (`search_block`): exact scores, positive similarities and, for queries
    the filters leave short, deeper searches. Each writes its rows to a staging file.
@@ -39,6 +40,7 @@ from .filters import KEPT, CandidateBlock, filter_candidates
 from .index import canonical_order
 from .ray_session import ray_active
 from .retrieve import open_index
+from .stats import positive_score_caps
 from .vectors import VectorStore, layout, write_stores
 
 SIM_CHUNK = 64  # queries per chunk of cosines: 64 x k x d floats (5 MB at k=51, d=384), summed while still in cache
@@ -206,11 +208,11 @@ def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | 
         embed_stats["mixed_in"] = {"candidates": stats_c, "queries": stats_q}
         stores.base_query, stores.base_cand = run_task(_stores, (vec_dir / "mixed_in", state_dir, meta, base,
                                                                  ray_active(base)), use_ray)
-    del pools
+    del pools, qrows  # unmapped: the files' pages leave the driver
 
     nq = meta.nq
     blocks = [(i, s, min(s + block_rows, nq)) for i, s in enumerate(range(0, nq, block_rows))]
-    per_dataset, width, in_block = _search_datasets(meta, qrows, cfg, state_dir, stores, blocks, use_ray)
+    per_dataset, width, in_block = _search_datasets(meta, cfg, state_dir, stores, blocks, use_ray)
     m = meta.input_width
     finish = [SearchSpec(str(state_dir), i, s, e, stores, width=width, input_width=m, mix=mix,
                          parts=tuple(in_block[i])) for i, s, e in blocks]
@@ -226,18 +228,18 @@ def retrieve_run(meta: CorpusMeta, cfg: Config, state_dir: Path, base: Config | 
             "n_items": meta.n_items, "k": width + m, "blocks": [[s, e] for _, s, e in blocks], "from_input": m > 0}
 
 
-def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path, stores: Stores, blocks: list,
-                     use_ray: bool):
+def _search_datasets(meta: CorpusMeta, cfg: Config, state_dir: Path, stores: Stores, blocks: list, use_ray: bool):
     """Phases 2 and 3: per dataset, open its index, search its queries block by block (deepening the short ones),
     close it. Returns (per-dataset info, the run's candidate width, {block: datasets with rows in it})."""
     nq, k = meta.nq, cfg.retrieve.top_k
     deepen = cfg.retrieve.deepen_factor > 1 and cfg.filters.max_rank is None and nq > 0
     thresholds = {}
-    if deepen:  # each dataset's positive-score cap, from one float a query
-        pos_score = np.concatenate([np.zeros(0, np.float32), *map_blocks(
-            positive_scores, [SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks], use_ray)])
-        thresholds = data_filters(cfg.filters, pos_score, meta.ranges)
-        del pos_score
+    if deepen:  # each dataset's positive-score cap, from the blocks' histograms of one float a query
+        quantile = cfg.filters.positive_quantile
+        caps = positive_score_caps([SearchSpec(str(state_dir), i, s, e, stores) for i, s, e in blocks],
+                                   positive_scores, [] if quantile is None else [quantile], use_ray,
+                                   staged_positive_scores)
+        thresholds = data_filters(cfg.filters, caps, meta.ranges)
     per_dataset, width, in_block = {}, k, {i: [] for i, _, _ in blocks}
     for j, ds in enumerate(sorted(meta.pools)):
         lo, hi = meta.ranges.get(ds, (0, 0))
@@ -246,8 +248,8 @@ def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path
             continue
         t0 = time.perf_counter()
         kk = min(k, n_pool)
-        searcher, info = open_index(stores.cand.pool(ds), hi - lo, kk, cfg.index,
-                                    lambda r: stores.query.get(ds, qrows[ds][r]))
+        searcher, info = open_index(stores.cand.pool(ds), hi - lo, kk, cfg.index, lambda r: run_task(
+            recall_sample, (str(state_dir), stores.query, ds, lo, r), use_ray))
         try:
             deep = {"factor": cfg.retrieve.deepen_factor, "n_negatives": cfg.sample.n_negatives,
                     "filters": thresholds.get(str(ds)), "n_groups": meta.n_groups, "n_items": meta.n_items}
@@ -277,6 +279,14 @@ def _search_datasets(meta: CorpusMeta, qrows: dict, cfg: Config, state_dir: Path
     return per_dataset, width, in_block
 
 
+def recall_sample(spec) -> np.ndarray:
+    """The vectors of some of a dataset's queries (rows `rows` from its first row `lo`: the index's recall sample),
+    looked up in a task: the look-up maps the query store's files and the queries' item rows whole."""
+    state_dir, store, ds, lo, rows = spec
+    qry_idx = np.load(Path(state_dir) / CORPUS / "qry_idx.npy", mmap_mode="r")
+    return store.get(ds, qry_idx[lo + np.asarray(rows, np.int64)])
+
+
 def _block_queries(state_dir: Path, block: int) -> Path:
     return Path(state_dir) / STAGING / f"queries-{block:05d}.arrow"
 
@@ -300,8 +310,9 @@ def _queries(spec: SearchSpec) -> pa.Table:
                                                                                          spec.end - spec.start)
 
 
-def positive_scores(spec: SearchSpec) -> np.ndarray:
-    """Phase 2: the query-positive cosine of the block's queries (0 where their dataset has no pool)."""
+def positive_scores(spec: SearchSpec) -> dict[str, np.ndarray]:
+    """Phase 2: {dataset: the query-positive cosines of the block's queries} (0 where the dataset has no pool),
+    staged for the cap's second pass (`staged_positive_scores`) so it does not read the vectors again."""
     q = _queries(spec)
     out = np.zeros(q.num_rows, np.float32)
     datasets = q.column("dataset").to_numpy(zero_copy_only=False)
@@ -310,7 +321,21 @@ def positive_scores(spec: SearchSpec) -> np.ndarray:
         if str(ds) in spec.stores.cand.datasets and str(ds) in spec.stores.query.datasets:
             rows = np.flatnonzero(datasets == ds)
             out[rows] = _dot(spec.stores.query.get(ds, qry_idx[rows]), spec.stores.cand.get(ds, pos_idx[rows]))
-    return out
+    path = _staged_scores(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, out)
+    return {str(ds): out[datasets == ds] for ds in np.unique(datasets)}
+
+
+def staged_positive_scores(spec: SearchSpec) -> dict[str, np.ndarray]:
+    """`positive_scores` of a block, read back from its staging file."""
+    datasets = _queries(spec).column("dataset").to_numpy(zero_copy_only=False)
+    out = np.load(_staged_scores(spec))
+    return {str(ds): out[datasets == ds] for ds in np.unique(datasets)}
+
+
+def _staged_scores(spec: SearchSpec) -> Path:
+    return Path(spec.state_dir) / STAGING / f"pos-{spec.block:05d}.npy"
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ Score statistics are exact without the driver holding the scores: block tasks re
 and histograms, and the quantiles are found by selection on each float32 score's 32-bit order key. Pass 1 counts
 the keys' top 16 bits; the driver finds the bins that hold the ranks np.quantile interpolates between; pass 2
 (`key_counts` on the written shards) counts the keys inside those bins, which pins each rank to its value. The
-driver holds at most 65,536 counts per bin and score kind, whatever the number of queries or blocks.
+driver holds at most 65,536 counts per bin and score kind, whatever the number of queries or blocks. The
+per-dataset positive-score caps (`positive_score_caps`) are found the same way, from block tasks' histograms.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from .calibrate import summary_lines
+from .executor import map_blocks
 from .filters import REASONS, count_drops
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -73,9 +75,11 @@ def _lerp(a: float, b: float, t: float) -> float:
 
 
 class ScoreStats:
-    """One score kind's count, exact sum, fixed-edge histogram and order-key histograms, mergeable in any grouping."""
+    """One score kind's count, exact sum, fixed-edge histogram and order-key histograms, mergeable in any grouping;
+    np.quantile's values at `quantiles`, exactly."""
 
-    def __init__(self):
+    def __init__(self, quantiles: tuple = QUANTILES):
+        self.quantiles = quantiles
         self.count = self.nan = self.total = 0
         self.special = 0.0                          # sum of the infinite and NaN values (np.mean's result if any)
         self.hist = np.zeros(len(HIST_EDGES) - 1, np.int64)
@@ -106,7 +110,7 @@ class ScoreStats:
     def _positions(self) -> list[tuple[int, int, float]]:
         """(lower rank, upper rank, weight) per quantile, as np.quantile's "linear" method places them."""
         n, out = self.count, []
-        for q in QUANTILES:
+        for q in self.quantiles:
             virtual = (n - 1) * q
             if virtual >= n - 1:  # numpy takes the last value twice, weighted virtual - (-1)
                 out.append((n - 1, n - 1, virtual + 1))
@@ -135,27 +139,66 @@ class ScoreStats:
         j = int(np.searchsorted(np.cumsum(kcounts[inside]), rank - (cum[i] - counts[i]), side="right"))
         return _value(keys[inside][j])
 
+    def values(self) -> list[float]:
+        """np.quantile's value at each of `quantiles` (NaN when a value is NaN); needs pass 2's counts."""
+        return [float("nan") if self.nan else _lerp(self._ranked(lower), self._ranked(upper), weight)
+                for lower, upper, weight in self._positions()]
+
     def describe(self) -> dict:
         """Count, mean, quantiles (np.quantile's, exactly) and the fixed-edge histogram (epochs compare bin for bin)."""
         if not self.count:
             return {"count": 0}
         mean = self.special if self.special != 0 else self.total / (self.count << SUM_SCALE)
-        quantiles = {}
-        for q, (lower, upper, weight) in zip(QUANTILES, self._positions()):
-            value = float("nan") if self.nan else _lerp(self._ranked(lower), self._ranked(upper), weight)
-            quantiles[f"p{int(q * 100)}"] = round(value, 5)
+        quantiles = {f"p{int(q * 100)}": round(v, 5) for q, v in zip(self.quantiles, self.values())}
         return {"count": self.count, "mean": round(mean, 5), "quantiles": quantiles,
                 "histogram": {"edges": HIST_EDGES.tolist(), "counts": self.hist.tolist()}}
 
 
 def key_counts(train: pa.Table, wanted: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Pass 2 of one shard: per score kind, the order keys that fall in the wanted bins, with their counts."""
+    return {kind: found_keys(values, wanted[kind]) for kind, values in score_arrays(train).items()
+            if len(wanted[kind])}
+
+
+def found_keys(values: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2 of one array: its order keys that fall in the `wanted` bins, with their counts."""
+    keys = _keys(values[~np.isnan(values)])
+    return np.unique(keys[np.isin(keys >> LOW_BITS, wanted)], return_counts=True)
+
+
+def positive_score_caps(specs: list, scores, quantiles, use_ray: bool, again=None) -> dict[str, dict]:
+    """{dataset: {quantile: score cap}} of the positive scores that `scores(spec)` gives per block ({dataset: float32
+    scores}): the floats `calibrate.score_cap` gives on all of them at once, without the driver holding a score (it
+    holds per dataset the blocks' merged order-key histograms). Pass 2 reads the scores again by `again(spec)`
+    (default `scores`: a block task that computes them may keep them for it)."""
+    quantiles = tuple(sorted(set(quantiles)))
+    if not quantiles:
+        return {}
+    merged: dict[str, ScoreStats] = {}
+    for part in map_blocks(_caps_pass, [(scores, spec, quantiles, None) for spec in specs], use_ray):
+        for ds, part_stats in part.items():
+            merged.setdefault(ds, ScoreStats(quantiles)).merge(part_stats)
+    wanted = {ds: s.wanted() for ds, s in merged.items()}
+    if any(len(w) for w in wanted.values()):
+        for part in map_blocks(_caps_pass, [(again or scores, spec, quantiles, wanted) for spec in specs], use_ray):
+            for ds, found in part.items():
+                merged[ds].add_found(found)
+    return {ds: dict(zip(quantiles, [float(np.float32(v)) for v in s.values()] if s.count else [None] * len(quantiles)))
+            for ds, s in merged.items()}
+
+
+def _caps_pass(task) -> dict:
+    """One block of `positive_score_caps`: per dataset, pass 1's ScoreStats or pass 2's keys in the wanted bins, of
+    its finite scores (`score_cap` leaves out the others)."""
+    scores, spec, quantiles, wanted = task
     out = {}
-    for kind, values in score_arrays(train).items():
-        if len(wanted[kind]):
-            keys = _keys(values[~np.isnan(values)])
-            keys = keys[np.isin(keys >> LOW_BITS, wanted[kind])]
-            out[kind] = np.unique(keys, return_counts=True)
+    for ds, values in scores(spec).items():
+        finite = values[np.isfinite(values)]
+        if wanted is None:
+            out[ds] = ScoreStats(quantiles)
+            out[ds].add(finite)
+        elif len(wanted.get(ds, ())):
+            out[ds] = found_keys(finite, wanted[ds])
     return out
 
 

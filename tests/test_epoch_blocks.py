@@ -105,7 +105,10 @@ def test_compact_evidence_calibrates_like_the_whole_epoch(run, monkeypatch):
         assert len(part.rows) <= 6 * 5
         ev = epoch_mod._merge_evidence(ev, part)
     assert len(ev.rows) <= 6 * 5 < store.nq
-    configs, report = epoch_mod.calibrate_blocks(store, ev, np.zeros(0, np.int64), np.zeros(0, np.int64), cfg, 0)
+    caps = epoch_mod.positive_caps(store, cfg.filters, [(i, s, min(s + 40, store.nq)) for i, s in
+                                                       enumerate(range(0, store.nq, 40))], use_ray=False)
+    configs, report = epoch_mod.calibrate_blocks(store, ev, np.zeros(0, np.int64), np.zeros(0, np.int64), cfg, 0,
+                                                 caps)
 
     state = load_run(store.dir)
     q = state.queries

@@ -10,6 +10,7 @@ import pytest
 from corpus import base_config, text_pairs, write_jsonl
 from pipeline import embed as embed_mod
 from pipeline import search as search_mod
+from pipeline import stats as stats_mod
 from pipeline.blocks import PARTS, RunStore
 from pipeline.config import config_from_dict
 from pipeline.mine import mine
@@ -48,12 +49,13 @@ def test_many_blocks_on_ray_write_the_candidates_of_one_block_in_the_driver(ray_
         return real(fn, items, use_ray, *a, **kw)
 
     monkeypatch.setattr(search_mod, "map_blocks", spy)
+    monkeypatch.setattr(stats_mod, "map_blocks", spy)  # the positive-score caps' two passes
     one = _mine(pairs, shared_cache, tmp_path / "one", 1000, "local")
-    assert {(name, use_ray) for name, use_ray, _ in specs} == {("positive_scores", False), ("search_block", False),
+    assert {(name, use_ray) for name, use_ray, _ in specs} == {("_caps_pass", False), ("search_block", False),
                                                                ("finish_block", False)}
     specs.clear()
     many = _mine(pairs, shared_cache, tmp_path / "many", 17, "ray")
-    assert {(name, use_ray) for name, use_ray, _ in specs} == {("positive_scores", True), ("search_block", True),
+    assert {(name, use_ray) for name, use_ray, _ in specs} == {("_caps_pass", True), ("search_block", True),
                                                                ("finish_block", True)}  # shard actors' clients
     assert sum(name == "search_block" for name, _, _ in specs) == 8  # 120 queries of one dataset in blocks of 17
 
