@@ -152,6 +152,7 @@ def child(a) -> dict:
     ensure_ray(cfg)
     t_ray = time.perf_counter()
     rss_after_ray = _peak_rss()
+    mine_at = time.time()  # wall clock, as TreeSampler stamps its samples: which stage a peak fell in
     result = mine(cfg, a.out)
     t_mine = time.perf_counter()
     stats = result.stats
@@ -164,7 +165,9 @@ def child(a) -> dict:
     stages = {"ray_start_s": t_ray - t_import, "read_s": read_s, "embed_s": max(er - index_s, 0.0),
               "index_search_s": index_s, "filter_sample_write_s": max(total - read_s - er, 0.0),
               "mine_s": t_mine - t_ray}
-    return {"pairs": a.n, "driver_peak_rss": _peak_rss(),
+    ends = {"ray start": mine_at, "read": mine_at + read_s, "embed+index+search": mine_at + read_s + er,
+            "filter-sample-write": time.time()}
+    return {"pairs": a.n, "driver_peak_rss": _peak_rss(), "stage_ends": {k: round(v, 2) for k, v in ends.items()},
             "driver_peak_rss_after_ray_start": rss_after_ray, "import_s": round(t_import - t0, 3),
             "stages": {k: round(v, 3) for k, v in stages.items()}, "timings": tm,
             "index": {ds: {k: r.get("index", {}).get(k) for k in INDEX_KEYS} for ds, r in retrieval.items()},
@@ -198,9 +201,24 @@ def summarise_run(r: dict) -> dict:
     tree = r["peak_tree_rss_mb"] * 2**20
     r["driver_peak_rss_mb"] = round(r["driver_peak_rss"] / 2**20, 1)
     r["tree_minus_index_per_process_mb"] = round((tree - r["index_bytes"]) / max(r["peak_tree_procs"], 1) / 2**20, 1)
+    for key in ("working_set", "anon_shmem"):  # MB, from the summed Pss_Anon + Pss_Shmem / RssAnon + RssShmem
+        peak = r.get(f"peak_tree_{key}_mb")
+        if peak is not None:
+            r[f"tree_{key}_minus_index_per_process_mb"] = round(
+                (peak - r["index_bytes"] / 2**20) / max(r["peak_tree_procs"], 1), 1)
+    mem = r.get("tree_memory_by_process")
+    if mem and r.get("stage_ends"):
+        r["stage_at_peak"] = {k: stage_at(v["t"], r["stage_ends"]) for k, v in mem["at_peak"].items()}
+        for v in mem["largest_process"].values():
+            v["stage"] = stage_at(v["t"], r["stage_ends"])
     r["wall_per_pair_us"] = round(r["stages"]["mine_s"] / n * 1e6, 2)
     r["stage_us_per_pair"] = {k: round(v / n * 1e6, 2) for k, v in r["stages"].items() if k != "ray_start_s"}
     return r
+
+
+def stage_at(t: float, ends: dict) -> str:
+    """The stage running at wall clock `t`, from the child's stage ends (in order)."""
+    return next((stage for stage, end in ends.items() if t <= end), "after")
 
 
 def checks(runs: list[dict]) -> dict:
