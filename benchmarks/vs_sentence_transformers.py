@@ -125,23 +125,23 @@ class TreeSampler:
                     continue
                 if with_pss:
                     mem.update(_proc_bytes(p.pid, "smaps_rollup", _ROLLUP))
-                rows.append((label, mem))
+                rows.append((label, mem, p.pid))
             except (self.psutil.Error, AttributeError):
                 pass
-        total = sum(m["VmRSS"] for _, m in rows)
-        anon_shmem = sum(m.get("RssAnon", 0) + m.get("RssShmem", 0) for _, m in rows)
-        for label, m in rows:
+        total = sum(m["VmRSS"] for _, m, _ in rows)
+        anon_shmem = sum(m.get("RssAnon", 0) + m.get("RssShmem", 0) for _, m, _ in rows)
+        for label, m, pid in rows:  # pid: a Ray worker runs many tasks, and keeps the heap an earlier one grew
             mine = m.get("RssAnon", 0) + m.get("RssShmem", 0)
             if mine > self.by_process.get(label, {}).get("anon_shmem", -1):
                 self.by_process[label] = {"anon_shmem": mine, "anon": m.get("RssAnon", 0), "rss": m["VmRSS"],
-                                          "t": round(now, 2)}
+                                          "t": round(now, 2), "pid": pid}
         if total > self.peak_rss:
             self.peak_rss, self.at_peak["rss"] = total, _breakdown(rows, now)
         if anon_shmem > self.peak_anon_shmem:
             self.peak_anon_shmem, self.at_peak["anon_shmem"] = anon_shmem, _breakdown(rows, now)
         if with_pss:
-            self.peak_pss = max(self.peak_pss, sum(m.get("Pss", 0) for _, m in rows))
-            ws = sum(m.get("Pss_Anon", 0) + m.get("Pss_Shmem", 0) for _, m in rows)
+            self.peak_pss = max(self.peak_pss, sum(m.get("Pss", 0) for _, m, _ in rows))
+            ws = sum(m.get("Pss_Anon", 0) + m.get("Pss_Shmem", 0) for _, m, _ in rows)
             if ws > self.peak_working_set:
                 self.peak_working_set, self.at_peak["working_set"] = ws, _breakdown(rows, now)
         self.peak_procs = max(self.peak_procs, len(procs))
@@ -158,7 +158,8 @@ class TreeSampler:
         """MB figures at each peak (`_breakdown`'s), and each label's largest single-process anon + shmem."""
         mb = lambda b: round(b / 2**20, 1)  # noqa: E731
         return {"at_peak": self.at_peak,
-                "largest_process": {k: {**{f: mb(v[f]) for f in ("anon_shmem", "anon", "rss")}, "t": v["t"]}
+                "largest_process": {k: {**{f: mb(v[f]) for f in ("anon_shmem", "anon", "rss")}, "t": v["t"],
+                                        "pid": v["pid"]}
                                     for k, v in sorted(self.by_process.items(), key=lambda kv: -kv[1]["anon_shmem"])}}
 
     def _run(self) -> None:
@@ -197,7 +198,7 @@ def _breakdown(rows: list, now: float) -> dict:
     """The tree at one sample, per label: processes and summed RSS / anon / file / shmem MB (PSS parts when sampled),
     the labels with the most anon + shmem first."""
     by: dict[str, dict] = {}
-    for label, m in rows:
+    for label, m, _ in rows:
         b = by.setdefault(label, {"n": 0})
         b["n"] += 1
         for k, v in m.items():
