@@ -76,7 +76,15 @@ class TreeSampler:
     for Ray runs the figure is an upper bound; the peak summed PSS (shared pages split among the processes that
     map them, sampled every fifth time) is reported beside it. Also the CPU time (user + system) of the tree: the last value seen
     for each process, summed (what a process spends after the last sample, at most `interval`, is missed). On a
-    shared machine CPU time says what a run costs better than wall time, which depends on what else runs."""
+    shared machine CPU time says what a run costs better than wall time, which depends on what else runs.
+
+    RSS mixes what must fit in RAM with what need not: file-backed pages (memory-mapped `.npy`, Arrow files) are
+    page cache the kernel drops under pressure. So each sample also splits every process's RSS into RssAnon /
+    RssFile / RssShmem (/proc/PID/status), and every fifth its PSS into Pss_Anon / Pss_File / Pss_Shmem
+    (/proc/PID/smaps_rollup): the tree's working set is anonymous + shmem memory, at most the summed RssAnon +
+    RssShmem (the object store counted once per process that touched it), exactly the summed Pss_Anon + Pss_Shmem
+    (each shared page once). At each peak the tree is broken down by process label (Ray's workers by their title,
+    `ray::TASK`, which names the task they run), with the wall clock (`time.time()`) of the sample."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         import psutil
@@ -87,6 +95,10 @@ class TreeSampler:
         self.peak_rss = 0
         self.peak_procs = 0
         self.peak_pss = 0
+        self.peak_anon_shmem = 0  # summed RssAnon + RssShmem
+        self.peak_working_set = 0  # summed Pss_Anon + Pss_Shmem
+        self.at_peak: dict[str, dict] = {}  # "rss" / "anon_shmem" / "working_set" -> breakdown at that peak
+        self.by_process: dict[str, dict] = {}  # label -> one process's largest RssAnon + RssShmem over the run
         self.samples = 0
         self.cpu: dict[tuple, float] = {}
         self.labels: dict[tuple, str] = {}
@@ -98,23 +110,42 @@ class TreeSampler:
             procs = [self.root] + self.root.children(recursive=True)
         except self.psutil.Error:
             return
-        total, pss, with_pss = 0, 0, self.samples % 5 == 0  # PSS (smaps) every 5th sample: it costs more
+        with_pss = self.samples % 5 == 0  # PSS (smaps) every 5th sample: it costs more
         self.samples += 1
+        now, rows = time.time(), []
         for p in procs:
             try:
                 with p.oneshot():
-                    total += p.memory_info().rss
                     t = p.cpu_times()
                     key = (p.pid, p.create_time())
                     self.cpu[key] = t.user + t.system
-                if key not in self.labels:
-                    self.labels[key] = _label(p)
+                label = _label(p)  # every time: a Ray worker's title changes with the task it runs
+                if self.labels.get(key, "ray::IDLE") == "ray::IDLE":
+                    self.labels[key] = label
+                mem = _proc_bytes(p.pid, "status", _STATUS)
+                if "VmRSS" not in mem:
+                    continue
                 if with_pss:
-                    pss += p.memory_full_info().pss
+                    mem.update(_proc_bytes(p.pid, "smaps_rollup", _ROLLUP))
+                rows.append((label, mem, p.pid))
             except (self.psutil.Error, AttributeError):
                 pass
-        self.peak_rss = max(self.peak_rss, total)
-        self.peak_pss = max(self.peak_pss, pss)
+        total = sum(m["VmRSS"] for _, m, _ in rows)
+        anon_shmem = sum(m.get("RssAnon", 0) + m.get("RssShmem", 0) for _, m, _ in rows)
+        for label, m, pid in rows:  # pid: a Ray worker runs many tasks, and keeps the heap an earlier one grew
+            mine = m.get("RssAnon", 0) + m.get("RssShmem", 0)
+            if mine > self.by_process.get(label, {}).get("anon_shmem", -1):
+                self.by_process[label] = {"anon_shmem": mine, "anon": m.get("RssAnon", 0), "rss": m["VmRSS"],
+                                          "t": round(now, 2), "pid": pid}
+        if total > self.peak_rss:
+            self.peak_rss, self.at_peak["rss"] = total, _breakdown(rows, now)
+        if anon_shmem > self.peak_anon_shmem:
+            self.peak_anon_shmem, self.at_peak["anon_shmem"] = anon_shmem, _breakdown(rows, now)
+        if with_pss:
+            self.peak_pss = max(self.peak_pss, sum(m.get("Pss", 0) for _, m, _ in rows))
+            ws = sum(m.get("Pss_Anon", 0) + m.get("Pss_Shmem", 0) for _, m, _ in rows)
+            if ws > self.peak_working_set:
+                self.peak_working_set, self.at_peak["working_set"] = ws, _breakdown(rows, now)
         self.peak_procs = max(self.peak_procs, len(procs))
 
     def cpu_by_process(self, top: int = 12) -> dict:
@@ -124,6 +155,14 @@ class TreeSampler:
             label = self.labels.get(key, "?")
             out[label] = out.get(label, 0.0) + cpu
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:top]}
+
+    def memory_by_process(self) -> dict:
+        """MB figures at each peak (`_breakdown`'s), and each label's largest single-process anon + shmem."""
+        mb = lambda b: round(b / 2**20, 1)  # noqa: E731
+        return {"at_peak": self.at_peak,
+                "largest_process": {k: {**{f: mb(v[f]) for f in ("anon_shmem", "anon", "rss")}, "t": v["t"],
+                                        "pid": v["pid"]}
+                                    for k, v in sorted(self.by_process.items(), key=lambda kv: -kv[1]["anon_shmem"])}}
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -137,6 +176,38 @@ class TreeSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+_STATUS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+_ROLLUP = ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
+def _proc_bytes(pid: int, name: str, keys: tuple) -> dict:
+    """The `keys` (kB lines) of /proc/PID/NAME, in bytes; {} when the process is gone or the file is missing."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _breakdown(rows: list, now: float) -> dict:
+    """The tree at one sample, per label: processes and summed RSS / anon / file / shmem MB (PSS parts when sampled),
+    the labels with the most anon + shmem first."""
+    by: dict[str, dict] = {}
+    for label, m, _ in rows:
+        b = by.setdefault(label, {"n": 0})
+        b["n"] += 1
+        for k, v in m.items():
+            b[k] = b.get(k, 0) + v
+    out = {label: {"n": b.pop("n"), **{k: round(v / 2**20, 1) for k, v in b.items()}}
+           for label, b in sorted(by.items(), key=lambda kv: -(kv[1].get("RssAnon", 0) + kv[1].get("RssShmem", 0)))}
+    return {"t": round(now, 2), "by_process": out}
 
 
 def _label(p) -> str:
@@ -167,8 +238,10 @@ def run_measured(argv: list[str], result_file: Path, log_file: Path, env: dict |
     out = json.loads(result_file.read_text())
     out.update(process_wall_s=round(wall, 2), peak_tree_rss_mb=round(sampler.peak_rss / 2**20, 1),
                peak_tree_pss_mb=round(sampler.peak_pss / 2**20, 1),
+               peak_tree_anon_shmem_mb=round(sampler.peak_anon_shmem / 2**20, 1),
+               peak_tree_working_set_mb=round(sampler.peak_working_set / 2**20, 1),
                peak_tree_procs=sampler.peak_procs, tree_cpu_s=round(sum(sampler.cpu.values()), 2),
-               tree_cpu_by_process=sampler.cpu_by_process(),
+               tree_cpu_by_process=sampler.cpu_by_process(), tree_memory_by_process=sampler.memory_by_process(),
                loadavg_1min_after=round(os.getloadavg()[0], 2))
     return out
 
