@@ -701,9 +701,8 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
     in this process) sorts its item rows into a file, read memory-mapped where the caller's rows are (the read
     stage's files); block tasks (`plan_range`) each read, key, look up and plan `PLAN_ROWS` item rows from those
     files and write their batches to a plan file beside `items_path`; the driver keeps file names, range bounds
-    and counts. Ranges are fixed, so a batch (and its vectors) never depends on
-    how many tasks, blocks or actors run. The actors (or `embed_local`) read each batch's texts and image paths
-    from `items.arrow` themselves.
+    and counts. Ranges are fixed, so a batch (and its vectors) never depends on how many tasks, blocks or actors
+    run. The actors (or `embed_local`) read each batch's texts and image paths from `items.arrow` themselves.
 
     Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
     tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
