@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -32,7 +33,6 @@ import pyarrow.parquet as pq
 from .blocks import _write_ipc, open_ipc
 from .config import Config
 from .executor import map_blocks
-from .index import _drop_pages
 from .progress import Progress
 from .ray_session import cuda_devices, ray_active, ray_is_up
 from .teachers import teacher_fingerprint
@@ -422,8 +422,8 @@ def _batch_size(cfg: Config, on_ray: bool) -> int:
 @dataclass(frozen=True)
 class PlanSpec:
     """One planning task: item rows [lo, lo + PLAN_ROWS) of `items` (an `items.arrow`) for every group that holds
-    some of them. `members` are (group, role code, sorted item rows of the range), in each group's order: roles in
-    the order of the requests, then datasets by name."""
+    some of them. `members` are (group, role code, slices (file, start, stop) of `sort_rows` files that hold the
+    range's rows), in each group's order: roles in the order of the requests, then datasets by name."""
 
     items: str
     out: str
@@ -450,7 +450,7 @@ def plan_range(spec: PlanSpec) -> dict:
     embedded = batches = 0
     plans, sections, images = [], [], False
     for g, (fp, rep, _) in enumerate(spec.groups):
-        mine = [(code, rows) for group, code, rows in spec.members if group == g and len(rows)]
+        mine = [(code, _range_rows(slices)) for group, code, slices in spec.members if group == g]
         if not mine:
             continue
         rows = np.concatenate([r for _, r in mine])
@@ -486,6 +486,36 @@ def plan_range(spec: PlanSpec) -> dict:
         _write_ipc(pa.concat_tables(plans), Path(spec.out), max(batches, 1))
     return {"counts": counts, "embedded": embedded, "sections": sections, "images": images,
             "plan": spec.out if plans else None}
+
+
+def _range_rows(slices: tuple) -> np.ndarray:
+    """The sorted unique item rows of one range of one member: its slices of `sort_rows` files (one a dataset)."""
+    parts = [np.array(np.load(path, mmap_mode="r")[start:stop]) for path, start, stop in slices]
+    return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+
+
+def sort_rows(spec: tuple) -> dict:
+    """One request's item rows ((file, dtype, byte offset, count), memory-mapped) sorted and unique into the `.npy`
+    file `out`; returns where each `PLAN_ROWS` range's rows lie in it ({range: (start, stop)}): planning tasks
+    slice their range from the file, so the driver holds bounds, not rows."""
+    (path, dtype, offset, count), out = spec
+    rows = np.unique(np.memmap(path, np.dtype(dtype), "r", offset, (count,)).astype(np.int64))
+    np.save(out, rows)
+    ranges, starts = np.unique(rows // PLAN_ROWS, return_index=True)
+    return {int(r): (int(a), int(b)) for r, a, b in zip(ranges, starts, np.append(starts[1:], len(rows)))}
+
+
+def _row_source(rows, path: Path) -> tuple:
+    """(file, dtype, byte offset, count) of a request's item rows for `sort_rows`: a memory-mapped view (the read
+    stage's files) where it lies in its file, other arrays (small, the caller's) written to `path`."""
+    mm = getattr(rows, "_mmap", None)
+    if mm is not None and rows.ndim == 1 and rows.flags.c_contiguous and rows.dtype.kind in "iu":
+        base = np.frombuffer(mm, np.uint8).ctypes.data  # np.memmap maps from `offset` rounded down to a granule
+        start = rows.offset - rows.offset % mmap.ALLOCATIONGRANULARITY
+        return str(rows.filename), rows.dtype.str, start + rows.ctypes.data - base, len(rows)
+    rows = np.asarray(rows, np.int64)
+    rows.tofile(path)
+    return str(path), rows.dtype.str, 0, len(rows)
 
 
 def read_batches(specs: pa.Table) -> pa.Table:
@@ -620,27 +650,13 @@ def gather_vectors(caches: dict, groups: dict, keys: pa.Array) -> tuple[np.ndarr
     return vectors, found_all
 
 
-def _dataset_rows(rows_by_dataset: dict, cfg: Config) -> tuple[list, list[np.ndarray]]:
-    """(dataset order, unique item rows per dataset); without `teacher.instructions` one group (None) of all rows:
-    each item is embedded once whatever its datasets (today's cache key)."""
+def _dataset_rows(sources: dict, cfg: Config) -> tuple[list, list[tuple]]:
+    """(dataset order, the `sort_rows` sources of each group's rows); without `teacher.instructions` one group
+    (None) of all datasets: each item is embedded once whatever its datasets (today's cache key)."""
     if not cfg.teacher.instructions:
-        return [None], [_sorted_unique(list(rows_by_dataset.values()))]
-    order = sorted(rows_by_dataset, key=str)
-    return order, [_sorted_unique([rows_by_dataset[ds]]) for ds in order]
-
-
-def _sorted_unique(arrays: list) -> np.ndarray:
-    """np.unique of the arrays joined, sorted in the one copy the join makes: the driver holds the rows of a run,
-    and np.unique would copy them once more (about 8 bytes a row less at the peak). Memory-mapped arrays (the read
-    stage's files) have the pages the join read dropped: they would stay in the driver while the actors embed."""
-    rows = np.concatenate([np.zeros(0, np.int64), *[np.asarray(r, np.int64) for r in arrays]])
-    for r in arrays:
-        _drop_pages(r)
-    rows.sort()
-    keep = np.empty(len(rows), bool)
-    keep[:1] = True
-    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
-    return rows if keep.all() else rows[keep]  # rows already unique (a pool's): no second copy
+        return [None], [tuple(sources.values())]
+    order = sorted(sources, key=str)
+    return order, [(sources[ds],) for ds in order]
 
 
 def role_fingerprint(cfg: Config, role: str, dataset) -> str:
@@ -650,14 +666,14 @@ def role_fingerprint(cfg: Config, role: str, dataset) -> str:
 
 
 def _plan_groups(parts: list, roles: list[str], cfg: Config) -> tuple[list, list, dict]:
-    """(groups, members, by role) of the requests' (role, (dataset order, rows)): one group per fingerprint, so
-    datasets and roles of equal prompts share one vector per item. `groups`: (fingerprint, its first dataset, its
-    first role); `members`: (group, role code, sorted item rows) in each group's order (roles in the order of the
-    requests, then datasets by name); `by_role`: role -> {dataset -> fingerprint}."""
+    """(groups, members, by role) of the requests' (role, (dataset order, non-empty sources)): one group per
+    fingerprint, so datasets and roles of equal prompts share one vector per item. `groups`: (fingerprint, its
+    first dataset, its first role); `members`: (group, role code, sources) in each group's order (roles in the
+    order of the requests, then datasets by name); `by_role`: role -> {dataset -> fingerprint}."""
     index, groups, members, by_role = {}, [], [], {}
     for code, r in enumerate(roles):
         entries = sorted(((str(ds), ds, rows) for role, (order, all_rows) in parts if role == r
-                          for ds, rows in zip(order, all_rows) if len(rows)), key=lambda e: e[0])
+                          for ds, rows in zip(order, all_rows) if rows), key=lambda e: e[0])
         for _, ds, rows in entries:
             fp = role_fingerprint(cfg, r, ds)
             by_role.setdefault(r, {})[ds] = fp
@@ -681,11 +697,12 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
     stats dict per request, counted as if the requests ran in order; no vectors (they stay in the cache:
     `role_fingerprint` names where).
 
-    The driver holds no per-item data of its own: block tasks (`plan_range`, Ray tasks or a loop in this process)
-    each key, look up and plan `PLAN_ROWS` item rows and write their batches to a plan file beside `items_path`;
-    the driver keeps the files' names and counts. Ranges are fixed, so a batch (and its vectors) never depends on
-    how many tasks, blocks or actors run. The actors (or `embed_local`) read each batch's texts and image paths
-    from `items.arrow` themselves.
+    The driver holds no per-item data of its own: a task per (request, dataset) (`sort_rows`, Ray tasks or a loop
+    in this process) sorts its item rows into a file, read memory-mapped where the caller's rows are (the read
+    stage's files); block tasks (`plan_range`) each read, key, look up and plan `PLAN_ROWS` item rows from those
+    files and write their batches to a plan file beside `items_path`; the driver keeps file names, range bounds
+    and counts. Ranges are fixed, so a batch (and its vectors) never depends on how many tasks, blocks or actors
+    run. The actors (or `embed_local`) read each batch's texts and image paths from `items.arrow` themselves.
 
     Fault tolerance is Ray Data's: its actor pool runs with max_restarts=-1 and max_task_retries=-1 (checked by
     tests/test_faults.py), so an actor whose process or node dies is restarted, on another node if need be, and
@@ -694,34 +711,38 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
     blocks' items are listed in each request's `failed_item_ids`.
     """
     items_path = Path(items_path)
-    parts = [(role, _dataset_rows(rows_by_dataset, cfg)) for role, rows_by_dataset, _ in requests]
-    roles = list(dict.fromkeys(role for role, (_, all_rows) in parts if any(len(r) for r in all_rows)))
-    groups, members, by_role = _plan_groups(parts, roles, cfg)
     on_ray = ray_active(cfg)
     executor = "ray" if on_ray else "local"
-    if not members:  # nothing to embed: each request's empty stats
-        return [{"items": 0, "cached": 0, "embedded": 0, "fingerprint": teacher_fingerprint(cfg.teacher, role),
-                 "executor": executor} for role, _, _ in requests]
-    batch_tokens = cfg.teacher.batch_tokens
-    max_tokens = batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
     plan_dir = items_path.parent / f"embed-plan-{uuid.uuid4().hex[:8]}"
     plan_dir.mkdir(parents=True)
-    end = max(int(rows[-1]) for _, _, rows in members) + 1
-    batch_size = _batch_size(cfg, on_ray)
-    specs = []
-    for lo in range(0, end, PLAN_ROWS):
-        cut = [(g, code, rows[np.searchsorted(rows, lo):np.searchsorted(rows, lo + PLAN_ROWS)])
-               for g, code, rows in members]
-        if any(len(rows) for _, _, rows in cut):
-            specs.append(PlanSpec(str(items_path), str(plan_dir / f"plan-{lo // PLAN_ROWS:05d}.arrow"),
-                                  tuple(c for c in cut if len(c[2])), tuple(groups), tuple(roles),
+    try:
+        sources, ids = [], []  # (source, its sorted file) per non-empty (request, dataset); their ids per request
+        for _, rows_by_dataset, _ in requests:
+            ids.append({})
+            for ds, rows in rows_by_dataset.items():
+                if len(rows):
+                    ids[-1][ds] = i = len(sources)
+                    sources.append((_row_source(rows, plan_dir / f"request-{i:05d}.bin"),
+                                    str(plan_dir / f"rows-{i:05d}.npy")))
+        bounds = list(map_blocks(sort_rows, sources, on_ray))
+        parts = [(role, _dataset_rows(mine, cfg)) for (role, _, _), mine in zip(requests, ids)]
+        roles = list(dict.fromkeys(role for role, (_, all_rows) in parts if any(all_rows)))
+        groups, members, by_role = _plan_groups(parts, roles, cfg)
+        if not members:  # nothing to embed: each request's empty stats
+            return [{"items": 0, "cached": 0, "embedded": 0, "fingerprint": teacher_fingerprint(cfg.teacher, role),
+                     "executor": executor} for role, _, _ in requests]
+        batch_tokens = cfg.teacher.batch_tokens
+        max_tokens = batch_tokens and (cfg.teacher.max_length or model_token_limit(cfg.teacher.model))
+        batch_size = _batch_size(cfg, on_ray)
+        specs = []
+        for r in sorted(set().union(*bounds)):
+            cut = [(g, code, tuple((sources[i][1], *bounds[i][r]) for i in mine if r in bounds[i]))
+                   for g, code, mine in members]
+            specs.append(PlanSpec(str(items_path), str(plan_dir / f"plan-{r:05d}.arrow"),
+                                  tuple(c for c in cut if c[2]), tuple(groups), tuple(roles),
                                   cfg.embed.cache_dir, cfg.embed.storage_options, cfg.teacher.model,
                                   batch_size, batch_tokens, max_tokens))
-    try:
         planned = list(map_blocks(plan_range, specs, on_ray))
-        del specs, members  # the rows are in the plan files: the driver holds none while the actors embed
-        if not allow_failed:
-            parts = [(role, (order, [])) for role, (order, _) in parts]
         counts = sum(p["counts"] for p in planned)
         stats, failed_rows = {"executor": executor}, np.zeros(0, np.int64)
         if any(p["embedded"] for p in planned):
@@ -750,11 +771,12 @@ def embed_roles(items_path: str | Path, requests: list[tuple[str, dict, str]], c
     if len(failed_rows):  # only with `allow_failed`
         failed_ids = open_ipc(items_path).column("item_id").take(pa.array(failed_rows, pa.int64())).combine_chunks()
     out = []
-    for role, (_, all_rows) in parts:
+    for role, rows_by_dataset, _ in requests:
         role_stats = dict(by_name.get(role, {"items": 0, "cached": 0, "embedded": 0,
                                              "fingerprint": teacher_fingerprint(cfg.teacher, role)}))
         if failed_ids is not None:
-            mine = np.isin(failed_rows, np.concatenate([np.zeros(0, np.int64), *all_rows]))
+            mine = np.isin(failed_rows, np.concatenate([np.zeros(0, np.int64),
+                                                        *[np.asarray(r, np.int64) for r in rows_by_dataset.values()]]))
             role_stats["failed_item_ids"] = sorted(set(failed_ids.filter(pa.array(mine)).to_pylist()))
         out.append(role_stats)
     return out

@@ -92,8 +92,9 @@ def test_embed_stage_returns_part_names_and_counts_never_vectors(s3, ray_session
     items = pa.table({"item_id": [f"i{i}" for i in range(10)], "embed_text": texts, "image_path": [""] * 10})
     _write_ipc(items, tmp_path / "items.arrow", 4)
     fp = teacher_fingerprint(cfg.teacher, "candidate")
+    np.save(tmp_path / "rows.npy", np.arange(10))
     planned = plan_range(PlanSpec(str(tmp_path / "items.arrow"), str(tmp_path / "plan.arrow"),
-                                  ((0, 0, np.arange(10)),), ((fp, None, "candidate"),), ("candidate",),
+                                  ((0, 0, ((str(tmp_path / "rows.npy"), 0, 10),)),), ((fp, None, "candidate"),), ("candidate",),
                                   cfg.embed.cache_dir, options, cfg.teacher.model, 4, None, None))
     assert planned["embedded"] == 10 and planned["sections"] == [((0, 0), 0, 3)]
     specs = [{"items": str(tmp_path / "items.arrow"), "plan": planned["plan"], "start": s, "end": e}
