@@ -191,20 +191,19 @@ def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
     corpus), else here in one pass (`read_stage`): the corpus files in `state_dir` (`search.write_corpus`'s, the
     same bytes either way), and their metadata. An error in the input reaches the user as the reader raised it."""
     use_ray = ray_active(cfg)
-    meta = read_blocks(cfg, state_dir, use_ray) if use_ray else read_stage((cfg, str(state_dir)))
+    meta = read_blocks(cfg, state_dir, use_ray) if use_ray else read_stage(cfg, state_dir)
     if isinstance(meta, InputError):
         raise meta
     return meta
 
 
-def read_stage(spec) -> CorpusMeta | InputError:
+def read_stage(cfg: Config, state_dir: Path) -> CorpusMeta | InputError:
     """`load_corpus` and `write_corpus` in this process; an InputError is returned, as `read_blocks` returns it."""
-    cfg, state_dir = spec
     try:
         corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
     except InputError as exc:
         return exc
-    return write_corpus(corpus, Path(state_dir), cfg.retrieve.block_rows)
+    return write_corpus(corpus, state_dir, cfg.retrieve.block_rows)
 
 
 def _read_json(path: Path):
