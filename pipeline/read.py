@@ -408,21 +408,32 @@ def check_image_bytes(data: bytes, max_pixels: int):
     """Decode an image after checking its header's size, so a decompression bomb is refused before it expands.
 
     Our bound is checked on the header, before any pixel is decoded, whatever PIL's own `MAX_IMAGE_PIXELS` is
-    (many training scripts set it to None); PIL's bomb error, when it fires first, is reported the same way."""
+    (many training scripts set it to None). PIL's bomb error, when it fires first (above twice its limit), is
+    reported in our words: the user is told which limit refused the image and what to change."""
     from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{exc} (above input.max_image_pixels={max_pixels} too)") from None
+    except Image.DecompressionBombError:
+        pil_limit = 2 * Image.MAX_IMAGE_PIXELS
+        if pil_limit > max_pixels:
+            raise _too_many_pixels(f"more than {pil_limit}", max_pixels) from None
+        raise ImageTooLarge(f"more than {pil_limit} pixels is above Pillow's decompression-bomb limit (twice "
+                            f"PIL.Image.MAX_IMAGE_PIXELS), which input.max_image_pixels={max_pixels} does not lift; "
+                            "shrink the image or drop it from the input") from None
     with im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageTooLarge(f"{width}x{height} pixels is above input.max_image_pixels={max_pixels}")
+            raise _too_many_pixels(f"{width}x{height}", max_pixels)
         im.verify()
     im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     im.load()
     return im
+
+
+def _too_many_pixels(size: str, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(f"{size} pixels is above input.max_image_pixels={max_pixels}; shrink the image or drop it "
+                         "from the input, or raise input.max_image_pixels if images this large are wanted")
 
 
 def open_image(root: str, rel: str, max_pixels: int, max_bytes: Optional[int] = None,
