@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import tempfile
@@ -506,16 +505,34 @@ def sort_rows(spec: tuple) -> dict:
 
 
 def _row_source(rows, path: Path) -> tuple:
-    """(file, dtype, byte offset, count) of a request's item rows for `sort_rows`: a memory-mapped view (the read
-    stage's files) where it lies in its file, other arrays (small, the caller's) written to `path`."""
-    mm = getattr(rows, "_mmap", None)
-    if mm is not None and rows.ndim == 1 and rows.flags.c_contiguous and rows.dtype.kind in "iu":
-        base = np.frombuffer(mm, np.uint8).ctypes.data  # np.memmap maps from `offset` rounded down to a granule
-        start = rows.offset - rows.offset % mmap.ALLOCATIONGRANULARITY
-        return str(rows.filename), rows.dtype.str, start + rows.ctypes.data - base, len(rows)
+    """(file, dtype, byte offset, count) of a request's item rows for `sort_rows`: where they lie in their `.npy`
+    file when they are a slice of one memory-mapped (`np.load(mmap_mode="r")`: the read stage's files), so no task
+    copies them; other arrays (small, the caller's) are written to `path`."""
+    if isinstance(rows, np.memmap) and rows.ndim == 1 and rows.flags.c_contiguous and rows.dtype.kind in "iu":
+        whole = rows
+        while isinstance(whole.base, np.memmap):  # a slice's base is the array it was cut from
+            whole = whole.base
+        data = _npy_data_offset(whole.filename)
+        if data is not None and whole.offset == data:  # the file's array, mapped from its header's end
+            return str(whole.filename), rows.dtype.str, data + rows.ctypes.data - whole.ctypes.data, len(rows)
     rows = np.asarray(rows, np.int64)
     rows.tofile(path)
     return str(path), rows.dtype.str, 0, len(rows)
+
+
+def _npy_data_offset(path) -> int | None:
+    """Where a `.npy` file's array starts: after its header, read as `np.load` reads it; None if no `.npy` file."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None
+            read_header(f)
+            return f.tell()
+    except (OSError, ValueError):
+        return None
 
 
 def read_batches(specs: pa.Table) -> pa.Table:

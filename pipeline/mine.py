@@ -131,35 +131,31 @@ def _mine(run: RunFolder, cfg: Config, epoch: int, overwrite: bool, checkpoint, 
                           "--overwrite to replace it or another --epoch")
     state_dir = run_dir / rid
     reused = (state_dir / "state.json").exists()
-    on_ray = None
     if reused and is_legacy(state_dir):
         upgrade(state_dir, cfg.retrieve.block_rows)
-    elif not reused:  # the epoch runs where the retrieval ran
-        on_ray = build_run(cfg, state_dir, base if mix_teacher else None, mix_teacher)
-        if saved is None:  # bound only now: a run that fails before this leaves the folder free
-            run.bind(identity)
-    extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
-             "reused_retrieval": reused}
-    store = RunStore(state_dir)
-    if on_ray is None:
-        on_ray = ensure_ray(cfg, store.n_items)
+    t0 = time.time()
+    # Ray or not, decided once for the job from counts known before any read (a new run's input rows,
+    # `read.input_items`): the epoch runs where the retrieval ran, and a job without Ray keeps Arrow's system pool
+    # for all of it
+    on_ray = ensure_ray(cfg, RunStore(state_dir).n_items if reused else input_items(cfg.input))
     with nullcontext() if on_ray else system_memory_pool():
-        stats = write_epoch(store, cfg, out, epoch, config, extra, started, on_ray)
+        if not reused:
+            build_run(cfg, state_dir, on_ray, base if mix_teacher else None, mix_teacher, t0)
+            if saved is None:  # bound only now: a run that fails before this leaves the folder free
+                run.bind(identity)
+        extra = {"retrieval_id": rid, "teacher_model": cfg.teacher.model, "mix_teacher": mix_teacher,
+                 "reused_retrieval": reused}
+        stats = write_epoch(RunStore(state_dir), cfg, out, epoch, config, extra, started, on_ray)
     return MineResult(out, final, stats, reused)
 
 
-def build_run(cfg: Config, state_dir: Path, base: Config | None = None, mix: float = 0.0) -> bool:
-    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. Whether
-    the job runs on Ray is decided before the read, from the input's row counts (`read.input_items`); returned."""
-    t0 = time.time()
-    if ensure_ray(cfg, input_items(cfg.input)):
-        _build_run(cfg, state_dir, base, mix, t0)
-        return True
-    cfg = copy.deepcopy(cfg)  # a small job: every stage in this process
-    cfg.run.executor, cfg.index.distributed = "local", "never"
-    with system_memory_pool():
-        _build_run(cfg, state_dir, base, mix, t0)
-    return False
+def build_run(cfg: Config, state_dir: Path, on_ray: bool, base: Config | None, mix: float, t0: float) -> None:
+    """Retrieve once for every epoch into `state_dir` (pipeline/search.py's block tasks); state.json last. A job
+    without Ray (`on_ray` False) runs every stage in this process."""
+    if not on_ray:
+        cfg = copy.deepcopy(cfg)
+        cfg.run.executor, cfg.index.distributed = "local", "never"
+    _build_run(cfg, state_dir, base, mix, t0)
 
 
 @contextmanager
@@ -168,7 +164,7 @@ def system_memory_pool():
     process's mimalloc segments are new memory: on a kernel with transparent huge pages always on, touching them
     faulted in 2 MB pages that cost a warm 4,000 x 22,565 job's fresh process 0.4-0.8 s of system CPU time (of
     2.6 s after imports, docs/benchmarks.md "Small jobs"). Only for a job without Ray: a Ray job's driver and
-    workers keep the default."""
+    workers keep the default. Entered once per local job, where `_mine` decides it runs without Ray."""
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
@@ -195,20 +191,19 @@ def read_input(cfg: Config, state_dir: Path) -> CorpusMeta:
     corpus), else here in one pass (`read_stage`): the corpus files in `state_dir` (`search.write_corpus`'s, the
     same bytes either way), and their metadata. An error in the input reaches the user as the reader raised it."""
     use_ray = ray_active(cfg)
-    meta = read_blocks(cfg, state_dir, use_ray) if use_ray else read_stage((cfg, str(state_dir)))
+    meta = read_blocks(cfg, state_dir, use_ray) if use_ray else read_stage(cfg, state_dir)
     if isinstance(meta, InputError):
         raise meta
     return meta
 
 
-def read_stage(spec) -> CorpusMeta | InputError:
+def read_stage(cfg: Config, state_dir: Path) -> CorpusMeta | InputError:
     """`load_corpus` and `write_corpus` in this process; an InputError is returned, as `read_blocks` returns it."""
-    cfg, state_dir = spec
     try:
         corpus = load_corpus(cfg.input, caption_mode=cfg.teacher.image_mode == "caption")
     except InputError as exc:
         return exc
-    return write_corpus(corpus, Path(state_dir), cfg.retrieve.block_rows)
+    return write_corpus(corpus, state_dir, cfg.retrieve.block_rows)
 
 
 def _read_json(path: Path):

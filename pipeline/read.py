@@ -408,21 +408,32 @@ def check_image_bytes(data: bytes, max_pixels: int):
     """Decode an image after checking its header's size, so a decompression bomb is refused before it expands.
 
     Our bound is checked on the header, before any pixel is decoded, whatever PIL's own `MAX_IMAGE_PIXELS` is
-    (many training scripts set it to None); PIL's bomb error, when it fires first, is reported the same way."""
+    (many training scripts set it to None). PIL's bomb error, when it fires first (above twice its limit), is
+    reported in our words: the user is told which limit refused the image and what to change."""
     from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{exc} (above input.max_image_pixels={max_pixels} too)") from None
+    except Image.DecompressionBombError:
+        pil_limit = 2 * Image.MAX_IMAGE_PIXELS
+        if pil_limit > max_pixels:
+            raise _too_many_pixels(f"more than {pil_limit}", max_pixels) from None
+        raise ImageTooLarge(f"more than {pil_limit} pixels is above Pillow's decompression-bomb limit (twice "
+                            f"PIL.Image.MAX_IMAGE_PIXELS), which input.max_image_pixels={max_pixels} does not lift; "
+                            "shrink the image or drop it from the input") from None
     with im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageTooLarge(f"{width}x{height} pixels is above input.max_image_pixels={max_pixels}")
+            raise _too_many_pixels(f"{width}x{height}", max_pixels)
         im.verify()
     im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     im.load()
     return im
+
+
+def _too_many_pixels(size: str, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(f"{size} pixels is above input.max_image_pixels={max_pixels}; shrink the image or drop it "
+                         "from the input, or raise input.max_image_pixels if images this large are wanted")
 
 
 def open_image(root: str, rel: str, max_pixels: int, max_bytes: Optional[int] = None,
@@ -443,10 +454,10 @@ def _text_field(row: dict, name: str) -> tuple[str, Optional[str]]:
     return value, None
 
 
-_ID = pa.binary(16)
+ID_TYPE = pa.binary(16)  # an item id while reading: its 16 bytes (hex strings only in the files written)
 QUERY_COLUMNS = {"query_id": pa.string(), "dataset": pa.string(), "qry": pa.string(), "qry_image_path": pa.string(),
-                 "pos_text": pa.string(), "pos_image_path": pa.string(), "group": pa.string(), "qry_item_id": _ID,
-                 "pos_item_id": _ID, "input_neg_ids": pa.list_(_ID), "pos_extra_ids": pa.list_(_ID),
+                 "pos_text": pa.string(), "pos_image_path": pa.string(), "group": pa.string(), "qry_item_id": ID_TYPE,
+                 "pos_item_id": ID_TYPE, "input_neg_ids": pa.list_(ID_TYPE), "pos_extra_ids": pa.list_(ID_TYPE),
                  "_file": pa.int32(), "_n": pa.int64()}
 """What the reader keeps of an accepted pair, a column each (`_file`: its index in input.pairs, `_n`: its number)."""
 ITEM_COLUMNS = ("item_id", "text", "image_path", "embed_text")
@@ -477,7 +488,7 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
     """Read and validate every input file (see the module docstring), a batch of rows at a time: only the batch is
     Python objects; what is kept of it is Arrow / numpy columns, so the driver grows by bytes a pair, not objects."""
     reader = _Reader(cfg, caption_mode)
-    file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
+    file_dataset = {path: dataset_of(cfg.dataset, path) for path in cfg.pairs}
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
     rows_in = 0
     for k, path in enumerate(cfg.pairs):
@@ -485,7 +496,7 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         for rows, numbers, bad in iter_numbered(path):
             reader.read_rejects.extend(bad)
             if rows and not n_rows:
-                _check_columns(path, rows, cfg)
+                check_columns(path, rows, cfg)
             reader.add_pairs(k, rows, numbers, n_rows, file_dataset[path], file_dataset[path] in shared)
             n_rows, n_bad = n_rows + len(rows), n_bad + len(bad)
         if not n_rows and not n_bad:
@@ -493,7 +504,7 @@ def load_corpus(cfg: InputConfig, caption_mode: bool) -> Corpus:
         rows_in += n_rows + n_bad
     candidate_rejects = reader.add_candidates() if cfg.candidates else 0
     rejects = reader.read_rejects + reader.rejects + reader.candidate_read_rejects + reader.candidate_rejects
-    _check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
+    check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
     return reader.corpus(rejects, rows_in, candidate_rejects)
 
 
@@ -508,7 +519,7 @@ class _Reader:
         self.candidate_read_rejects, self.candidate_rejects = [], []
         self.queries = {name: [] for name in QUERY_COLUMNS}  # chunks, one a batch
         self.items = {name: [] for name in ITEM_COLUMNS}  # every batch's new items (an item may recur across them)
-        self.dedup = _Dedup(cfg.pairs)
+        self.dedup = Dedup(cfg.pairs)
         self.pools: dict[str, int] = {}  # dataset -> pool number, in the order the pools appear
         self.candidate_pools: dict[str, list] = {"item_id": [], "pool": []}  # pool -1 - k: the first k pools
         self.group_pairs: dict[str, list] = {"item_id": [], "group": []}
@@ -533,7 +544,7 @@ class _Reader:
             negs, extras = pair_items(self.context, c, path, self.rejects)
             for iid, text, image, embed_text in c.sides + negs + extras:
                 items.setdefault(iid, (text, image, embed_text))
-            self.has_negatives |= _has_negatives(c.row)
+            self.has_negatives |= row_has_negatives(c.row)
             self.has_extras |= bool(extras)
             self.pools.setdefault(str(c.dataset), len(self.pools))
             for name, value in query_values(c, negs, extras, k).items():
@@ -542,22 +553,22 @@ class _Reader:
                 group_pairs.update((iid, c.group) for iid in [c.sides[1][0], *(e[0] for e in extras)])
         del checked
         for name, values in columns.items():
-            self.queries[name].append(_array(values, QUERY_COLUMNS[name]))
-        self.dedup.commit(pa.table({name: self.queries[name][-1] for name in _Dedup.COLUMNS}))
+            self.queries[name].append(exact_array(values, QUERY_COLUMNS[name]))
+        self.dedup.commit(pa.table({name: self.queries[name][-1] for name in Dedup.COLUMNS}))
         self._keep_items(items)
         self._keep_groups(group_pairs)
 
     def _keep_items(self, items: dict[bytes, tuple]) -> None:
         """A batch's items as chunks; `embed_text` is null where it is the text (no caption), shared at the end."""
-        self.items["item_id"].append(_array(list(items), _ID))
+        self.items["item_id"].append(exact_array(list(items), ID_TYPE))
         for at, name in enumerate(("text", "image_path")):
-            self.items[name].append(_array([v[at] for v in items.values()], pa.string()))
-        self.items["embed_text"].append(_array([None if v[2] == v[0] else v[2] for v in items.values()],
+            self.items[name].append(exact_array([v[at] for v in items.values()], pa.string()))
+        self.items["embed_text"].append(exact_array([None if v[2] == v[0] else v[2] for v in items.values()],
                                              pa.string()))
 
     def _keep_groups(self, group_pairs: set[tuple[bytes, str]]) -> None:
-        self.group_pairs["item_id"].append(_array([iid for iid, _ in group_pairs], _ID))
-        self.group_pairs["group"].append(_array([g for _, g in group_pairs], pa.string()))
+        self.group_pairs["item_id"].append(exact_array([iid for iid, _ in group_pairs], ID_TYPE))
+        self.group_pairs["group"].append(exact_array([g for _, g in group_pairs], pa.string()))
 
     def add_candidates(self) -> int:
         """The candidate corpus (input.candidates) into the items and pools; returns how many rows it rejected."""
@@ -569,7 +580,7 @@ class _Reader:
             count += len(bad) + len(rejects)
             pools = [self.pools.setdefault(ds, len(self.pools)) if ds is not None else -1 - len(self.pools)
                      for ds in datasets]  # into its dataset's pool, or (no dataset) into every pool there is so far
-            self.candidate_pools["item_id"].append(_array(members, _ID))
+            self.candidate_pools["item_id"].append(exact_array(members, ID_TYPE))
             self.candidate_pools["pool"].append(np.array(pools, np.int64))
             self._keep_items(items)
             self._keep_groups(group_pairs)
@@ -577,7 +588,8 @@ class _Reader:
 
     def corpus(self, rejects: list[dict], rows_in: int, candidate_rejects: int) -> Corpus:
         """The tables and row numbers, a column at a time (each column's chunks go as it is joined)."""
-        ids, keep = np.unique(_ids(_concat(self.items.pop("item_id"), _ID)), return_index=True)  # first occurrence kept
+        # each id's first occurrence kept
+        ids, keep = np.unique(id_view(_concat(self.items.pop("item_id"), ID_TYPE)), return_index=True)
         text, image = (_concat(self.items.pop(name), pa.string()).take(keep) for name in ("text", "image_path"))
         embed = _concat(self.items.pop("embed_text"), pa.string())
         embed = text if embed.null_count == len(embed) else pc.coalesce(embed.take(keep), text)
@@ -586,7 +598,7 @@ class _Reader:
         with_image = np.flatnonzero(pc.not_equal(image, "").to_numpy(zero_copy_only=False))
         if len(with_image):
             codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
-        item_table = pa.table({"item_id": _hex(ids), "text": text, "image_path": image,
+        item_table = pa.table({"item_id": hex_ids(ids), "text": text, "image_path": image,
                                "modality": pa.array(MODALITIES, pa.string()).take(codes), "embed_text": embed})
         del text, image, embed, codes
 
@@ -597,8 +609,8 @@ class _Reader:
         keys = pa.table({"d": q["dataset"], "p": ranks[q.pop("_file").to_numpy()], "n": q.pop("_n")})
         order = pc.sort_indices(keys, sort_keys=[("d", "ascending"), ("p", "ascending"), ("n", "ascending")])
         del keys
-        qry_rows, pos_rows = (np.searchsorted(ids, _ids(q[name])) for name in ("qry_item_id", "pos_item_id"))
-        qtable = pa.table({name: _hex(_ids(q.pop(name))) if QUERY_COLUMNS[name] == _ID else q[name]
+        qry_rows, pos_rows = (np.searchsorted(ids, id_view(q[name])) for name in ("qry_item_id", "pos_item_id"))
+        qtable = pa.table({name: hex_ids(id_view(q.pop(name))) if QUERY_COLUMNS[name] == ID_TYPE else q[name]
                            for name in list(QUERY_COLUMNS)[:9]})
         groups = pa.concat_arrays([_concat(self.group_pairs["group"], pa.string()), q["group"].drop_null()])
         groups = pc.unique(groups)
@@ -616,15 +628,15 @@ class _Reader:
             if flag:  # the input has extra positives / negatives: their item rows
                 lists = lists.take(order)
                 qtable = qtable.append_column(name, pa.ListArray.from_arrays(
-                    lists.offsets, pa.array(np.searchsorted(ids, _ids(lists.flatten())).astype(np.int32))))
+                    lists.offsets, pa.array(np.searchsorted(ids, id_view(lists.flatten())).astype(np.int32))))
 
         # the default pool of a dataset: its pairs' positives (and extra positives); then the candidates'
         pool_of = pc.index_in(q["dataset"], value_set=pa.array(list(self.pools), pa.string())).to_numpy()
-        extra_rows = np.searchsorted(ids, _ids(extra_lists.flatten()))
+        extra_rows = np.searchsorted(ids, id_view(extra_lists.flatten()))
         member_rows = [pos_rows, extra_rows]
         member_pools = [pool_of, np.repeat(pool_of, np.diff(extra_lists.offsets.to_numpy()))]
         if self.cfg.candidates:
-            rows = np.searchsorted(ids, _ids(_concat(self.candidate_pools["item_id"], _ID)))
+            rows = np.searchsorted(ids, id_view(_concat(self.candidate_pools["item_id"], ID_TYPE)))
             pools = np.concatenate(self.candidate_pools["pool"] or [np.zeros(0, np.int64)])
             named = pools >= 0
             member_rows.append(rows[named])
@@ -638,9 +650,9 @@ class _Reader:
         pools = {ds: codes[bounds[p]:bounds[p + 1]] - p * len(ids) for ds, p in self.pools.items()}
         del q, member_rows, member_pools, codes
 
-        group_items = _concat(self.group_pairs["item_id"], _ID)
+        group_items = _concat(self.group_pairs["item_id"], ID_TYPE)
         if len(group_items):
-            item_rows = np.searchsorted(ids, _ids(group_items)).astype(np.int64)
+            item_rows = np.searchsorted(ids, id_view(group_items)).astype(np.int64)
             codes = pc.index_in(_concat(self.group_pairs["group"], pa.string()), value_set=groups).to_numpy()
             item_groups = np.unique(item_rows * n_groups + codes)
         else:
@@ -799,7 +811,7 @@ def check_candidates(ctx: ReadContext, rows: list[dict], numbers: list[int]) -> 
     return items, members, datasets, group_pairs, rejects
 
 
-class _Dedup:
+class Dedup:
     """Which valid pairs are accepted, in input order: the first of each id, and, among pairs without an id, the
     first of each (dataset, query, positive). What an earlier chunk accepted is kept as hashes (`_Seen`), and a hash
     match is confirmed against that pair's columns in its chunk."""
@@ -866,7 +878,7 @@ class _Dedup:
         return None
 
 
-def _array(values: list, kind: pa.DataType) -> pa.Array:
+def exact_array(values: list, kind: pa.DataType) -> pa.Array:
     """`pa.array` in buffers of its exact size: a builder's grown-and-freed buffers, batch after batch between the
     kept ones, leave the allocator fragmented (measured: RSS ~50% above the bytes kept)."""
     return pa.concat_arrays([pa.array(values, kind)])
@@ -876,7 +888,7 @@ def _concat(chunks: list[pa.Array], kind: pa.DataType) -> pa.Array:
     return pa.concat_arrays(chunks) if chunks else pa.array([], kind)
 
 
-def _ids(array: pa.Array) -> np.ndarray:
+def id_view(array: pa.Array) -> np.ndarray:
     """16-byte ids (binary(16), no nulls) as a numpy `S16` view: sorted and searched like their bytes."""
     return np.frombuffer(array.buffers()[1], "S16", count=array.offset + len(array))[array.offset:]
 
@@ -884,7 +896,7 @@ def _ids(array: pa.Array) -> np.ndarray:
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
-def _hex(ids: np.ndarray) -> pa.Array:
+def hex_ids(ids: np.ndarray) -> pa.Array:
     """The ids as 32-character hex strings (their `item_id`), written straight into Arrow buffers: not a Python
     string each, and in Arrow's pool, which reuses the memory the reader frees."""
     raw = np.ascontiguousarray(ids).view(np.uint8)
@@ -901,7 +913,7 @@ def _where(source: str, number) -> str:
     return f"{source} {'row' if Path(str(source)).suffix.lower() in ('.parquet', '.pq') else 'line'} {number}"
 
 
-def _file_dataset(template: Optional[str], path: str) -> str:
+def dataset_of(template: Optional[str], path: str) -> str:
     """`input.dataset` for the rows of `path`: literal, or with `{parent}` / `{stem}` filled in; default the stem."""
     p = Path(path)
     if not template:
@@ -921,7 +933,8 @@ def _key_type_problem(path, n, qid, row) -> Optional[dict]:
     return None
 
 
-def _check_columns(path: str, rows: list[dict], cfg: InputConfig) -> None:
+def check_columns(path: str, rows: list[dict], cfg: InputConfig) -> None:
+    """Refuse a pairs file whose first rows lack a query or positive column, or the configured group key."""
     if not rows:
         return
     columns = set().union(*(r.keys() for r in rows[:1000]))
@@ -967,7 +980,8 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _has_negatives(row: dict) -> bool:
+def row_has_negatives(row: dict) -> bool:
+    """Whether a pairs row brings its own negatives: the queries then carry an `input_neg_idx` column."""
     return row.get("neg_text") is not None or row.get("neg_image_path") is not None
 
 
@@ -1046,7 +1060,9 @@ def _load_captions(path: str) -> dict[str, str]:
     return {r["image_path"]: r["caption"] for r in rows if isinstance(r.get("caption"), str) and r["caption"].strip()}
 
 
-def _check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> None:
+def check_reject_rate(rows_in: int, rejects: list[dict], cfg: InputConfig) -> None:
+    """Refuse the input when more rows are unusable than `input.max_reject_fraction` / `max_rejects` allow: so many
+    usually means a wrong image root or column, not bad rows."""
     n_rejected = len(rejects)
     over_fraction = rows_in and n_rejected / rows_in > cfg.max_reject_fraction
     over_count = cfg.max_rejects is not None and n_rejected > cfg.max_rejects

@@ -5,7 +5,7 @@
    does, and write what they found as Arrow files: a pairs block its valid rows and their items, a candidates block
    its items, pool members and group pairs. A block does not know the rows of other blocks, so it accepts nothing:
    duplicates are told later. It returns its rejects and counts.
-2. One task (`assemble`) runs the dedup over the blocks in input order (`read._Dedup`: hashes of the accepted pairs,
+2. One task (`assemble`) runs the dedup over the blocks in input order (`read.Dedup`: hashes of the accepted pairs,
    confirmed in the blocks' files), merges the rejects in input order, and writes the state dir's files
    (`search.write_corpus`'s) from compact arrays (16-byte item ids, item rows, sort keys), copying each batch of
    `items.arrow` and `QUERIES_IN` from the blocks' memory-mapped files: the texts are never whole in its memory.
@@ -28,9 +28,9 @@ from .blocks import PARTS, exact_batch, open_ipc
 from .config import InputConfig
 from .executor import map_blocks, run_task
 from .filters import query_positives
-from .read import (_ID, MODALITIES, QUERY_COLUMNS, InputError, ReadContext, _array, _check_columns,
-                   _check_reject_rate, _Dedup, _file_dataset, _has_negatives, _hex, _ids, check_candidates, check_pairs,
-                   iter_numbered, jsonl_verdict, pair_items, plan_spans, query_values, synthetic_id)
+from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, Dedup, InputError, ReadContext, check_candidates, check_columns,
+                   check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids, id_view, iter_numbered,
+                   jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives, synthetic_id)
 from .search import CORPUS, QUERIES_IN, CorpusMeta, _save
 
 READ_BLOCK_ROWS = 50_000
@@ -40,7 +40,7 @@ MAX_PARTS = 256
 """At most this many item-id ranges: each block writes a file per range, and the assembling task holds one range's
 texts at a time."""
 ROW_COLUMNS = {**QUERY_COLUMNS, "_i": pa.int64(), "_has_id": pa.bool_(), "_has_neg": pa.bool_()}
-ITEM_COLUMNS = {"item_id": _ID, "text": pa.string(), "image_path": pa.string(), "embed_text": pa.string()}
+ITEM_COLUMNS = {"item_id": ID_TYPE, "text": pa.string(), "image_path": pa.string(), "embed_text": pa.string()}
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _pairs_block(spec: BlockSpec, result: BlockResult) -> None:
                 negs, extras = pair_items(ctx, c, path, post)
                 result.post += [(j, r) for r in post]
                 values = query_values(c, negs, extras, spec.k)
-                values.update(_i=i, _has_id=c.has_id, _has_neg=_has_negatives(c.row))
+                values.update(_i=i, _has_id=c.has_id, _has_neg=row_has_negatives(c.row))
                 for name, value in values.items():
                     rows_out[name].append(value)
                 for iid, text, image, embed_text in c.sides + negs + extras:
@@ -119,8 +119,8 @@ def _pairs_block(spec: BlockSpec, result: BlockResult) -> None:
 
 def _candidates_block(spec: BlockSpec, result: BlockResult) -> None:
     ctx = ReadContext.of(spec.cfg, spec.caption_mode)
-    with _Sinks(spec, {"members": {"item_id": _ID, "dataset": pa.string()},
-                       "groups": {"item_id": _ID, "group": pa.string()}}, ITEM_COLUMNS) as sinks:
+    with _Sinks(spec, {"members": {"item_id": ID_TYPE, "dataset": pa.string()},
+                       "groups": {"item_id": ID_TYPE, "group": pa.string()}}, ITEM_COLUMNS) as sinks:
         for rows, numbers, bad in iter_numbered(spec.cfg.candidates, spec.span, result.info):
             result.read_rejects += [{**r, "kind": "candidate"} for r in bad]
             items, ids, datasets, group_pairs, rejects = check_candidates(ctx, rows, numbers)
@@ -162,12 +162,12 @@ class _Sinks:
 
     def write(self, name: str, columns: dict) -> None:
         path = f"{self.spec.out}.{name}.arrow"
-        self._put(path, pa.table({n: _array(columns[n], f.type) for n, f in zip(self.schemas[path].names,
+        self._put(path, pa.table({n: exact_array(columns[n], f.type) for n, f in zip(self.schemas[path].names,
                                                                                 self.schemas[path])}))
 
     def items(self, columns: dict) -> None:
-        table = pa.table({f.name: _array(columns[f.name], f.type) for f in self.item_schema})
-        part = _part(_ids(table.column("item_id").combine_chunks()), self.spec.parts)
+        table = pa.table({f.name: exact_array(columns[f.name], f.type) for f in self.item_schema})
+        part = _part(id_view(table.column("item_id").combine_chunks()), self.spec.parts)
         for p in np.unique(part):
             self._put(self._item_path(int(p)), table.take(np.flatnonzero(part == p)))
 
@@ -193,7 +193,7 @@ def _write(path: str, columns: dict) -> None:
 def plan(cfg: InputConfig, caption_mode: bool, staging: Path, block_rows: int = READ_BLOCK_ROWS):
     """The block specs of every input file in input order (the candidates file last), and per pairs file the
     InputError that planning it met (None: none), to be raised where the one-task read would."""
-    file_dataset = {path: _file_dataset(cfg.dataset, path) for path in cfg.pairs}
+    file_dataset = {path: dataset_of(cfg.dataset, path) for path in cfg.pairs}
     shared = {ds for ds in file_dataset.values() if list(file_dataset.values()).count(ds) > 1}
     specs, errors = [], []
     for k, path in enumerate([*cfg.pairs, *([cfg.candidates] if cfg.candidates else [])]):
@@ -235,7 +235,7 @@ def file_errors(cfg: InputConfig, specs: list[BlockSpec], results: list[BlockRes
                     rows += [dict.fromkeys(keys) for i, keys in later.keysets if seen + i < 1000]
                     seen += later.n_rows
                 try:
-                    _check_columns(path, rows, cfg)
+                    check_columns(path, rows, cfg)
                 except InputError as exc:
                     return exc
         if verdict is not None:
@@ -276,7 +276,7 @@ def assemble(task) -> CorpusMeta | InputError:
     state_dir = Path(state_dir)
     pairs = [(s, r) for s, r in zip(specs, results) if s.k >= 0]
     cands = [(s, r) for s, r in zip(specs, results) if s.k < 0]
-    dedup = _Dedup(cfg.pairs)
+    dedup = Dedup(cfg.pairs)
     rejects, accepted, pools = [], [], {}
     has_negatives = has_extras = False
     base = {}
@@ -321,7 +321,7 @@ def assemble(task) -> CorpusMeta | InputError:
                + [x for _, r in cands for x in r.read_rejects] + [x for _, r in cands for x in r.rejects])
     candidate_rejects = sum(len(r.read_rejects) + len(r.rejects) for _, r in cands)
     try:
-        _check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
+        check_reject_rate(rows_in, [r for r in rejects if r["kind"] == "query"], cfg)
     except InputError as exc:
         return exc
 
@@ -338,7 +338,7 @@ def assemble(task) -> CorpusMeta | InputError:
             for b, table in enumerate(tables):
                 at = (np.flatnonzero(np.isin(table.column("_row").to_numpy(), accepted[b])) if b < len(pairs)
                       else np.arange(table.num_rows))
-                keys.append(_ids(table.column("item_id").combine_chunks())[at])
+                keys.append(id_view(table.column("item_id").combine_chunks())[at])
                 where.append(np.stack([np.full(len(at), b), at]))
             part_ids, first = np.unique(np.concatenate(keys), return_index=True)
             where = np.concatenate(where, axis=1)[:, first]
@@ -354,7 +354,7 @@ def assemble(task) -> CorpusMeta | InputError:
                     codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
                 modality.append(codes)
                 embed = text if embed.null_count == len(embed) else pc.coalesce(embed, text)
-                writer.write(pa.table([_hex(part_ids[lo:hi]), text, image,
+                writer.write(pa.table([hex_ids(part_ids[lo:hi]), text, image,
                                        pa.array(MODALITIES, pa.string()).take(codes), embed], schema=schema))
             ids.append(part_ids)
             del tables, where
@@ -387,14 +387,14 @@ def assemble(task) -> CorpusMeta | InputError:
         parts["b"].append(np.full(len(ok), b, np.int32))
         parts["j"].append(ok.astype(np.int32))
         for name in ("qry", "pos"):
-            parts[name].append(np.searchsorted(ids, _ids(sel.column(f"{name}_item_id").combine_chunks()))
+            parts[name].append(np.searchsorted(ids, id_view(sel.column(f"{name}_item_id").combine_chunks()))
                                .astype(np.int32))
         parts["group_values"].append(pc.fill_null(pc.index_in(sel.column("group"), value_set=groups), -1)
                                      .to_numpy().astype(np.int32))
         for name, column in (("extra", "pos_extra_ids"), ("neg", "input_neg_ids")):
             lists = sel.column(column).combine_chunks()
             parts[f"{name}_n"].append(pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64))
-            parts[name].append(np.searchsorted(ids, _ids(lists.flatten())).astype(np.int32))
+            parts[name].append(np.searchsorted(ids, id_view(lists.flatten())).astype(np.int32))
     cat = {}  # each column joined, then put in order, one at a time: what is held is a column's two copies
     for name in list(parts):
         chunks = parts.pop(name)
@@ -410,7 +410,7 @@ def assemble(task) -> CorpusMeta | InputError:
     list_columns = [(flag, name, lists[key]) for flag, name, key in
                     ((has_extras, extra_positives.COLUMN, "extra"), (has_negatives, input_negatives.COLUMN, "neg"))
                     if flag]
-    qschema = pa.schema([(name, kind if kind != _ID else pa.string()) for name, kind in
+    qschema = pa.schema([(name, kind if kind != ID_TYPE else pa.string()) for name, kind in
                          list(QUERY_COLUMNS.items())[:9]]
                         + [("qry_idx", pa.int32()), ("pos_idx", pa.int32()), ("group_code", pa.int32())]
                         + [(name, pa.list_(pa.int32())) for _, name, _ in list_columns])
@@ -420,8 +420,8 @@ def assemble(task) -> CorpusMeta | InputError:
             hi = min(lo + block_rows, nq)
             part = _gather(lambda b: _tables(pairs[b][0], "rows"), src_b[lo:hi], src_j[lo:hi],
                            list(QUERY_COLUMNS)[:9])
-            columns = [part.column(name).combine_chunks() if QUERY_COLUMNS[name] != _ID
-                       else _hex(_ids(part.column(name).combine_chunks())) for name in list(QUERY_COLUMNS)[:9]]
+            columns = [part.column(name).combine_chunks() if QUERY_COLUMNS[name] != ID_TYPE
+                       else hex_ids(id_view(part.column(name).combine_chunks())) for name in list(QUERY_COLUMNS)[:9]]
             columns += [pa.array(a[lo:hi]) for a in (qry_idx, pos_idx, group_code)]
             for _, _, (offsets, values) in list_columns:
                 off = offsets[lo:hi + 1]
@@ -435,7 +435,7 @@ def assemble(task) -> CorpusMeta | InputError:
     group_codes = []
     for spec, _ in cands:
         members = _tables(spec, "members")
-        rows = np.searchsorted(ids, _ids(members.column("item_id").combine_chunks())).astype(np.int64)
+        rows = np.searchsorted(ids, id_view(members.column("item_id").combine_chunks())).astype(np.int64)
         datasets = members.column("dataset").to_pylist()
         numbers = np.array([pools.setdefault(ds, len(pools)) if ds is not None else -1 - len(pools)
                             for ds in datasets], np.int64)
@@ -445,7 +445,7 @@ def assemble(task) -> CorpusMeta | InputError:
         member_pools += [numbers[named], np.arange(upto.sum()) - np.repeat(np.cumsum(upto) - upto, upto)]
         g = _tables(spec, "groups")
         if g.num_rows:
-            group_codes.append(np.searchsorted(ids, _ids(g.column("item_id").combine_chunks())).astype(np.int64)
+            group_codes.append(np.searchsorted(ids, id_view(g.column("item_id").combine_chunks())).astype(np.int64)
                                * n_groups + pc.index_in(g.column("group"), value_set=groups).to_numpy())
     codes = np.unique(np.concatenate(member_pools).astype(np.int64) * n_items
                       + np.concatenate(member_rows).astype(np.int64))

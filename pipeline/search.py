@@ -122,7 +122,7 @@ def write_corpus(corpus, state_dir: Path, block_rows: int, items: bool = True) -
                                       return_counts=True)
     by_start = np.argsort(starts)
     if np.any(starts[by_start][1:] != (starts + counts)[by_start][:-1]):
-        raise AssertionError("the reader's queries are not sorted by dataset")
+        raise AssertionError("a bug, not bad input: the reader left queries not grouped by dataset; please report it")
     ranges = {str(ds): [int(lo), int(lo + n)] for ds, lo, n in zip(names, starts, counts)}
     return CorpusMeta(q.num_rows, corpus.items.num_rows, corpus.n_groups, corpus.rows_in,
                       corpus.candidate_rows_rejected, corpus.rejects, ranges, list(corpus.pools),

@@ -90,9 +90,24 @@ def test_decompression_bomb_is_refused_on_its_header_with_flat_memory(tmp_path, 
     with peak_rss() as m:
         digest, reason, detail = probe.check("bomb.png")
     assert (digest, reason) == (None, "image_too_large")
-    if not pil_guard:  # our bound fired, with the size it read from the header
-        assert f"{BOMB_SIDE}x{BOMB_SIDE} pixels is above input.max_image_pixels=64000000" in detail
+    # our bound fired, with the size it read from the header; or PIL's guard (above twice its limit) first, said
+    # in our words: the file, the limit, what to do
+    size = f"{BOMB_SIDE}x{BOMB_SIDE}" if not pil_guard else f"more than {2 * Image.MAX_IMAGE_PIXELS}"
+    assert detail == (f"{tmp_path / 'bomb.png'}: {size} pixels is above input.max_image_pixels=64000000; shrink "
+                      "the image or drop it from the input, or raise input.max_image_pixels if images this large "
+                      "are wanted")
     assert m["growth"] < 48 * 2**20, f"reading the bomb grew RSS by {m['growth'] / 2**20:.0f} MiB"
+
+
+def test_a_bomb_under_our_bound_but_over_pils_says_which_limit_refused_it(tmp_path):
+    """input.max_image_pixels above Pillow's own guard does not lift it: the detail names Pillow's limit."""
+    probe = ImageProbe(str(tmp_path), max_pixels=BOMB_SIDE ** 2 + 1)
+    digest, reason, detail = probe.check(png_bomb(tmp_path / "bomb.png").name)
+    assert (digest, reason) == (None, "image_too_large")
+    assert detail == (f"{tmp_path / 'bomb.png'}: more than {2 * Image.MAX_IMAGE_PIXELS} pixels is above Pillow's "
+                      "decompression-bomb limit (twice PIL.Image.MAX_IMAGE_PIXELS), which "
+                      f"input.max_image_pixels={BOMB_SIDE ** 2 + 1} does not lift; shrink the image or drop it "
+                      "from the input")
 
 
 def test_oversized_files_and_special_files_are_refused_before_reading(tmp_path):
@@ -255,8 +270,8 @@ def test_every_bad_row_is_in_the_rejects_with_its_reason_and_counted(runs):
         expected_counts[reason] = expected_counts.get(reason, 0) + 1
     assert stats["rejects_by_reason"] == dict(sorted(expected_counts.items()))
     bomb = by_id["bomb"][0]["detail"]  # the read runs in a Ray task: PIL's own guard there may fire before ours
-    assert "above input.max_image_pixels=" in bomb and (f"{BOMB_SIDE}x{BOMB_SIDE} pixels" in bomb
-                                                        or f"({BOMB_SIDE ** 2} pixels)" in bomb)
+    assert "pixels is above input.max_image_pixels=" in bomb and "drop it from the input" in bomb
+    assert "decompression bomb DOS" not in bomb  # PIL's words are not passed on
     # each reject's row is its line in the file, after the broken lines too; details name files, not Python objects
     lines = (tmp / "mixed.jsonl").read_text().splitlines()
     for qid in EXPECTED:

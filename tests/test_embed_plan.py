@@ -124,3 +124,25 @@ def test_plan_tasks_take_fixed_item_ranges_and_the_driver_gets_counts(monkeypatc
     again = embed.embed_roles(tmp_path / "items.arrow", requests, cfg)
     assert [s["embedded"] for s in again] == [0, 0] and [s["cached"] for s in again] == [100, 50]
     assert not list(tmp_path.glob("embed-plan-*"))  # the plan files are gone
+
+
+def test_sorting_tasks_read_a_memory_mapped_slice_where_it_lies_in_its_npy_file(tmp_path):
+    """A slice of a memory-mapped `.npy` file (the read stage's files) is named by its file and byte offset, found
+    from the file's header, so no copy is written; other rows are written to the given file. Either way
+    `sort_rows` gets the rows back, sorted and unique."""
+    from pipeline.embed import _row_source, sort_rows
+
+    values = np.random.default_rng(3).integers(0, 5_000, size=20_000).astype(np.int32)
+    np.save(tmp_path / "rows.npy", values)
+    mapped = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    for lo, hi in [(0, 20_000), (7, 9), (12_345, 19_999)]:  # past the first page too
+        source = _row_source(mapped[lo:hi], tmp_path / "copy.bin")
+        assert source[0] == str(tmp_path / "rows.npy") and source[3] == hi - lo
+        sort_rows((source, str(tmp_path / "sorted.npy")))
+        assert np.array_equal(np.load(tmp_path / "sorted.npy"), np.unique(values[lo:hi]))
+    assert not (tmp_path / "copy.bin").exists()
+    for rows in (mapped[::3], [5, 1, 5, 2]):  # strided or not mapped: written out
+        source = _row_source(rows, tmp_path / "copy.bin")
+        assert source[0] == str(tmp_path / "copy.bin")
+        sort_rows((source, str(tmp_path / "sorted.npy")))
+        assert np.array_equal(np.load(tmp_path / "sorted.npy"), np.unique(np.asarray(rows, np.int64)))
