@@ -11,11 +11,13 @@ holds something of the whole corpus (at 1.6M pairs `driver_memory.py` saw ~545 M
 task); one that is bounded stays flat.
 
     python benchmarks/block_memory.py --sizes 40000 160000 --out benchmarks/results/block_memory.json
+    python benchmarks/block_memory.py --take pairs-topics-1600000.parquet --block-rows 50000   # no mine: the copies
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,47 @@ def probe(fn, peaks: dict):
     return wrapped
 
 
+def arrow_peak(fn) -> float:
+    """MB Arrow allocates at most while `fn` runs (a fresh proxy of the memory pool)."""
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)
+    pa.set_memory_pool(pool)
+    try:
+        fn()
+    finally:
+        pa.set_memory_pool(previous)
+    return round(pool.max_memory() / 2**20, 1)
+
+
+def take_copies(pairs: str, work: Path, block_rows: int = 50_000) -> dict:
+    """Without a mine: a pairs file written as Arrow IPC in batches of `block_rows` (as `queries.arrow` is),
+    memory-mapped; the Arrow memory of one block's rows taken with Arrow's `take` and with `blocks.take_rows`, and of
+    the texts of 500,000 scattered rows (a write block's candidates). At 1.6M pairs: the per-task copy of the old
+    code, without the 40-minute run."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.blocks import _write_ipc, open_ipc, take_rows
+
+    path = work / "take-copies.arrow"
+    _write_ipc(pq.read_table(pairs), path, block_rows)
+    q = open_ipc(path)
+    mid = q.num_rows // 2
+    rows = np.arange(mid, min(mid + block_rows, q.num_rows))
+    used = np.unique(np.random.default_rng(0).integers(0, q.num_rows, 500_000))
+    text = q.column("pos_text")
+    out = {"rows": q.num_rows, "chunks": q.column(0).num_chunks, "block_rows": len(rows), "scattered": len(used),
+           "block_arrow_take_mb": arrow_peak(lambda: q.take(pa.array(rows))),
+           "block_take_rows_mb": arrow_peak(lambda: take_rows(q, rows)),
+           "scattered_texts_arrow_take_mb": arrow_peak(lambda: text.take(pa.array(used)).combine_chunks()),
+           "scattered_texts_take_rows_mb": arrow_peak(lambda: take_rows(text, used))}
+    path.unlink()
+    return out
+
+
 def child(pairs: str, out: str, block_rows: int) -> dict:
     import importlib
     import tracemalloc
@@ -87,12 +130,19 @@ def main(argv=None) -> int:
     ap.add_argument("--block-rows", type=int, default=10_000)
     ap.add_argument("--work", default=None, help="folder for the pairs (kept) and runs (default: a temp folder)")
     ap.add_argument("--out", default=None, help="JSON result file")
+    ap.add_argument("--take", metavar="PAIRS", help="only `take_copies` of this pairs file (blocks of --block-rows)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], a.block_rows)))
         return 0
     work = Path(a.work or tempfile.mkdtemp(prefix="hardneg-block-memory-"))
+    if a.take:
+        result = take_copies(a.take, work, a.block_rows)
+        print(json.dumps(result, indent=1))
+        if a.out:
+            Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     runs = {}
     for n in a.sizes:
         pairs = work / f"pairs-topics-{n}.parquet"
@@ -100,7 +150,7 @@ def main(argv=None) -> int:
             write_pairs(topic_pairs(n), pairs)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             p = subprocess.run([sys.executable, __file__, "--block-rows", str(a.block_rows), "--child", str(pairs),
-                                tmp], capture_output=True, text=True, env={"RAY_ADDRESS": "", **_env()})
+                                tmp], capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
         if p.returncode:
             sys.stderr.write(p.stderr[-4000:])
             return p.returncode
@@ -119,12 +169,6 @@ def main(argv=None) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 if __name__ == "__main__":

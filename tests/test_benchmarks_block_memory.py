@@ -97,3 +97,15 @@ def test_the_benchmark_reports_every_block_function(tmp_path):
     assert set(result["growth"]) == {name for _, name in FUNCTIONS}
     for run in result["runs"].values():
         assert all(p["calls"] >= 1 and p["total_mb"] > 0 for p in run["peaks"].values())
+
+
+def test_the_take_proxy_shows_the_copy_arrow_makes(tmp_path):
+    """`--take`: one block's rows of a memory-mapped pairs file cost Arrow's `take` the whole table, `take_rows` the
+    block."""
+    pairs = write_pairs(topic_pairs(16_000), tmp_path / "pairs.parquet")
+    out = tmp_path / "take.json"
+    assert main(["--take", str(pairs), "--block-rows", "500", "--work", str(tmp_path), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rows"] == 16_000 and r["chunks"] == 32 and r["block_rows"] == 500
+    assert r["block_take_rows_mb"] * 4 < r["block_arrow_take_mb"]
+    assert r["scattered_texts_take_rows_mb"] <= r["scattered_texts_arrow_take_mb"]
