@@ -190,8 +190,8 @@ def open_ipc(path: Path) -> pa.Table:
 def take_rows(column, rows: np.ndarray):
     """column[rows] (a ChunkedArray's as one array; a table's column by column), taken chunk by chunk. Arrow's own
     `take` on a ChunkedArray (pyarrow 26) first concatenates every chunk, a copy of the whole column: in a block
-    task reading `items.arrow` or `queries.arrow`, memory that grew with the corpus (at 1.6M pairs ~200 MB of item
-    texts a write task). Here only the chunks that hold `rows` are read, and the copy is of `rows` only; the values
+    task reading `items.arrow` or `queries.arrow`, memory that grew with the corpus (at 1.6M pairs ~200 MB a search
+    task: docs/scale.md). Here only the chunks that hold `rows` are read, and the copy is of `rows` only; the values
     are the same."""
     rows = np.asarray(rows, np.int64)
     if isinstance(column, pa.Table):
