@@ -183,8 +183,28 @@ def _mmap(path: Path) -> np.ndarray:
 
 
 def open_ipc(path: Path) -> pa.Table:
-    """A table read memory-mapped: slicing and `take` touch only the pages they need."""
+    """A table read memory-mapped: slicing and `take_rows` touch only the pages they need."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def take_rows(column, rows: np.ndarray):
+    """column[rows] (a ChunkedArray's as one array; a table's column by column), taken chunk by chunk. Arrow's own
+    `take` on a ChunkedArray (pyarrow 26) first concatenates every chunk, a copy of the whole column: in a block
+    task reading `items.arrow` or `queries.arrow`, memory that grew with the corpus (at 1.6M pairs ~200 MB a search
+    task: docs/scale.md). Here only the chunks that hold `rows` are read, and the copy is of `rows` only; the values
+    are the same."""
+    rows = np.asarray(rows, np.int64)
+    if isinstance(column, pa.Table):
+        return pa.table([take_rows(c, rows) for c in column.columns], schema=column.schema)
+    if isinstance(column, pa.Array):
+        return column.take(pa.array(rows))
+    wanted, inverse = np.unique(rows, return_inverse=True)
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in column.chunks], dtype=np.int64)])
+    cuts = np.searchsorted(wanted, bounds)
+    parts = [chunk.take(pa.array(wanted[lo:hi] - start))
+             for chunk, start, lo, hi in zip(column.chunks, bounds, cuts[:-1], cuts[1:]) if hi > lo]
+    out = pa.concat_arrays(parts) if parts else pa.array([], column.type)
+    return out if len(wanted) == len(rows) and (np.diff(rows) > 0).all() else out.take(pa.array(inverse))
 
 
 class RunStore:

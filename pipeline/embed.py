@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .blocks import _write_ipc, open_ipc
+from .blocks import _write_ipc, open_ipc, take_rows
 from .config import Config
 from .executor import map_blocks
 from .progress import Progress
@@ -454,7 +454,7 @@ def plan_range(spec: PlanSpec) -> dict:
             continue
         rows = np.concatenate([r for _, r in mine])
         own = np.repeat(np.array([c for c, _ in mine], np.int64), [len(r) for _, r in mine])
-        keys = input_keys(items.take(pa.array(rows, pa.int64())))
+        keys = input_keys(take_rows(items, rows))  # not Arrow's take: it copies whole chunked columns
         found = EmbeddingCache(spec.cache_dir, fp, spec.storage_options).contains(keys)
         counts[:, 0] += np.bincount(own, minlength=n_roles)
         counts[:, 1] += np.bincount(own[found], minlength=n_roles)
@@ -469,7 +469,7 @@ def plan_range(spec: PlanSpec) -> dict:
         for code in _first_seen(own[kept]):  # a role's batches together
             part = kept[own[kept] == code]
             part_rows = pa.array(rows[part], pa.int64())
-            texts = items.column("embed_text").take(part_rows)
+            texts = take_rows(items.column("embed_text"), rows[part])
             plan = plan_batches(pa.table({"item_ids": keys.take(pa.array(part, pa.int64())), "rows": part_rows,
                                           "embed_text": texts}),
                                 spec.batch_size, token_lengths(texts, spec.model), spec.batch_tokens,
@@ -477,7 +477,7 @@ def plan_range(spec: PlanSpec) -> dict:
             n = plan.num_rows
             for name, value in (("role", spec.roles[code]), ("dataset", rep), ("fingerprint", fp)):
                 plan = plan.append_column(name, pa.array([value] * n, pa.string()))
-            images = images or _has_paths(items.column("image_path").take(part_rows))
+            images = images or _has_paths(take_rows(items.column("image_path"), rows[part]))
             sections.append(((g, int(code)), batches, n))
             plans.append(plan)
             batches += n
@@ -548,7 +548,7 @@ def read_batches(specs: pa.Table) -> pa.Table:
         offsets = pa.array(np.append(0, np.cumsum(pc.list_value_length(lists).to_numpy())).astype(np.int32))
         for name, col in (("texts", "embed_text"), ("image_paths", "image_path")):
             plan = plan.append_column(name, pa.ListArray.from_arrays(
-                offsets, items.column(col).take(rows).combine_chunks()))
+                offsets, take_rows(items.column(col), rows.to_numpy())))
         out.append(plan.drop_columns(["rows"]))
     return pa.concat_tables(out)
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import blocklist, extra_positives, input_negatives, judge
-from .blocks import RunStore
+from .blocks import RunStore, take_rows
 from .calibrate import EVIDENCE_KINDS, MAX_QUERIES, calibrate, cap_quantiles, evidence_labels, filter_by_dataset, \
     resolve, with_extra_positives
 from .config import Config, FilterConfig, SampleConfig
@@ -272,8 +272,7 @@ def write_block(spec: BlockSpec) -> BlockResult:
     rows = np.arange(len(block.cand))
     # the items this block names, taken from the memory-mapped table; candidates renumbered to index them
     used = np.unique(block.cand[block.cand >= 0])
-    item_ids, texts, images = (items.column(c).take(pa.array(used)).combine_chunks()
-                               for c in ("item_id", "text", "image_path"))
+    item_ids, texts, images = (take_rows(items.column(c), used) for c in ("item_id", "text", "image_path"))
     local = dataclasses.replace(block, cand=np.where(block.cand >= 0, np.searchsorted(used, block.cand), -1))
     train, cands = shard_tables(q, rows, local, verdict, chosen, keep, item_ids, texts, images, from_input)
     counts = input_negatives.new_counts()

@@ -29,10 +29,6 @@ def _lists(lengths: np.ndarray, values: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), values)
 
 
-def _array(values) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
-
 def pairs(queries: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
     """(query item rows, extra positive item rows) for `filters.query_positives`; None when the input has none."""
     if COLUMN not in queries.column_names:
@@ -77,11 +73,12 @@ def add_columns(train: pa.Table, queries: pa.Table, rows: np.ndarray, item_ids: 
     `filters.relabel` added (when it ran) that are not among them."""
     if COLUMN not in queries.column_names:
         return train
+    from .blocks import take_rows  # columns may be memory-mapped, chunked
+
     sub = queries.take(pa.array(np.asarray(rows, np.int64)))
     _, values, lengths = _flat(sub)
-    flat = pa.array(values.astype(np.int64))
     scores = sub.column(SCORES).combine_chunks().flatten()
-    taken = [_array(col.take(flat)) for col in (item_ids, texts, images)]  # columns may be memory-mapped, chunked
+    taken = [take_rows(col, values) for col in (item_ids, texts, images)]
     new = dict(zip(OUTPUT, (*taken, scores.cast(pa.float32()))))
     if OUTPUT[0] not in train.column_names:
         for name in OUTPUT:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .blocks import take_rows
 from .config import Config, JudgeConfig, TeacherConfig
 from .write import write_new_part
 
@@ -305,7 +306,7 @@ def plan_pairs(pairs: np.ndarray, items: pa.Table, batch_size: int, images: bool
     `pairs`: (n, 2) item rows; only the items they name are read from `items` (memory-mapped)."""
     used, at = np.unique(pairs, return_inverse=True)
     at = at.reshape(-1, 2)
-    taken = {c: items.column(c).take(pa.array(used)).to_pylist() for c in ("item_id", "embed_text", "image_path")}
+    taken = {c: take_rows(items.column(c), used).to_pylist() for c in ("item_id", "embed_text", "image_path")}
     ids, texts = taken["item_id"], taken["embed_text"]
     paths = [p or "" for p in taken["image_path"]] if images else [""] * len(used)
     rows = {k: [] for k in ("query_item_ids", "item_ids", "q_texts", "c_texts", "q_image_paths", "c_image_paths")}

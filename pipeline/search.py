@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import extra_positives, input_negatives
-from .blocks import _write_ipc, open_ipc, read_items, run_context, write_items, write_part, write_positives
+from .blocks import _write_ipc, open_ipc, read_items, run_context, take_rows, write_items, write_part, \
+    write_positives
 from .calibrate import data_filters
 from .config import Config
 from .embed import embed_roles, role_fingerprint
@@ -306,8 +307,7 @@ def join_queries(spec) -> None:
 
 def _queries(spec: SearchSpec) -> pa.Table:
     q = open_ipc(Path(spec.state_dir) / QUERIES_IN)
-    return q.take(pa.array(spec.rows, pa.int64())) if spec.rows is not None else q.slice(spec.start,
-                                                                                         spec.end - spec.start)
+    return take_rows(q, spec.rows) if spec.rows is not None else q.slice(spec.start, spec.end - spec.start)
 
 
 def positive_scores(spec: SearchSpec) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .blocks import open_ipc
+from .blocks import open_ipc, take_rows
 from .embed import EmbeddingCache, input_keys
 from .executor import map_blocks
 from .index import ArraySource, NpyShards
@@ -140,8 +140,8 @@ def _vectors(rows: list[np.ndarray], fingerprints: list[str], items_path: str, c
              storage_options) -> list[np.ndarray]:
     """The cached vectors of each list of item rows (under its teacher fingerprint), from one scan of the cache
     parts per fingerprint; the lists of one fingerprint are views of one array."""
-    items = open_ipc(Path(items_path)).select(["item_id", "embed_text"])  # the key columns: `take` copies them
-    keys = [input_keys(items.take(pa.array(r))) for r in rows]
+    items = open_ipc(Path(items_path)).select(["item_id", "embed_text"])  # the key columns
+    keys = [input_keys(take_rows(items, r)) for r in rows]
     vectors = [None] * len(rows)
     for fingerprint in dict.fromkeys(fingerprints):
         mine = [j for j, fp in enumerate(fingerprints) if fp == fingerprint]
