@@ -33,7 +33,10 @@ class InputConfig:
     be used go to `_rejects.jsonl` with their file, row (the line number in a JSONL file, the 0-based row in a
     Parquet file), field and reason: text that is not UTF-8 (`bad_encoding`), a repeated row (`duplicate_row`: the
     same `id` with the same content, or, without an `id`, the same query, positive and dataset as an earlier row)
-    and the others in docs/output-schema.md. A missing, empty or folder input stops the run before Ray starts."""
+    and the others in docs/output-schema.md. A missing, empty or folder input stops the run before Ray starts. An
+    input file may be an fsspec URI (`s3://bucket/pairs.jsonl`, `gs://...`), Parquet or JSONL alike: read, cut into
+    blocks and counted as its local copy, with each node's usual credentials (docs/cluster.md); an object that is
+    not there stops the read, naming its URI."""
 
     pairs: list[str] = field(default_factory=list)
     """Files of (query, positive) pairs in the MMEB / VLM2Vec layout, Parquet or JSONL (relative to the config)."""

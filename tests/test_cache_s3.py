@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,6 +37,8 @@ def s3(tmp_path_factory):
     host, port = server.get_host_and_port()
     # the options a user gives as `embed.storage_options`: the driver and every actor open the bucket with them
     options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    # moto's buckets live in this process, not in the server: an earlier module's would still be there
+    urllib.request.urlopen(urllib.request.Request(f"{options['endpoint_url']}/moto-api/reset", method="POST"))
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir(BUCKET)
     yield options, fs
