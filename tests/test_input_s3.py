@@ -41,12 +41,13 @@ def _upload(fs, local, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}/{local.name}"
 
 
-def test_a_jsonl_input_on_s3_mines_the_shards_of_its_local_copy(s3_env, tmp_path, shared_cache):
+def test_a_jsonl_input_on_s3_mines_the_shards_of_its_local_copy(s3_env, tmp_path):
     """`hardneg mine` (local executor: the one-pass read) over JSONL pairs and candidates in the bucket writes the
     shards the local copies give; `input_items` counts the remote files' lines."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", text_pairs(40))
     cands = write_jsonl(tmp_path / "cands.jsonl", [{"text": f"clip art of a thing number {i}"} for i in range(9)])
-    local = base_config(pairs, shared_cache, run={"executor": "local", "progress": False})
+    # its own cache: vectors embedded here in other batches would be served to other tests' runs of these texts
+    local = base_config(pairs, str(tmp_path / "cache"), run={"executor": "local", "progress": False})
     local["input"]["candidates"] = str(cands)
     remote = {**local, "input": {**local["input"], "pairs": [_upload(s3_env, pairs, "mine")],
                                  "candidates": _upload(s3_env, cands, "mine")}}
