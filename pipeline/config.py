@@ -211,8 +211,9 @@ class IndexConfig:
     """`auto` (chosen from pool size, dimension, memory budget and GPU: `flat` below `exact_below`, then `ivf_fs`
     on CPU, `ivf_flat` on GPU), `flat` (exact), `hnsw`, `ivf_flat` (IVF with the raw vectors: exact scores in
     the scan, GPU FAISS), `ivf_fs` (IVF with 4-bit fast-scan codes, the top 8k rescored exactly from the pool
-    vectors; CPU only; 0.4-0.9x `ivf_flat`'s CPU per pair at the same recall floor, docs/scale.md), `ivf_sq8`,
-    `ivf_pq`, or any FAISS factory string (e.g. `OPQ32,IVF4096,PQ32`), built with inner product."""
+    vectors; CPU only; at the same recall floor about `ivf_flat`'s CPU per pair at 100k vectors, 0.35-0.5x of
+    it from 400k, docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string (e.g. `OPQ32,IVF4096,PQ32`),
+    built with inner product."""
     exact_below: int = 50_000
     """`auto`: exact (Flat) search for pools smaller than this."""
     hnsw_below: int = 0
