@@ -508,8 +508,9 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
     """Build the index over `pool` for `nq` queries (in-process, or in shard actors on Ray: `index.distributed`),
     measure recall@k on `recall_sample` of them (`sample(rows)`: the vectors of those query rows) against exact
     search and raise nprobe / efSearch until `recall_floor` is met with a margin of `recall_z` standard errors
-    (`recall_lower_bound`), so that the floor holds for all `nq` queries, not only for the sample. Returns (searcher, info); the caller searches
-    (`searcher.search`, or a picklable `searcher.client()` on Ray) and closes it."""
+    (`recall_lower_bound`), so that the floor holds for all `nq` queries, not only for the sample. Returns
+    (searcher, info); the caller searches (`searcher.search`, or a picklable `searcher.client()` on Ray) and
+    closes it."""
     cfg = cfg if cfg is not None else IndexConfig()
     check_config(cfg)
     src = as_source(pool)
