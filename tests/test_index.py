@@ -308,6 +308,23 @@ def test_fast_scan_codes_shard_and_thread_invariantly_with_exact_scores():
     faiss.omp_set_num_threads(1)
 
 
+def test_fast_scan_codes_train_on_one_thread_to_the_same_index():
+    """The lists are trained on every thread, the 4-bit codes on one (OpenMP stalls on their small k-means on a
+    loaded machine): the trained index is the one FAISS trains on one thread, and the thread count is restored."""
+    x = clustered(8000, 16, seed=15)
+    plan = ix.choose_index(len(x), 16, IndexConfig(kind="ivf_fs", nlist=64), gpu_available=False)
+    faiss.omp_set_num_threads(2)
+    try:
+        idx = ix.make_index(plan)
+        ix.train_index(idx, ix.as_source(x), plan, seed=3)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(1)
+    ref = ix.make_index(plan)
+    ref.train(ix.as_source(x).sample(plan["params"]["train_size"], 3))
+    assert np.array_equal(faiss.serialize_index(idx), faiss.serialize_index(ref))
+
+
 def test_hnsw_quantizer_is_built_the_same_every_time_and_shards_exactly():
     """An HNSW coarse quantizer (auto, from HNSW_QUANTIZER_FROM lists) is trained on a flat k-means and linked on
     one thread: builds on 2 threads and on 1 give the same graph (a multi-threaded build can link it in another
