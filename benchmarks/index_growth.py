@@ -16,12 +16,15 @@ For each size, each rule builds its index in this process (`index.distributed: n
 queries as a run does; then all the queries are searched once (timed) and compared with exact search:
 
 * `today`: the rule before issue 15 -- nlist a power of two near 2 sqrt(n), a flat coarse quantizer, nprobe
-  from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536), nprobe doubled until the floor;
-* `before`: `choose_index` at the default `IndexConfig`, nprobe doubled until the floor (the tuning before the
-  bisection: `pipeline.retrieve._narrow` is switched off for this rule);
+  from nlist / 64 (at least 16), training on 40 x nlist points (at least 65,536), nprobe doubled until the
+  sample's recall meets the floor;
+* `before`: `choose_index` at the default `IndexConfig`, nprobe doubled until the sample's recall meets the floor
+  (the tuning before the bisection: `pipeline.retrieve._narrow` is switched off for this rule; and before the
+  margin for sampling error: recall_z 0);
 * `auto`: `choose_index` at the default `IndexConfig`, tuned as a run tunes now;
 * `--also`: factory templates at auto's lists, `ivf_flat` / `ivf_fs` / `ivf_sq8` (named kinds), `hnsw` / `hnsw:M`
-  (a graph over the pool).
+  (a graph over the pool); `RULE@z=Z` is RULE tuned with `index.recall_z` Z (e.g. `auto@z=0`: the floor on the
+  sample's recall alone, no margin for sampling error).
 
 `--data clustered` swaps the topic pairs for `benchmarks/scale.py`'s clustered mixture (96-d; queries are fresh
 draws). Reported per size and rule: factory, nlist, tuned nprobe / efSearch, bytes and build time per vector, build +
@@ -150,10 +153,14 @@ def rules(n: int, also: list[str]) -> dict[str, dict]:
     from pipeline.config import IndexConfig
     from pipeline.index import choose_index
 
-    out = {"today": {**today(n), "doubling_only": True}, "before": {"doubling_only": True}, "auto": {}}
+    out = {"today": {**today(n), "doubling_only": True, "recall_z": 0},
+           "before": {"doubling_only": True, "recall_z": 0}, "auto": {}}
     nl = choose_index(n, 96, IndexConfig(), gpu_available=False)["params"].get("nlist", 0)
     for f in also:
-        if f.startswith("hnsw"):  # 'hnsw' or 'hnsw:M': one HNSW graph over the whole pool, efSearch tuned
+        base, _, z = f.partition("@z=")  # 'RULE@z=Z': RULE tuned with index.recall_z = Z
+        if z:
+            out[f] = {**(out.get(base) or rules(n, [base])[base]), "recall_z": float(z)}
+        elif f.startswith("hnsw"):  # 'hnsw' or 'hnsw:M': one HNSW graph over the whole pool, efSearch tuned
             out[f] = {"kind": "hnsw", "hnsw_m": int(f.partition(":")[2] or 32)}
         elif f in ("ivf_sq8", "ivf_flat", "ivf_fs"):  # a named kind at auto's lists (SQ8 / FS: exact rescoring)
             out[f] = {"kind": f}
@@ -180,7 +187,7 @@ def measure(pool: np.ndarray, queries: np.ndarray, truth: tuple, k: int, overrid
     overrides = dict(overrides)
     narrow = retrieve._narrow
     if overrides.pop("doubling_only", False):  # the tuning before the bisection: keep the first nprobe that meets it
-        narrow = lambda searcher, trials, recall, floor, measure: recall  # noqa: E731
+        narrow = lambda searcher, trials, met, floor, measure: met  # noqa: E731
     cfg = IndexConfig(distributed="never", **overrides)
     c0, t0 = time.process_time(), time.perf_counter()
     saved, retrieve._narrow = retrieve._narrow, narrow

@@ -211,10 +211,12 @@ class EmbedConfig:
 class IndexConfig:
     """How candidates are retrieved (pipeline/index.py, pipeline/retrieve.py; figures in docs/scale.md)."""
     kind: str = "auto"
-    """`auto` (chosen from pool size, dimension and memory budget), `flat` (exact), `hnsw`, `ivf_flat`, `ivf_fs`
-    (IVF with 4-bit fast-scan codes, rescored exactly; CPU only; ~2x less CPU than `ivf_flat` at 400k-1.6M
-    vectors, docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string
-    (e.g. `OPQ32,IVF4096,PQ32`), built with inner product."""
+    """`auto` (chosen from pool size, dimension, memory budget and GPU: `flat` below `exact_below`, then `ivf_fs`
+    on CPU, `ivf_flat` on GPU), `flat` (exact), `hnsw`, `ivf_flat` (IVF with the raw vectors: exact scores in
+    the scan, GPU FAISS), `ivf_fs` (IVF with 4-bit fast-scan codes, the top 8k rescored exactly from the pool
+    vectors; CPU only; at the same recall floor about `ivf_flat`'s CPU per pair at 100k vectors, 0.35-0.5x of
+    it from 400k, docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string (e.g. `OPQ32,IVF4096,PQ32`),
+    built with inner product."""
     exact_below: int = 50_000
     """`auto`: exact (Flat) search for pools smaller than this."""
     hnsw_below: int = 0
@@ -222,8 +224,9 @@ class IndexConfig:
     IVF builds faster, searches faster at equal recall on 2 cores, and unlike HNSW gives the same neighbours however
     the pool is sharded (docs/scale.md)."""
     memory_budget_gb: float = 8.0
-    """Memory the index may take, all shards together: `auto` picks IVF-Flat if the raw vectors fit, else IVF-SQ8,
-    else (OPQ) IVF-PQ with the largest code that fits."""
+    """Memory the index may take, all shards together: `auto` picks (on CPU) IVF-FS if its codes plus the raw
+    vectors its rescoring reads fit, else IVF-Flat if the raw vectors fit, else IVF-SQ8, else (OPQ) IVF-PQ with the
+    largest code that fits."""
     nlist: Optional[int] = None
     """IVF lists (default: a power of two near the larger of 2*sqrt(pool size) and min(pool size / 256, 32,768):
     from ~260k to ~8M vectors the lists keep 180-360 vectors each, so a probed list costs the same at any pool size
@@ -250,8 +253,14 @@ class IndexConfig:
     add_batch: int = 65_536
     """Rows added to the index per batch: build memory is the index plus one batch."""
     recall_floor: Optional[float] = 0.95
-    """Recall@k against exact search, measured on `recall_sample` queries every run; below it the run raises
-    nprobe / ef_search (`auto_tune`) or stops with RecallFloorError. null: measure and report only."""
+    """Recall@k against exact search that all the queries must reach. Measured on `recall_sample` of them every
+    run; the floor is met when the sample's recall less `recall_z` standard errors is at or above it (the standard
+    error of recall over the sampled queries, with the finite-population correction: sampling every query has
+    none), so that the unmeasured queries meet it too; below it the run raises nprobe / ef_search (`auto_tune`)
+    or stops with RecallFloorError. null: measure and report only."""
+    recall_z: float = 1.96
+    """Standard errors of the sampled recall kept as a margin above `recall_floor` (1.96: the floor holds for all
+    queries with ~97.5% confidence; 0: the sample's recall alone, as before)."""
     recall_sample: int = 500
     """Queries sampled for the recall measurement (0: skip it). A Flat index is exact search: not measured, its
     recall is reported as 1.0 (`recall_exact`)."""
@@ -471,6 +480,7 @@ _RANGES: dict[str, Range] = {
     "index.nlist": _ge(1), "index.nprobe": _ge(1), "index.ef_search": _ge(1), "index.hnsw_m": _ge(2),
     "index.ef_construction": _ge(1), "index.pq_m": _ge(1), "index.refine_factor": _ge(1), "index.train_size": _ge(1),
     "index.add_batch": _ge(1), "index.recall_floor": _in(0, 1), "index.recall_sample": _ge(0),
+    "index.recall_z": _ge(0),
     "index.ray_above": _ge(0), "index.num_shards": _ge(1), "index.actor_cpus": _ge(0), "index.client_cpus": _ge(0),
     "index.search_clients": _ge(1), "index.query_batch": _ge(1), "index.threads": _ge(1), "index.seed": _SEED,
     "retrieve.top_k": _ge(1), "retrieve.deepen_factor": _ge(1), "retrieve.block_rows": _ge(1),
@@ -516,7 +526,8 @@ KEY_CLASSES: dict[str, str] = {
     # index: Flat and IVF results do not depend on sharding, threads or batching (docs/scale.md)
     **{f"index.{k}": RUN for k in ("kind", "exact_below", "hnsw_below", "memory_budget_gb", "nlist", "nprobe",
                                    "ef_search", "hnsw_m", "ef_construction", "pq_m", "opq", "refine_factor",
-                                   "train_size", "recall_floor", "recall_sample", "auto_tune", "gpu", "seed")},
+                                   "train_size", "recall_floor", "recall_z", "recall_sample", "auto_tune", "gpu",
+                                   "seed")},
     **{f"index.{k}": FREE for k in ("add_batch", "distributed", "ray_above", "num_shards", "actor_cpus",
                                     "client_cpus", "search_clients", "query_batch", "threads")},
     "retrieve.top_k": RUN, "retrieve.deepen_factor": RUN, "retrieve.block_rows": FREE,

@@ -4,9 +4,10 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 
 * ``choose_index(n, dim, cfg)`` -> the plan (factory string + derived parameters + estimated bytes), from the
   pool size, the dimension and ``cfg.memory_budget_gb``: ``Flat`` below ``exact_below``, ``HNSW`` up to
-  ``hnsw_below`` (CPU only; off by default), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
-  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named kind or FAISS
-  factory string in ``cfg.kind`` (``ivf_fs``: 4-bit fast-scan codes, the top 8k rescored exactly, CPU only).
+  ``hnsw_below`` (CPU only; off by default), then on CPU ``IVF-FS`` (4-bit fast-scan codes, the top 8k rescored
+  exactly from the pool) if its codes plus the raw vectors fit the budget, ``IVF-Flat`` if the raw vectors fit,
+  ``IVF-SQ8`` if a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named
+  kind or FAISS factory string in ``cfg.kind``.
 * ``build_index(vectors, cfg)`` trains on a sample and adds in batches from an array, a memmap or a list of ``.npy``
   shards (``VectorSource``): peak memory is the index plus one batch.
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;
@@ -18,6 +19,7 @@ See docs/scale.md for the figures behind the defaults.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -361,6 +363,14 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
         if plan["est_bytes"] <= budget:
             plan["reason"] = f"index.exact_below <= n={n} < index.hnsw_below={hnsw_below}, fits the budget"
             return plan
+    if not gpu_available:  # fast-scan codes: about half IVF-Flat's CPU a query at the same recall (docs/scale.md)
+        plan = _plan_for("ivf_fs", n, dim, cfg, gpu_available)
+        raw = n * dim * 4  # rescoring reads 8k candidates a query at random from the pool: it must stay in memory
+        if plan["est_bytes"] + raw <= budget:
+            plan["reason"] = (f"CPU: fast-scan codes ({_gb(plan['est_bytes'])} GB) + the raw vectors they are "
+                              f"rescored from ({_gb(raw)} GB) fit index.memory_budget_gb="
+                              f"{_cfg(cfg, 'memory_budget_gb')}")
+            return plan
     for k in ("ivf_flat", "ivf_sq8"):
         plan = _plan_for(k, n, dim, cfg, gpu_available)
         if plan["est_bytes"] <= budget:
@@ -513,8 +523,28 @@ def train_index(idx, source: VectorSource, plan: dict, seed: int = 0) -> float:
         ivf = None
     if ivf is not None and _find_hnsw(faiss.downcast_index(ivf.quantizer)) is not None:
         train_coarse(idx, ivf, x)
-    idx.train(x)  # what comes after the lists (codes); a filled quantizer is not trained again
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan) \
+            and not isinstance(idx, faiss.IndexPreTransform):
+        # the lists on every thread, then the 4-bit codes on one: their d small k-means (16 centroids, 4,096
+        # points each) spent 33 s of wall on 2 threads of a loaded machine where one thread takes 0.5 s (OpenMP
+        # waits at every step), and give the same codes
+        ivf.train_q1(len(x), faiss.swig_ptr(x), False, ivf.metric_type)
+        with one_thread():
+            idx.train(x)
+    else:
+        idx.train(x)  # what comes after the lists (codes); a filled quantizer is not trained again
     return time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run FAISS on one OpenMP thread inside the block (the thread count is restored after it)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def train_coarse(idx, ivf, x: np.ndarray) -> None:
@@ -535,12 +565,8 @@ def train_coarse(idx, ivf, x: np.ndarray) -> None:
     q = faiss.downcast_index(ivf.quantizer)
     q.reset()
     q.hnsw.efSearch = 64  # the beam that assigns added vectors to lists (search sets its own)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
+    with one_thread():
         q.add(km.centroids)
-    finally:
-        faiss.omp_set_num_threads(threads)
 
 
 def set_search_params(index, plan: dict, k: int) -> dict:
@@ -814,18 +840,26 @@ def recall_at_k(ann_ids: np.ndarray, exact_ids: np.ndarray, k: Optional[int] = N
     """Mean over queries of |ANN top-k ∩ exact top-k| / |exact top-k| (exact lists are shorter than k when the pool
     is smaller than k). With scores, ties count: an ANN id outside the exact list whose exact score is within
     ``tol`` of the k-th exact score is a hit too (duplicate vectors make the exact top-k ambiguous)."""
+    hits, tot = recall_hits(ann_ids, exact_ids, k, ann_scores, exact_scores, tol)
+    return float(hits.sum() / tot.sum()) if tot.sum() else 1.0
+
+
+def recall_hits(ann_ids: np.ndarray, exact_ids: np.ndarray, k: Optional[int] = None,
+                ann_scores: Optional[np.ndarray] = None, exact_scores: Optional[np.ndarray] = None,
+                tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """``recall_at_k``'s counts per query, (hits, length of the exact top-k): what a sample's standard error needs."""
     k = k or exact_ids.shape[1]
     a, e = ann_ids[:, :k], exact_ids[:, :k]
-    hits, tot = 0, 0
+    hits, tot = np.zeros(len(e), np.int64), np.zeros(len(e), np.int64)
     for r, (ra, re_) in enumerate(zip(a, e)):
         valid = re_ >= 0
         re_ = re_[valid]
-        tot += len(re_)
+        tot[r] = len(re_)
         got = ra >= 0
         inter = np.isin(ra[got], re_)
         h = int(inter.sum())
         if ann_scores is not None and exact_scores is not None and len(re_):
             kth = float(exact_scores[r, :k][valid][-1])
             h += int((ann_scores[r, :k][got][~inter] >= kth - tol).sum())
-        hits += min(h, len(re_))
-    return float(hits / tot) if tot else 1.0
+        hits[r] = min(h, len(re_))
+    return hits, tot

@@ -11,8 +11,9 @@
   stage over query blocks: stage actors fan each block out to every shard and merge the shards' top-k exactly;
 * measure recall@k against exact (streaming brute-force, in the shard actors over their own rows when the pool is on
   disk) search on ``recall_sample`` queries before the full search (a Flat index is exact search: recall 1.0,
-  reported as ``recall_exact`` without a sample); below ``recall_floor`` raise nprobe / efSearch (doubling, then
-  bisecting back to the smallest measured setting that meets it), or raise ``RecallFloorError``.
+  reported as ``recall_exact`` without a sample); while the sample's recall, less ``recall_z`` standard errors,
+  is below ``recall_floor`` raise nprobe / efSearch (doubling, then bisecting back to the smallest measured
+  setting that meets it), or raise ``RecallFloorError``.
 
 Ray is never started or stopped here: the caller's session (``ray.is_initialized()``) is used.
 """
@@ -27,7 +28,7 @@ import faiss
 from pipeline.ray_session import ray_is_up
 from pipeline.index import (
     IndexConfig, VectorSource, _cfg, _f32, add_source, as_source, build_index, canonical_topk, check_config,
-    choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_at_k, refine, retune,
+    choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_hits, refine, retune,
     search, set_search_params, source_from_spec, tame_malloc, to_gpu, train_index,
 )
 
@@ -37,8 +38,9 @@ MAX_EF_SEARCH = 4096
 class RecallFloorError(RuntimeError):
     """The index's measured recall@k stayed below ``index.recall_floor``."""
 
-    def __init__(self, recall: float, floor: float, k: int, info: dict, why: str, at_max: bool = False):
-        self.recall, self.floor, self.k, self.info = recall, floor, k, info
+    def __init__(self, recall: float, floor: float, k: int, info: dict, why: str, at_max: bool = False,
+                 lower: Optional[float] = None):
+        self.recall, self.floor, self.k, self.info, self.lower = recall, floor, k, info, lower
         params = info.get("params", {})
         fixes = []
         if "nprobe" in params and not at_max:
@@ -52,9 +54,11 @@ class RecallFloorError(RuntimeError):
                          "index.memory_budget_gb for a finer code")
         fixes.append("choose a more exact index.kind (flat, ivf_flat)")
         fixes.append("or lower index.recall_floor (null: measure and report only)")
+        margin = "" if lower is None or lower == recall else (
+            f", {lower:.4f} less index.recall_z={info.get('recall_z')} standard errors")
         super().__init__(
             f"recall@{k} of the {info.get('factory')} index is {recall:.4f} on {info.get('recall_sample')} sampled "
-            f"queries, below index.recall_floor={floor} ({why}). To fix: " + "; ".join(fixes) + ".")
+            f"queries{margin}, below index.recall_floor={floor} ({why}). To fix: " + "; ".join(fixes) + ".")
 
 
 def _use_ray(cfg, n: int, nq: int) -> bool:
@@ -434,23 +438,38 @@ def _tune_step(params: dict, plan: dict, n: int) -> Optional[dict]:
     return None
 
 
-def _narrow(searcher, trials: list, recall: float, floor: float, measure) -> float:
+def recall_lower_bound(hits: np.ndarray, tot: np.ndarray, population: int, z: float) -> tuple[float, float]:
+    """(recall, its lower bound) from a sample's per-query counts (`recall_hits`): recall@k of the sample
+    (sum hits / sum tot) less ``z`` standard errors of that ratio over queries, with the finite-population correction
+    for a sample of ``population`` queries (a sample of every query has no sampling error)."""
+    m, total = len(hits), float(tot.sum())
+    if not total:
+        return 1.0, 1.0
+    r = float(hits.sum()) / total
+    if m < 2 or not z:
+        return r, r
+    resid = hits - r * tot
+    se = np.sqrt(float(resid @ resid) / (m - 1) / m * max(0.0, 1.0 - m / max(population, m))) / (total / m)
+    return r, r - float(z) * se
+
+
+def _narrow(searcher, trials: list, met: tuple, floor: float, measure) -> tuple[float, float]:
     """After doubling met the floor: bisect between the last setting that missed it and the first that met it,
     until they are within 1/8, and keep the smallest measured setting that meets it (doubling alone overshoots by
-    up to 2x, and the search cost is proportional to nprobe). Returns the recall of the setting kept."""
+    up to 2x, and the search cost is proportional to nprobe). `met` and the result: (recall, lower bound)."""
     key = "nprobe" if "nprobe" in trials[-1] else "ef_search"
-    lo, hi, hi_recall = int(trials[-2][key]), int(trials[-1][key]), recall
+    lo, hi, kept = int(trials[-2][key]), int(trials[-1][key]), met
     while hi - lo > max(1, hi // 8):
         mid = (lo + hi) // 2
         searcher.set_params(**{key: mid})
         r = measure()
-        if r >= floor:
-            hi, hi_recall = mid, r
+        if r[1] >= floor:
+            hi, kept = mid, r
         else:
             lo = mid
     if trials[-1][key] != hi:
         searcher.set_params(**{key: hi})
-    return hi_recall
+    return kept
 
 
 def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
@@ -488,8 +507,10 @@ def retrieve(pool, queries: np.ndarray, k: int, cfg=None):
 def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
     """Build the index over `pool` for `nq` queries (in-process, or in shard actors on Ray: `index.distributed`),
     measure recall@k on `recall_sample` of them (`sample(rows)`: the vectors of those query rows) against exact
-    search and raise nprobe / efSearch until `recall_floor` is met. Returns (searcher, info); the caller searches
-    (`searcher.search`, or a picklable `searcher.client()` on Ray) and closes it."""
+    search and raise nprobe / efSearch until `recall_floor` is met with a margin of `recall_z` standard errors
+    (`recall_lower_bound`), so that the floor holds for all `nq` queries, not only for the sample. Returns
+    (searcher, info); the caller searches (`searcher.search`, or a picklable `searcher.client()` on Ray) and
+    closes it."""
     cfg = cfg if cfg is not None else IndexConfig()
     check_config(cfg)
     src = as_source(pool)
@@ -507,31 +528,33 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
         exact = plan["kind"] == "flat"
         m = 0 if exact else int(min(nq, max(0, int(_cfg(cfg, "recall_sample", 500)))))
         floor = _cfg(cfg, "recall_floor")
+        z = float(_cfg(cfg, "recall_z", 1.96))
         trials = []
-        recall = 1.0 if exact and nq else None
+        recall = lower = 1.0 if exact and nq else None
         if m > 0:
             rows = np.sort(np.random.default_rng(int(_cfg(cfg, "seed", 0) or 0) + 1).choice(nq, m, replace=False))
             qs = _f32(sample(rows))
             exact_D, exact_I = searcher.exact(qs, k)
 
-            def measure() -> float:
+            def measure() -> tuple[float, float]:
                 ann_D, ann_I = searcher.search(qs, k)
-                r = recall_at_k(ann_I, exact_I, k, ann_D, exact_D)
+                r = recall_lower_bound(*recall_hits(ann_I, exact_I, k, ann_D, exact_D), nq, z)
                 now = searcher.params()
-                trials.append({**{a: now[a] for a in ("nprobe", "ef_search") if a in now}, "recall": round(r, 5)})
+                trials.append({**{a: now[a] for a in ("nprobe", "ef_search") if a in now}, "recall": round(r[0], 5),
+                               "recall_lower": round(r[1], 5)})
                 return r
 
             while True:
-                recall = measure()
+                recall, lower = measure()
                 p = searcher.params()
-                if floor is None or recall >= float(floor):
+                if floor is None or lower >= float(floor):
                     if len(trials) > 1:
-                        recall = _narrow(searcher, trials, recall, float(floor), measure)
+                        recall, lower = _narrow(searcher, trials, (recall, lower), float(floor), measure)
                     break
                 step = _tune_step(p, plan, src.n) if _cfg(cfg, "auto_tune", True) else None
                 if step is None:
                     info = searcher.index_info()
-                    info.update(recall_sample=m, recall_trials=trials)
+                    info.update(recall_sample=m, recall_trials=trials, recall_z=z)
                     tunable = "nprobe" in p or "ef_search" in p
                     if not _cfg(cfg, "auto_tune", True):
                         why, at_max = "index.auto_tune is off", False
@@ -540,13 +563,14 @@ def open_index(pool, nq: int, k: int, cfg, sample) -> tuple:
                                        + ", ".join(f"{a}={p[a]}" for a in ("nprobe", "ef_search") if a in p)), True
                     else:
                         why, at_max = "the index has no search parameter to raise", True
-                    raise RecallFloorError(recall, float(floor), k, info, why, at_max)
+                    raise RecallFloorError(recall, float(floor), k, info, why, at_max, lower)
                 searcher.set_params(**step)
         recall_s = time.perf_counter() - t0
         info = searcher.index_info()
         info.update({
             "k": k, "nq": nq, "mode": searcher.mode, "num_shards": searcher.num_shards,
             "recall_at_k": None if recall is None else round(float(recall), 5), "recall_k": k,
+            "recall_lower": None if lower is None else round(float(lower), 5), "recall_z": z,
             "recall_sample": m, "recall_exact": exact, "recall_floor": floor, "recall_trials": trials,
             "tuned": len(trials) > 1,
             "build_s": round(searcher.build_s, 3), "recall_s": round(recall_s, 3),

@@ -38,10 +38,15 @@ def test_measure_counts_scanned_vectors_and_coarse_distances(tmp_path):
 
 def test_result_file(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["--sizes", "3000", "--queries", "100", "--work", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["--sizes", "3000", "--queries", "100", "--work", str(tmp_path), "--out", str(out),
+                 "--also", "ivf_flat", "ivf_flat@z=0"]) == 0
     r = json.loads(out.read_text())
     run = r["runs"]["3000"]
     assert run["today"]["factory"] == "IVF64,Flat" and run["auto"]["factory"] == "Flat"  # below index.exact_below
     assert run["auto"]["recall_at_k"] == 1.0 and run["today"]["recall_at_k"] >= 0.95  # the recall floor
     assert set(r["ratios_auto_over_today"]["3000"]) == {"scanned", "search_us", "search_cpu_us", "wall_us_per_pair"}
     assert run["before"]["factory"] == "Flat" and "3000" in r["ratios_auto_over_before"]
+    # RULE@z=Z: the same index tuned without (Z=0) the margin for sampling error
+    assert run["ivf_flat"]["factory"] == run["ivf_flat@z=0"]["factory"] == "IVF64,Flat"
+    plain, margin = run["ivf_flat@z=0"]["recall_trials"][0], run["ivf_flat"]["recall_trials"][0]
+    assert plain["recall_lower"] == plain["recall"] and margin["recall_lower"] <= margin["recall"]

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline import index as ix
 from pipeline.config import IndexConfig
-from pipeline.retrieve import RecallFloorError, retrieve
+from pipeline.retrieve import RecallFloorError, recall_lower_bound, retrieve
 
 from test_index import brute, clustered, one_faiss_thread  # noqa: F401 (an autouse fixture: one FAISS thread)
 
@@ -37,35 +37,54 @@ def test_recall_floor_raises_nprobe_until_met():
                       distributed="never")
     s, i, info = retrieve(x, q, 20, cfg)
     trials = info["recall_trials"]
-    assert trials[0]["nprobe"] == 1 and trials[0]["recall"] < 0.97  # the setting given was not enough ...
-    met = next(j for j, t in enumerate(trials) if t["recall"] >= 0.97)
+    assert trials[0]["nprobe"] == 1 and trials[0]["recall_lower"] < 0.97  # the setting given was not enough ...
+    met = next(j for j, t in enumerate(trials) if t["recall_lower"] >= 0.97)
     assert met >= 2 and [t["nprobe"] for t in trials[:met + 1]] == [2 ** j for j in range(met + 1)]  # doubled ...
     lo, hi = trials[met - 1]["nprobe"], trials[met]["nprobe"]
     assert len(trials) > met + 1 and all(lo < t["nprobe"] < hi for t in trials[met + 1:])  # ... then bisected
-    kept = min(t["nprobe"] for t in trials if t["recall"] >= 0.97)  # the smallest setting measured to meet it
-    assert all(t["recall"] < 0.97 for t in trials if t["nprobe"] < kept) and kept - max(
+    kept = min(t["nprobe"] for t in trials if t["recall_lower"] >= 0.97)  # the smallest setting measured to meet it
+    assert all(t["recall_lower"] < 0.97 for t in trials if t["nprobe"] < kept) and kept - max(
         t["nprobe"] for t in trials if t["nprobe"] < kept) <= max(1, kept // 8)
-    assert info["tuned"] and info["params"]["nprobe"] == kept and info["recall_at_k"] >= 0.97
-    assert info["recall_at_k"] == [t["recall"] for t in trials if t["nprobe"] == kept][0]
+    assert info["tuned"] and info["params"]["nprobe"] == kept and info["recall_lower"] >= 0.97
+    assert (info["recall_at_k"], info["recall_lower"]) == [(t["recall"], t["recall_lower"]) for t in trials
+                                                           if t["nprobe"] == kept][0]
+    assert all(t["recall"] > t["recall_lower"] for t in trials if t["recall"] < 1)  # the margin for sampling error
     _, ei = ix.exact_search(x, q, 20)
-    assert ix.recall_at_k(i, ei) >= 0.95  # the full result, all queries, has the tuned recall too
+    assert ix.recall_at_k(i, ei) >= 0.97  # the full result, all queries, meets the floor too
+    # without the margin the sample's recall alone decides: never a larger nprobe
+    _, _, plain = retrieve(x, q, 20, IndexConfig(**{**cfg.__dict__, "recall_z": 0}))
+    assert plain["recall_lower"] == plain["recall_at_k"] >= 0.97 and plain["params"]["nprobe"] <= kept
+
+
+def test_recall_lower_bound_is_a_ratio_standard_error_with_finite_population_correction():
+    hits, tot = np.array([10, 9, 8, 10, 7, 10]), np.full(6, 10)
+    r = hits.sum() / tot.sum()
+    se = np.std(hits / 10, ddof=1) / np.sqrt(6)  # equal list lengths: the standard error of the mean
+    assert recall_lower_bound(hits, tot, 10 ** 9, 1.96) == pytest.approx((r, r - 1.96 * se))
+    assert recall_lower_bound(hits, tot, 24, 1.96)[1] == pytest.approx(r - 1.96 * se * np.sqrt(1 - 6 / 24))
+    assert recall_lower_bound(hits, tot, 6, 1.96) == pytest.approx((r, r))  # the sample is every query
+    assert recall_lower_bound(hits, tot, 10 ** 9, 0) == pytest.approx((r, r))
+    assert recall_lower_bound(np.full(5, 10), np.full(5, 10), 100, 3) == (1.0, 1.0)  # no spread, no margin
+    assert recall_lower_bound(np.zeros(3, int), np.zeros(3, int), 100, 2) == (1.0, 1.0)  # nothing to find
 
 
 def test_recall_floor_error_names_recall_floor_and_keys():
     x = clustered(20_000, 32, centres=200, seed=4, spread=0.6)
     q = clustered(200, 32, centres=200, seed=5, spread=0.6)
-    cfg = IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=0.99, auto_tune=False, distributed="never")
+    cfg = IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=0.99, auto_tune=False, distributed="never",
+                      recall_sample=100)
     with pytest.raises(RecallFloorError) as e:
         retrieve(x, q, 20, cfg)
     err = e.value
     assert err.recall < 0.99 and err.floor == 0.99
     msg = str(err)
-    for part in (f"{err.recall:.4f}", "index.recall_floor=0.99", "raise index.nprobe (now 1 of nlist=256)",
+    for part in (f"{err.recall:.4f}", f"{err.lower:.4f} less index.recall_z=1.96 standard errors",
+                 "index.recall_floor=0.99", "raise index.nprobe (now 1 of nlist=256)",
                  "index.auto_tune", "index.kind"):
         assert part in msg, (part, msg)
     # no floor: the same index runs and reports its (low) recall
     _, _, info = retrieve(x, q, 20, IndexConfig(kind="ivf_flat", nlist=256, nprobe=1, recall_floor=None,
-                                                 distributed="never"))
+                                                 distributed="never", recall_sample=100))
     assert info["recall_at_k"] == pytest.approx(err.recall) and not info["tuned"]
 
 
