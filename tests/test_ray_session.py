@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -53,10 +54,12 @@ def env(**extra) -> dict:
     return out
 
 
-def session_dirs_of(pid: int) -> list[Path]:
-    """A local Ray's session folder is named after the driver that started it: session_<date>_<time>_<pid>."""
+def session_dirs_of(pid: int, since: float) -> list[Path]:
+    """A local Ray's session folder is named after the driver that started it: session_<date>_<time>_<pid>. Pids
+    are reused on a long-lived machine, so only the folders named at or after `since` (a time.time()) count."""
     root = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
-    return [p for p in root.glob(f"session_*_{pid}") if p.is_dir()]
+    return [p for p in root.glob(f"session_*_{pid}") if p.is_dir() and
+            datetime.strptime("_".join(p.name.split("_")[1:4]), "%Y-%m-%d_%H-%M-%S_%f").timestamp() >= since - 1]
 
 
 def holders(session_dir: Path) -> list[psutil.Process]:
@@ -76,6 +79,7 @@ def holders(session_dir: Path) -> list[psutil.Process]:
 
 
 def test_a_healthy_run_prints_no_error_warning_or_info_line_and_leaves_no_process(tmp_path):
+    since = time.time()
     proc = subprocess.Popen(mine_cmd(tmp_path), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     out, err = proc.communicate(timeout=600)
@@ -83,7 +87,7 @@ def test_a_healthy_run_prints_no_error_warning_or_info_line_and_leaves_no_proces
     assert "wrote " in out and (tmp_path / "out" / "epoch=0000" / "_manifest.json").exists()
     noisy = [line for line in re.split(r"[\r\n]", err) if NOISE.search(line)]
     assert noisy == [], "\n".join(noisy)
-    (session,) = session_dirs_of(proc.pid)
+    (session,) = session_dirs_of(proc.pid, since)
     assert not (session / RECORD).exists()  # cleaned up at exit
     assert holders(session) == []
 
@@ -100,14 +104,15 @@ def test_an_address_where_no_cluster_answers_fails_in_seconds_with_one_line(tmp_
 
 
 def test_the_processes_of_a_killed_driver_are_ended_at_the_next_start(tmp_path):
+    since = time.time()
     proc = subprocess.Popen(mine_cmd(tmp_path, n=200, cls="test_ray_session:SlowTeacher"), cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not any((d / RECORD).exists() for d in session_dirs_of(proc.pid)):  # Ray is up
+        while not any((d / RECORD).exists() for d in session_dirs_of(proc.pid, since)):  # Ray is up
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before Ray was up"
             time.sleep(0.5)
-        (session,) = session_dirs_of(proc.pid)
+        (session,) = session_dirs_of(proc.pid, since)
         while not list((session / "logs").glob("worker-*")):  # and its workers have started
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its workers started"
             time.sleep(0.5)
