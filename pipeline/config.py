@@ -211,12 +211,11 @@ class EmbedConfig:
 class IndexConfig:
     """How candidates are retrieved (pipeline/index.py, pipeline/retrieve.py; figures in docs/scale.md)."""
     kind: str = "auto"
-    """`auto` (chosen from pool size, dimension, memory budget and GPU: `flat` below `exact_below`, then `ivf_fs`
-    on CPU, `ivf_flat` on GPU), `flat` (exact), `hnsw`, `ivf_flat` (IVF with the raw vectors: exact scores in
-    the scan, GPU FAISS), `ivf_fs` (IVF with 4-bit fast-scan codes, the top 8k rescored exactly from the pool
-    vectors; CPU only; at the same recall floor about `ivf_flat`'s CPU per pair at 100k vectors, 0.35-0.5x of
-    it from 400k, docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string (e.g. `OPQ32,IVF4096,PQ32`),
-    built with inner product."""
+    """`auto` (chosen from pool size, dimension and memory budget), `flat` (exact), `hnsw`, `ivf_flat`, `ivf_fs`
+    (IVF with 4-bit fast-scan codes, the top 8k rescored exactly from the pool vectors; CPU only; in-process at the
+    same recall floor 0.35-0.5x `ivf_flat`'s CPU per pair from 400k vectors, but slower end to end on Ray, where
+    the pool is rescored from its files: docs/scale.md), `ivf_sq8`, `ivf_pq`, or any FAISS factory string
+    (e.g. `OPQ32,IVF4096,PQ32`), built with inner product."""
     exact_below: int = 50_000
     """`auto`: exact (Flat) search for pools smaller than this."""
     hnsw_below: int = 0
@@ -224,9 +223,8 @@ class IndexConfig:
     IVF builds faster, searches faster at equal recall on 2 cores, and unlike HNSW gives the same neighbours however
     the pool is sharded (docs/scale.md)."""
     memory_budget_gb: float = 8.0
-    """Memory the index may take, all shards together: `auto` picks (on CPU) IVF-FS if its codes plus the raw
-    vectors its rescoring reads fit, else IVF-Flat if the raw vectors fit, else IVF-SQ8, else (OPQ) IVF-PQ with the
-    largest code that fits."""
+    """Memory the index may take, all shards together: `auto` picks IVF-Flat if the raw vectors fit, else IVF-SQ8,
+    else (OPQ) IVF-PQ with the largest code that fits."""
     nlist: Optional[int] = None
     """IVF lists (default: a power of two near the larger of 2*sqrt(pool size) and min(pool size / 256, 32,768):
     from ~260k to ~8M vectors the lists keep 180-360 vectors each, so a probed list costs the same at any pool size

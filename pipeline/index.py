@@ -4,10 +4,9 @@ Vectors are float32, L2-normalised, compared by inner product; ids are row numbe
 
 * ``choose_index(n, dim, cfg)`` -> the plan (factory string + derived parameters + estimated bytes), from the
   pool size, the dimension and ``cfg.memory_budget_gb``: ``Flat`` below ``exact_below``, ``HNSW`` up to
-  ``hnsw_below`` (CPU only; off by default), then on CPU ``IVF-FS`` (4-bit fast-scan codes, the top 8k rescored
-  exactly from the pool) if its codes plus the raw vectors fit the budget, ``IVF-Flat`` if the raw vectors fit,
-  ``IVF-SQ8`` if a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named
-  kind or FAISS factory string in ``cfg.kind``.
+  ``hnsw_below`` (CPU only; off by default), then ``IVF-Flat`` if the raw vectors fit the budget, ``IVF-SQ8`` if
+  a byte per dimension fits, else ``(OPQ) IVF-PQ`` with the largest code that fits; or the named kind or FAISS
+  factory string in ``cfg.kind`` (``ivf_fs``: 4-bit fast-scan codes, the top 8k rescored exactly, CPU only).
 * ``build_index(vectors, cfg)`` trains on a sample and adds in batches from an array, a memmap or a list of ``.npy``
   shards (``VectorSource``): peak memory is the index plus one batch.
 * ``search(built, queries, k)`` -> (scores desc float32, ids int64), ``-1`` / ``-inf`` where fewer than k exist;
@@ -362,14 +361,6 @@ def choose_index(n: int, dim: int, cfg, gpu_available: Optional[bool] = None) ->
         plan = _plan_for("hnsw", n, dim, cfg, gpu_available)
         if plan["est_bytes"] <= budget:
             plan["reason"] = f"index.exact_below <= n={n} < index.hnsw_below={hnsw_below}, fits the budget"
-            return plan
-    if not gpu_available:  # fast-scan codes: about half IVF-Flat's CPU a query at the same recall (docs/scale.md)
-        plan = _plan_for("ivf_fs", n, dim, cfg, gpu_available)
-        raw = n * dim * 4  # rescoring reads 8k candidates a query at random from the pool: it must stay in memory
-        if plan["est_bytes"] + raw <= budget:
-            plan["reason"] = (f"CPU: fast-scan codes ({_gb(plan['est_bytes'])} GB) + the raw vectors they are "
-                              f"rescored from ({_gb(raw)} GB) fit index.memory_budget_gb="
-                              f"{_cfg(cfg, 'memory_budget_gb')}")
             return plan
     for k in ("ivf_flat", "ivf_sq8"):
         plan = _plan_for(k, n, dim, cfg, gpu_available)

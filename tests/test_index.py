@@ -40,10 +40,9 @@ def brute(x, q, k):
 @pytest.mark.parametrize("n,dim,budget,kind,factory", [
     (1_000, 128, 8, "flat", "Flat"),
     (49_999, 768, 8, "flat", "Flat"),
-    (50_000, 128, 8, "ivf_fs", "IVF512,PQ128x4fs"),
-    (1_000_000, 128, 8, "ivf_fs", "IVF4096,PQ128x4fs"),
-    (5_000_000, 128, 8, "ivf_fs", "IVF16384_HNSW32,PQ128x4fs"),
-    (5_000_000, 128, 2.6, "ivf_flat", "IVF16384_HNSW32,Flat"),  # raw vectors fit, codes + raw vectors do not
+    (50_000, 128, 8, "ivf_flat", "IVF512,Flat"),
+    (1_000_000, 128, 8, "ivf_flat", "IVF4096,Flat"),
+    (5_000_000, 128, 8, "ivf_flat", "IVF16384_HNSW32,Flat"),
     (5_000_000, 128, 1, "ivf_sq8", "IVF16384_HNSW32,SQ8"),
     (5_000_000, 128, 0.25, "ivf_pq", "OPQ32,IVF16384_HNSW32,PQ32"),   # 5M * (32 + 8) B = 0.19 GB; 48 B codes do not fit
     (5_000_000, 768, 0.4, "ivf_pq", "OPQ64,IVF8192_HNSW32,PQ64"),  # 40 x 8192 x 768-d: a 1 GB sample
@@ -53,7 +52,7 @@ def brute(x, q, k):
 def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
     plan = ix.choose_index(n, dim, IndexConfig(memory_budget_gb=budget), gpu_available=False)
     assert (plan["kind"], plan["factory"]) == (kind, factory), plan
-    assert plan["est_bytes"] + (n * dim * 4 if kind == "ivf_fs" else 0) <= budget * GB  # fs: + the rescored vectors
+    assert plan["est_bytes"] <= budget * GB
     assert plan["reason"]
     if kind.startswith("ivf"):
         p = plan["params"]
@@ -62,19 +61,6 @@ def test_choice_by_size_dimension_and_budget(n, dim, budget, kind, factory):
         assert 39 * p["nlist"] <= p["train_size"] <= n
     if kind == "ivf_pq":
         assert plan["lossy"] and plan["params"]["refine_factor"] == 4
-
-
-def test_auto_picks_fast_scan_on_cpu_only():
-    """On CPU `auto` picks fast-scan codes where they and the raw vectors fit; GPU FAISS has no fast-scan, so with a
-    GPU it keeps IVF-Flat; below exact_below it stays exact either way."""
-    cpu = ix.choose_index(400_000, 96, IndexConfig(), gpu_available=False)
-    gpu = ix.choose_index(400_000, 96, IndexConfig(), gpu_available=True)
-    assert (cpu["factory"], cpu["lossy"], cpu["params"]["refine_factor"]) == ("IVF2048,PQ96x4fs", True, 8)
-    assert (gpu["factory"], gpu["lossy"]) == ("IVF2048,Flat", False)
-    assert "raw vectors" in cpu["reason"] and cpu["params"]["nprobe"] == gpu["params"]["nprobe"] == 16
-    for g in (False, True):
-        assert ix.choose_index(49_999, 96, IndexConfig(), gpu_available=g)["kind"] == "flat"
-    assert ix.choose_index(400_000, 96, IndexConfig(kind="ivf_flat"), gpu_available=False)["kind"] == "ivf_flat"
 
 
 def test_fast_scan_kind_is_sized_and_stays_on_cpu():
@@ -101,16 +87,9 @@ def test_lists_keep_a_bounded_size_as_the_pool_grows():
 
 
 def test_a_larger_budget_never_picks_a_smaller_index():
-    """The memory a plan needs (its index; for fast-scan codes also the raw vectors their rescoring reads) grows
-    with the budget."""
-    def needs(p):
-        return p["est_bytes"] + (5_000_000 * 128 * 4 if p["kind"] == "ivf_fs" else 0)
-
-    plans = [ix.choose_index(5_000_000, 128, IndexConfig(memory_budget_gb=b), gpu_available=False)
-             for b in (0.1, 0.25, 0.5, 1, 2, 2.6, 4, 8)]
-    sizes = [needs(p) for p in plans]
+    sizes = [ix.choose_index(5_000_000, 128, IndexConfig(memory_budget_gb=b), gpu_available=False)["est_bytes"]
+             for b in (0.1, 0.25, 0.5, 1, 2, 4, 8)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    assert [p["kind"] for p in plans[-3:]] == ["ivf_flat", "ivf_fs", "ivf_fs"]
 
 
 def test_budget_too_small_names_the_key():
@@ -124,7 +103,7 @@ def test_exact_below_budget_and_explicit_kinds():
     cfg = IndexConfig(kind="auto", exact_below=10, hnsw_below=100_000)
     assert ix.choose_index(50_000, 64, cfg, gpu_available=False)["factory"] == "HNSW32"
     assert ix.choose_index(50_000, 64, cfg, gpu_available=True)["kind"] == "ivf_flat"  # no HNSW on GPU FAISS
-    assert ix.choose_index(500_000, 64, cfg, gpu_available=False)["kind"] == "ivf_fs"
+    assert ix.choose_index(500_000, 64, cfg, gpu_available=False)["kind"] == "ivf_flat"
     assert ix.choose_index(10, 64, IndexConfig(kind="flat"))["factory"] == "Flat"
     p = ix.choose_index(100_000, 64, IndexConfig(kind="ivf_flat", nlist=300, nprobe=7), gpu_available=False)
     assert (p["factory"], p["params"]["nprobe"]) == ("IVF300,Flat", 7)

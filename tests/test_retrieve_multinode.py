@@ -75,9 +75,9 @@ def test_three_node_retrieval_equals_single_process_exact_search(tmp_path):
                               IndexConfig(kind="ivf_flat", nprobe=8, distributed="always", num_shards=3,
                                           query_batch=400, add_batch=1000))
         np.save(out + "/ivf_i.npy", i); res["ivf"] = info
-        # auto on CPU above exact_below: fast-scan codes, trained in a Ray task from the pool files, candidates
-        # rescored in the search stage from the same files
-        s, i, info = retrieve(pool, q, 40, IndexConfig(exact_below=0, nprobe=8, recall_floor=None,
+        # fast-scan codes, trained in a Ray task from the pool files, candidates rescored in the search stage from
+        # the same files
+        s, i, info = retrieve(pool, q, 40, IndexConfig(kind="ivf_fs", nprobe=8, recall_floor=None,
                                                        distributed="always", num_shards=3, query_batch=400))
         np.save(out + "/fs_s.npy", s); np.save(out + "/fs_i.npy", i); res["fs"] = info
         json.dump(res, open(out + "/info.json", "w"))
@@ -98,8 +98,8 @@ def test_three_node_retrieval_equals_single_process_exact_search(tmp_path):
     _, single = ix.search(built, q, 40)
     assert info["ivf"]["factory"] == built.info["factory"] and info["ivf"]["nodes"] >= 2
     assert np.array_equal(np.load(tmp_path / "ivf_i.npy"), single)
-    # and so does the fast-scan index auto picks on CPU, scores included
-    built = ix.build_index(x, IndexConfig(exact_below=0, nprobe=8))
+    # and so does the fast-scan index, scores included
+    built = ix.build_index(x, IndexConfig(kind="ivf_fs", nprobe=8))
     fs, fi = ix.search(built, q, 40)
     assert (info["fs"]["kind"], info["fs"]["factory"]) == ("ivf_fs", built.info["factory"]) and info["fs"]["nodes"] >= 2
     assert np.array_equal(np.load(tmp_path / "fs_i.npy"), fi) and np.array_equal(np.load(tmp_path / "fs_s.npy"), fs)
