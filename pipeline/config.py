@@ -36,7 +36,8 @@ class InputConfig:
     and the others in docs/output-schema.md. A missing, empty or folder input stops the run before Ray starts. An
     input file may be an fsspec URI (`s3://bucket/pairs.jsonl`, `gs://...`), Parquet or JSONL alike: read, cut into
     blocks and counted as its local copy, with each node's usual credentials (docs/cluster.md); an object that is
-    not there stops the read, naming its URI."""
+    not there stops the run before Ray starts, naming its URI. A pattern (`s3://bucket/train/*.parquet`) expands to
+    the objects it matches, sorted, as a local one does."""
 
     pairs: list[str] = field(default_factory=list)
     """Files of (query, positive) pairs in the MMEB / VLM2Vec layout, Parquet or JSONL (relative to the config)."""
@@ -893,19 +894,33 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def _expand_patterns(paths: list[str], config: Path) -> list[str]:
     """`input.pairs` entries with `*`, `?` or `[` are glob patterns, expanded in sorted order (an MMEB-train
-    subset may come in several Parquet parts); a pattern that matches nothing stops the run."""
+    subset may come in several Parquet parts, on local disk or an object store); a pattern that matches nothing
+    stops the run."""
     import glob
 
     out = []
     for p in paths:
-        if "://" in p or not any(c in p for c in "*?["):
+        if not any(c in p for c in "*?["):
             out.append(p)
             continue
-        matches = sorted(glob.glob(p))
+        matches = _glob_uri(p, config) if "://" in p else sorted(glob.glob(p))
         if not matches:
             raise ConfigError(f"{config}: input.pairs: no file matches {p!r}")
         out.extend(matches)
     return out
+
+
+def _glob_uri(pattern: str, config: Path) -> list[str]:
+    """The objects an fsspec URI pattern (`s3://bucket/train/*.parquet`) matches, as URIs, sorted."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, inner = url_to_fs(pattern)
+        found = fs.glob(inner)
+    except Exception as exc:  # no driver for the scheme, no access: fsspec's drivers raise several types
+        raise ConfigError(f"{config}: input.pairs: cannot list {pattern!r} ({type(exc).__name__}: {exc}); check "
+                          "the URI and this machine's access to it") from None
+    return sorted(fs.unstrip_protocol(f) for f in found)
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -35,8 +35,11 @@ def check_config_file(path: str) -> None:
 
 
 def check_data_file(path: str, key: str) -> None:
-    """An input table exists, is a file and holds at least one row. URIs are left to the reader."""
+    """An input table exists, is a file and holds at least one row. Of a URI only that its object exists (one
+    request): the reader checks the rest on the nodes, with their credentials."""
     if "://" in path:
+        if _missing_object(path):
+            raise UserError(f"{key}: {path} does not exist; fix the URI or upload the file")
         return
     p = Path(path)
     if not p.exists():
@@ -57,6 +60,18 @@ def check_data_file(path: str, key: str) -> None:
         rows = _has_text(p)
     if not rows:
         raise UserError(f"{key}: {path} is empty; give a file with at least one row")
+
+
+def _missing_object(uri: str) -> bool:
+    """True when the object store says no object is at `uri`; False when it is there or the question cannot be
+    asked from here (no driver, no access: the reader on the nodes reports those)."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, inner = url_to_fs(uri)
+        return not fs.exists(inner)
+    except Exception:  # fsspec's drivers raise several types for access and connection errors
+        return False
 
 
 def _has_text(path: Path) -> bool:

@@ -10,14 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from corpus import base_config, text_pairs, write_jsonl
-from pipeline.config import config_from_dict
+from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.mine import mine
 from pipeline.read import InputError, input_items, load_corpus, plan_spans
 from pipeline.read_blocks import read_blocks
 from pipeline.search import write_corpus
 from test_cache_s3 import BUCKET, digests, s3  # noqa: F401 (s3: the moto server fixture)
+from test_cli_errors import hardneg
 from test_read_blocks import _files, _input
 
 
@@ -55,6 +57,11 @@ def test_a_jsonl_input_on_s3_mines_the_shards_of_its_local_copy(s3_env, tmp_path
     assert input_items(config_from_dict(remote).input) == input_items(config_from_dict(local).input) == 2 * 40 + 9
     expected = digests(mine(config_from_dict(local), tmp_path / "local").epoch_dir)
     assert digests(mine(config_from_dict(remote), tmp_path / "remote").epoch_dir) == expected
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def _remote_input(tmp_path, fs, prefix: str):
@@ -122,3 +129,32 @@ def test_a_missing_object_is_named_with_what_to_do(s3_env, tmp_path):
         assert str(error.value) == message
         assert str(read_blocks(cfg, tmp_path / name, use_ray=False)) == message
         assert input_items(cfg.input) == 0
+
+
+def test_a_pattern_of_uris_reads_the_objects_it_matches_in_order(s3_env, tmp_path):
+    """`input.pairs: [s3://bucket/train/part-*.jsonl]` expands to the matching objects, sorted, as a local pattern
+    does; a pattern that matches nothing stops the run with the config's name."""
+    rows = text_pairs(30)
+    for i in (1, 0):  # uploaded out of order
+        _upload(s3_env, write_jsonl(tmp_path / f"part-{i}.jsonl", rows[15 * i:15 * (i + 1)]), "train")
+    raw = base_config(tmp_path / "part-*.jsonl", str(tmp_path / "cache"))
+    local = write_config(tmp_path / "local.yaml", raw)
+    remote = write_config(tmp_path / "remote.yaml", {**raw, "input": {**raw["input"],
+                                                                     "pairs": [f"s3://{BUCKET}/train/part-*.jsonl"]}})
+    assert load_config(remote).input.pairs == [f"s3://{BUCKET}/train/part-{i}.jsonl" for i in (0, 1)]
+    assert [Path(p).name for p in load_config(local).input.pairs] == ["part-0.jsonl", "part-1.jsonl"]
+    nothing = write_config(tmp_path / "nothing.yaml", {**raw, "input": {**raw["input"],
+                                                                       "pairs": [f"s3://{BUCKET}/none/*.jsonl"]}})
+    with pytest.raises(ConfigError, match=f"no file matches 's3://{BUCKET}/none/\\*.jsonl'"):
+        load_config(nothing)
+
+
+def test_hardneg_mine_names_a_missing_object_before_any_work(s3_env, tmp_path):
+    """The CLI's checks ask the object store whether a URI input is there: exit 2, one line, nothing written."""
+    raw = base_config(tmp_path / "pairs.jsonl", str(tmp_path / "cache"))
+    raw["input"]["pairs"] = [f"s3://{BUCKET}/nowhere/pairs.jsonl"]
+    r = hardneg("mine", "--config", str(write_config(tmp_path / "c.yaml", raw)), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"hardneg: error: input.pairs: s3://{BUCKET}/nowhere/pairs.jsonl does not exist; "
+                                "fix the URI or upload the file")
+    assert not (tmp_path / "o").exists()
