@@ -7,8 +7,9 @@ for the pool is trained once here; then, for each way of adding, a child process
 load the trained empty index, add its rows from the pool's `.npy` file in 65,536-row batches, set nprobe, search
 4,096-query batches, run the recall check's brute force (`exact_search`) over its rows, search again. RssAnon
 (/proc/self/status) is read after each step; the excess is the peak less the child's RssAnon before the index was
-loaded and less `index_bytes`. Ways: `before`, `idx.add` batch by batch (the lists grow by doubling); `after`,
-`pipeline.index.add_source` (each list sized from the batches' coarse assignments before adding).
+loaded and less `index_bytes`; and the add's CPU seconds (`after` reads the rows twice). Ways: `before`, `idx.add`
+batch by batch (the lists grow by doubling); `after`, `pipeline.index.add_source` (each list sized from the batches'
+coarse assignments before adding).
 
     python benchmarks/shard_memory.py --sizes 100000 400000 --work /tmp/index_growth \\
         --out benchmarks/results/shard_memory.json
@@ -25,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +60,13 @@ def shard_steps(pool_npy: str, template: str, plan: dict, lo: int, hi: int, way:
     marks = {"start": rss_anon_mb()}
     idx = faiss.read_index(template)
     marks["template"] = rss_anon_mb()
+    c0 = time.process_time()
     if way == "before":
         for _, x in src.batches(add_batch, lo, hi):
             idx.add(x)
     else:
         add_source(idx, src, lo, hi, add_batch)
+    add_cpu = time.process_time() - c0
     marks["add"] = rss_anon_mb()
     set_search_params(idx, plan, k)
     q = src.take(np.linspace(0, src.n - 1, query_batch).astype(np.int64))
@@ -74,8 +78,9 @@ def shard_steps(pool_npy: str, template: str, plan: dict, lo: int, hi: int, way:
     idx.search(q, k)
     marks["search_after_exact"] = rss_anon_mb()
     ib = index_bytes(idx) / 2**20
-    return {"ntotal": int(idx.ntotal), "index_mb": round(ib, 1), "rss_anon_mb": {a: round(b, 1) for a, b in marks.items()},
-            "excess_mb": round(max(marks.values()) - marks["start"] - ib, 1)}
+    return {"ntotal": int(idx.ntotal), "index_mb": round(ib, 1),
+            "rss_anon_mb": {a: round(b, 1) for a, b in marks.items()},
+            "excess_mb": round(max(marks.values()) - marks["start"] - ib, 1), "add_cpu_s": round(add_cpu, 2)}
 
 
 def measure(pool: np.ndarray, work: Path, cfg=None, nprobe: int | None = None, ways=WAYS, **kw) -> dict:
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
               f"{r['before']['excess_mb']} | {r['after']['excess_mb']} |")
     lo, hi = runs[min(runs)], runs[max(runs)]
     growth = {way: round(hi[way]["excess_mb"] - lo[way]["excess_mb"], 1) for way in WAYS}
+    print("add CPU s before / after: " + ", ".join(f"{n:,}: {r['before']['add_cpu_s']} / {r['after']['add_cpu_s']}"
+                                                   for n, r in runs.items()))
     print("excess growth MB, smallest to largest shard: " + ", ".join(f"{w} {g:+}" for w, g in growth.items()))
     result = {"runs": runs, "excess_growth_mb": growth}
     if a.out:
