@@ -252,6 +252,33 @@ def test_sharded_ivf_with_one_trained_quantizer_equals_the_single_ivf_index():
     assert np.array_equal(i, ei) and np.array_equal(s, es)
 
 
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,SQ8", "IVF64,PQ8x4", "IVF64_HNSW32,Flat", "IVF64,PQ32x4fs"])
+def test_add_source_builds_the_index_that_adding_batch_by_batch_builds(factory):
+    """`add_source` sizes each inverted list before adding (assignments from a first pass over the batches): the
+    serialized index, and so every search result, is the one `index.add` of the same batches gives, for a shard's
+    row range, added in two calls (lists that already hold vectors), on one thread or two."""
+    x = clustered(9000, 32, seed=21)
+    q = clustered(200, 32, seed=22)
+    tmpl = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+    tmpl.train(x)
+    blob = faiss.serialize_index(tmpl)
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        try:
+            plain, sized = faiss.deserialize_index(blob), faiss.deserialize_index(blob)
+            for lo, hi in [(1000, 4000), (4000, 8500)]:
+                for s in range(lo, hi, 700):
+                    plain.add(x[s:min(hi, s + 700)])
+                ix.add_source(sized, ix.as_source(x), lo, hi, 700)
+        finally:
+            faiss.omp_set_num_threads(1)
+        assert sized.ntotal == plain.ntotal == 7500
+        assert np.array_equal(faiss.serialize_index(sized), faiss.serialize_index(plain))
+        for idx in (plain, sized):
+            faiss.extract_index_ivf(idx).nprobe = 8
+        assert all(np.array_equal(a, b) for a, b in zip(sized.search(q, 20), plain.search(q, 20)))
+
+
 def test_fast_scan_codes_shard_and_thread_invariantly_with_exact_scores():
     """ivf_fs: 4-bit codes tie often at the kk-th approximate score, and FAISS keeps an arbitrary part of a tie; the
     candidates tied there are dropped (`refine`), so any split of the pool over shards, and any thread count, gives
