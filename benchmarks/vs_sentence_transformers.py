@@ -38,9 +38,9 @@ venv (`--fe-venv`, `--fe-script`; skipped with a message when absent); cold runs
 
     python benchmarks/vs_sentence_transformers.py --short --fe-venv .fe-venv --fe-script /tmp/hn_mine.py
 
-`--short --warm-only` runs only the warm pair, `--reps` times, from the caches a first run left in `--work`;
-`--baseline DIR` adds a third warm run, hardneg from an older checkout in DIR, to measure a change side by side. Each
-tool also reports its CPU time after imports (`cpu_s`), which a machine loaded by others stretches far less than
+`--warm-only` (long or `--short`) runs only the warm pair, `--reps` times, from the caches a first run left in
+`--work`; `--baseline DIR` adds a third warm run, hardneg from an older checkout in DIR, to measure a change side by
+side. Each tool also reports its CPU time after imports (`cpu_s`), which a machine loaded by others stretches far less than
 wall time. "After imports" starts once the tool's modules and the libraries it would import lazily are imported
 (`LAZY_IMPORTS`: ST's faiss, hardneg's pyarrow.dataset, ...), alike for both tools.
 """
@@ -480,10 +480,13 @@ def bench_size(n: int, a, work: Path) -> dict:
     def one(tool: str, tag: str, cache: Path) -> dict:
         out = work / f"{tag}-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = [sys.executable, __file__, "--child", tool, *base, "--out", str(out), "--cache", str(cache),
-                "--result", str(work / f"{tag}-{n}.json")]
+        script = Path(a.baseline) / "benchmarks" / Path(__file__).name if tool == "hardneg-base" else __file__
+        argv = [sys.executable, str(script), "--child", tool.removesuffix("-base"), *base, "--out", str(out),
+                "--cache", str(cache), "--result", str(work / f"{tag}-{n}.json")]
         return measured(argv, work, f"{tag}-{n}", out)
 
+    if a.warm_only:
+        return bench_size_warm(n, a, work, pairs, one)
     reps = []
     for rep in range(a.reps):
         st_cache, hn_cache = work / f"st-cache-{n}-{rep}", work / f"hn-cache-{n}-{rep}"
@@ -538,6 +541,32 @@ def bench_size(n: int, a, work: Path) -> dict:
                                                           "hardneg_batch_tokens": a.batch_tokens},
             "hardneg_config": hardneg_config(argparse.Namespace(**{**vars(a), "pairs": "PAIRS", "cache": "CACHE"})),
             "runs": reps, "agreement": agreement, "summary": summarise(reps)}
+
+
+def bench_size_warm(n: int, a, work: Path, pairs: list[dict], one) -> dict:
+    """Only the warm pair (and `--baseline`'s hardneg), `--reps` times rotating which goes first, from the caches
+    of an earlier run of this size in `--work` (its first repetition's)."""
+    st_cache, hn_cache = work / f"st-cache-{n}-0", work / f"hn-cache-{n}-0"
+    if not (st_cache.is_dir() and hn_cache.is_dir()):
+        raise SystemExit(f"--warm-only needs the caches of an earlier run of this size in {work} ({st_cache.name}, "
+                         f"{hn_cache.name}): run once without it")
+    warm = [("hardneg", "hardneg-2", hn_cache), ("st", "st-2", st_cache)]
+    warm += [("hardneg-base", "hardneg-base", hn_cache)] if a.baseline else []
+    reps = []
+    for rep in range(a.reps):
+        print(f"n={n} warm repetition {rep + 1}/{a.reps}", flush=True)
+        order = warm[rep % len(warm):] + warm[:rep % len(warm)]  # each first in turn
+        reps.append({tag: one(tool, tag, cache) for tool, tag, cache in order})
+    st = st_negatives(Path(reps[0]["st-2"]["out"]) / "st.parquet")
+    hn, hn_cands = hardneg_negatives(Path(reps[0]["hardneg-2"]["out"]))
+    agreement = {k: v for k, v in compare(st, hn, hn_cands, [p["qry"] for p in pairs], a.k, a.margin).items()
+                 if k != "examples"}
+    from benchmarks.textdata import describe
+
+    return {"case": "long-warm", "n": n, "data": describe(pairs),
+            "settings": {"k": a.k, "range_max": a.range_max, "relative_margin": a.margin,
+                         "batch_size": a.batch_size, "hardneg_batch_tokens": a.batch_tokens, "executor": a.executor},
+            "runs": reps, "agreement": agreement, "summary": summarise_short(reps)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -774,10 +803,10 @@ def main(argv=None) -> int:
     p.add_argument("--short-pairs", type=int, default=4000)
     p.add_argument("--short-candidates", type=int, default=22565)
     p.add_argument("--warm-only", action="store_true",
-                   help="--short: only the warm runs, `--reps` times, from the caches an earlier run of the same "
-                        "size left in --work (a fresh output folder each time)")
+                   help="only the warm runs (either case), `--reps` times, from the caches an earlier run of "
+                        "the same size left in --work (a fresh output folder each time)")
     p.add_argument("--baseline", default="",
-                   help="--short: a checkout of hardneg from before a change (`git archive REV | tar -x -C DIR`); each "
+                   help="a checkout of hardneg from before a change (`git archive REV | tar -x -C DIR`); each "
                         "warm repetition also runs its hardneg (`hardneg-base`, with that checkout's own harness) "
                         "from the same cache, side by side")
     p.add_argument("--fe-venv", default=str(REPO / ".fe-venv"),
@@ -797,7 +826,8 @@ def main(argv=None) -> int:
                     work / "warmup")
     elif not a.no_warmup:
         print("warm-up (unmeasured): both tools on 300 pairs", flush=True)
-        warm = argparse.Namespace(**{**vars(a), "reps": 1, "range_min_variants": []})
+        warm = argparse.Namespace(**{**vars(a), "reps": 1, "range_min_variants": [], "warm_only": False,
+                                     "baseline": ""})
         bench_size(300, warm, work / "warmup")
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -816,6 +846,12 @@ def main(argv=None) -> int:
         res["machine"] = machine()
         path = results / f"vs_st-{n}{a.tag}.json"
         path.write_text(json.dumps(res, indent=1, default=str))
+        if a.warm_only:
+            print(short_table(res))
+            print(json.dumps(res["summary"]["ratios"], indent=1))
+            print(json.dumps(res["agreement"], indent=1))
+            print(f"-> {path}", flush=True)
+            continue
         print(table(res))
         print(json.dumps({k: v for k, v in res["agreement"].items() if k != "examples"}, indent=1))
         print(json.dumps({k: v for k, v in res["summary"].items() if k.startswith("speedup")}, indent=1))

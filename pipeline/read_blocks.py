@@ -30,7 +30,8 @@ from .executor import map_blocks, run_task
 from .filters import query_positives
 from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, Dedup, InputError, ReadContext, check_candidates, check_columns,
                    check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids, id_view, iter_numbered,
-                   jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives, synthetic_id)
+                   jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives, synthetic_id,
+                   without_cyclic_gc)
 from .search import CORPUS, QUERIES_IN, CorpusMeta, _save
 
 READ_BLOCK_ROWS = 50_000
@@ -72,10 +73,11 @@ def read_block(spec: BlockSpec) -> BlockResult:
     """One block of one file read, checked and written (see the module docstring); an InputError is returned."""
     result = BlockResult()
     try:
-        if spec.k < 0:
-            _candidates_block(spec, result)
-        else:
-            _pairs_block(spec, result)
+        with without_cyclic_gc():
+            if spec.k < 0:
+                _candidates_block(spec, result)
+            else:
+                _pairs_block(spec, result)
     except InputError as exc:
         return BlockResult(error=exc)
     return result

@@ -349,7 +349,8 @@ def _search(spec: SearchSpec, q_vecs: np.ndarray, pos_vecs: np.ndarray, kk: int)
     pool = np.load(Path(spec.stores.cand.root) / spec.stores.cand.datasets[spec.dataset]["dir"] / "rows.npy",
                    mmap_mode="r")
     cand = np.where(ids >= 0, np.asarray(pool[np.maximum(ids, 0).ravel()]).reshape(ids.shape), -1)
-    scores, pos_sims = _sims(spec.stores.cand, spec.dataset, cand, q_vecs, pos_vecs)
+    # an index id is the candidate's place in the store: its vector is taken there, not looked up by item row
+    scores, pos_sims = _sims(lambda at: spec.stores.cand.at(spec.dataset, at), ids, q_vecs, pos_vecs)
     order = canonical_order(scores, cand)
     cand, scores, pos_sims = (np.take_along_axis(a, order, 1) for a in (cand, scores, pos_sims))
     cand = np.where(np.isneginf(scores), -1, cand)
@@ -357,10 +358,11 @@ def _search(spec: SearchSpec, q_vecs: np.ndarray, pos_vecs: np.ndarray, kk: int)
     return cand, scores, pos_sims
 
 
-def _sims(store: VectorStore, ds: str, block: np.ndarray, *vecs: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Cosines of each row's candidates (item rows, -1 none) with that row's vector, per array of `vecs` (-inf
-    where none). The candidates' vectors are read once for all of `vecs`; a cosine depends only on its two
-    vectors, not on its place in the row, so re-ordering the candidates afterwards changes no value."""
+def _sims(take, block: np.ndarray, *vecs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Cosines of each row's candidates (-1 none; `take` gives the vectors of the others, a flat array of them)
+    with that row's vector, per array of `vecs` (-inf where none). The candidates' vectors are read once for all
+    of `vecs`; a cosine depends only on its two vectors, not on its place in the row, so re-ordering the
+    candidates afterwards changes no value."""
     out = tuple(np.full(block.shape, -np.inf, np.float32) for _ in vecs)
     for start in range(0, len(block), SIM_CHUNK):
         part = block[start:start + SIM_CHUNK]
@@ -368,7 +370,7 @@ def _sims(store: VectorStore, ds: str, block: np.ndarray, *vecs: np.ndarray) -> 
         if not valid.any():
             continue
         # one gather in place: an empty slot reads some valid row's vector, its cosine is masked below
-        cands = store.get(ds, np.where(valid, part, part[valid][0]).ravel()).reshape(part.shape + (store.dim,))
+        cands = take(np.where(valid, part, part[valid][0]).ravel()).reshape(part.shape + (-1,))
         for o, v in zip(out, vecs):
             o[start:start + SIM_CHUNK] = np.where(valid, np.einsum("ikd,id->ik", cands, v[start:start + SIM_CHUNK]),
                                                   -np.inf)
@@ -457,7 +459,7 @@ def mix_in(q: pa.Table, cand, scores, pos_score, pos_sims, stores: Stores, mix: 
             q_vecs, pos_vecs = stores.base_query.get(ds, qry_idx[rows]), stores.base_cand.get(ds, pos_idx[rows])
             pos_score[rows] = (1 - mix) * pos_score[rows] + mix * _dot(q_vecs, pos_vecs)
             valid = cand[rows] >= 0
-            base_scores, base_pos_sims = _sims(stores.base_cand, ds, cand[rows], q_vecs, pos_vecs)
+            base_scores, base_pos_sims = _sims(lambda r: stores.base_cand.get(ds, r), cand[rows], q_vecs, pos_vecs)
             scores[rows] = np.where(valid, (1 - mix) * scores[rows] + mix * base_scores, -np.inf)
             pos_sims[rows] = np.where(valid, (1 - mix) * pos_sims[rows] + mix * base_pos_sims, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")

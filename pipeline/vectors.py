@@ -64,20 +64,23 @@ class VectorStore:
         return NpyShards(self.shard_paths(dataset, pool_only=True))
 
     def positions(self, dataset, rows) -> np.ndarray:
-        d = self._dir(dataset)
         order, ordered, _ = self._opened(dataset)
         rows = np.asarray(rows, np.int64)
         at = np.minimum(np.searchsorted(ordered, rows), max(len(ordered) - 1, 0))
         if len(rows) and (not len(ordered) or (ordered[at] != rows).any()):
             missing = rows[(ordered[at] != rows) if len(ordered) else slice(None)]
-            raise KeyError(f"item rows {missing[:5].tolist()} have no vector in {d} (dataset {dataset!r})")
+            raise KeyError(f"item rows {missing[:5].tolist()} have no vector in {self._dir(dataset)} "
+                           f"(dataset {dataset!r})")
         return np.asarray(order[at], np.int64) if len(rows) else np.zeros(0, np.int64)
 
     def get(self, dataset, rows) -> np.ndarray:
-        at = self.positions(dataset, rows)
-        if not len(at):
+        return self.at(dataset, self.positions(dataset, rows))
+
+    def at(self, dataset, positions) -> np.ndarray:
+        """The vectors at places in the store order (a pool row's place is its id in the dataset's index)."""
+        if not len(positions):
             return np.zeros((0, self.dim), np.float32)
-        return self._opened(dataset)[2].take(at)
+        return self._opened(dataset)[2].take(np.asarray(positions, np.int64))
 
 
 def layout(rows_by_dataset: dict, pools: dict | None = None) -> dict:

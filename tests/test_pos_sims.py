@@ -9,12 +9,12 @@ from pipeline import search
 
 
 class Vectors:
-    """The `get(dataset, rows)` look-up `_sims` reads, recording the largest block of vectors it handed out."""
+    """The `take(rows)` look-up `_sims` reads, recording the largest block of vectors it handed out."""
 
     def __init__(self, vectors: np.ndarray):
-        self.vectors, self.largest, self.dim = vectors, 0, vectors.shape[1]
+        self.vectors, self.largest = vectors, 0
 
-    def get(self, dataset, rows):
+    def take(self, rows):
         out = self.vectors[np.asarray(rows, np.int64)]
         self.largest = max(self.largest, out.nbytes)
         return out
@@ -28,7 +28,7 @@ def test_pos_sims_chunked_bounded_and_equal_to_one_pass():
     block[::7, -3:] = -1  # queries with fewer candidates than k
     pos = rng.standard_normal((nq, d)).astype(np.float32)
     source = Vectors(vectors)
-    got, = search._sims(source, "ds", block, pos)
+    got, = search._sims(source.take, block, pos)
     want = np.where(block >= 0, np.einsum("ikd,id->ik", vectors[np.maximum(block, 0)], pos), -np.inf)
     assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))
     assert np.isneginf(got[::7, -3:]).all()

@@ -235,3 +235,28 @@ def test_batch_boundaries_do_not_change_the_corpus(tmp_path, monkeypatch):
     assert np.array_equal(batched.item_groups, whole.item_groups) and batched.n_groups == whole.n_groups == 4
     assert (batched.rejects, batched.rows_in, batched.candidate_rows_rejected) == \
         (whole.rejects, whole.rows_in, whole.candidate_rows_rejected)
+
+
+def test_reading_runs_no_garbage_collection_and_leaves_the_collector_as_it_was(tmp_path):
+    """A batch's per-row objects set off collections, full ones too (a walk over every object of the process),
+    while the reader ran; it reads with the collector off, and leaves it on, or off if it was off."""
+    import gc
+
+    rows = [{"id": f"q{i}", "qry": f"query {i}", "pos_text": f"positive {i} " * 20} for i in range(3000)]
+    cfg = InputConfig(pairs=[str(write_jsonl(tmp_path / "p.jsonl", rows))])
+    collections = []
+    callback = lambda phase, info: collections.append(info["generation"]) if phase == "start" else None  # noqa
+    gc.callbacks.append(callback)
+    try:
+        corpus = load_corpus(cfg, caption_mode=False)
+    finally:
+        gc.callbacks.remove(callback)
+    assert corpus.queries.num_rows == 3000
+    assert collections in ([], [0])  # at most a young collection once the collector is back on, none while reading
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_corpus(cfg, caption_mode=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
