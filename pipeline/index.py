@@ -728,26 +728,9 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return canonical_topk(D, I, k)
 
 
-def search_index(index, queries, k):
-    """`index.search`, an IVF index's queries taken in the order of the first list each probes (`list_order`)."""
-    ivf = index  # index_factory and deserialize_index hand back the downcast type
-    if not isinstance(ivf, faiss.IndexIVF) or isinstance(ivf, faiss.IndexIVFFastScan) or len(queries) < 2:
-        return index.search(queries, k)
-    Dq, Iq = ivf.quantizer.search(queries, min(ivf.nprobe, ivf.nlist))
-    order = list_order(Iq)
-    D, I = ivf.search_preassigned(np.ascontiguousarray(queries[order]), k, np.ascontiguousarray(Iq[order]),
-                                  np.ascontiguousarray(Dq[order]))
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    return D[back], I[back]
-
-
-def list_order(Iq: np.ndarray) -> np.ndarray:
-    """The queries ordered by the first list each probes (`Iq`: the coarse search's lists): queries near each other
-    probe mostly the same lists, which then are scanned while still in cache -- at 1.6M pairs a query streams
-    ~14 MB of lists. `index.search` does the same coarse search first, and a query's results depend on its own
-    vector and lists only, so the results are FAISS's, bit for bit."""
-    return np.argsort(Iq[:, 0], kind="stable")
+def _raw_search(index, queries, k):
+    D, I = index.search(queries, k)
+    return D, I
 
 
 def search(built: BuiltIndex, queries: np.ndarray, k: int, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -770,7 +753,7 @@ def search(built: BuiltIndex, queries: np.ndarray, k: int, batch: int = 65_536) 
             index = built.cpu_index
     outD, outI = [], []
     for s in range(0, len(q), batch):
-        D, I = search_index(index, q[s:s + batch], kk)
+        D, I = _raw_search(index, q[s:s + batch], kk)
         I = I.astype(np.int64)
         if built.id_offset:
             I = np.where(I >= 0, I + built.id_offset, I)

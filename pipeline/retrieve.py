@@ -29,7 +29,7 @@ from pipeline.ray_session import ray_is_up
 from pipeline.index import (
     IndexConfig, VectorSource, _cfg, _f32, add_source, as_source, build_index, canonical_topk, check_config,
     choose_index, exact_search, gpu_plan, index_bytes, make_index, merge_topk, recall_hits, refine, retune,
-    search, search_index, set_search_params, source_from_spec, tame_malloc, to_gpu, train_index,
+    search, set_search_params, source_from_spec, tame_malloc, to_gpu, train_index,
 )
 
 MAX_EF_SEARCH = 4096
@@ -171,7 +171,7 @@ def _shard_actor_cls():
                               nprobe=self.plan["params"].get("nprobe"))
                 if not gp["search_on_gpu"]:
                     idx = self.cpu_index
-            D, I = search_index(idx, np.ascontiguousarray(q, dtype=np.float32), int(k))
+            D, I = idx.search(np.ascontiguousarray(q, dtype=np.float32), int(k))
             I = I.astype(np.int64)
             I = np.where(I >= 0, I + self.lo, -1)
             return D.astype(np.float32), I

@@ -382,27 +382,3 @@ def test_recall_at_k():
     assert ix.recall_at_k(np.array([[1, 2, 3, 9]]), e[:1], ann_scores=es - [[0, 0, 0, 0.1]], exact_scores=es) == 0.75
     hits, tot = ix.recall_hits(a, e)
     assert hits.sum() / tot.sum() == ix.recall_at_k(a, e) and len(hits) == len(e)
-
-
-@pytest.mark.parametrize("kind", ["ivf_flat", "IVF64_HNSW32,Flat", "ivf_sq8"])
-def test_ivf_search_in_list_order_is_faiss_search_bit_for_bit(kind):
-    """`search_index` takes an IVF index's queries in the order of their first list (`list_order`) and puts the
-    results back: every query's ids and scores are FAISS's own for that query in the caller's order, bit for bit,
-    ties included (duplicated pool rows tie exactly), whatever order the queries come in."""
-    x = clustered(6000, 32, seed=21)
-    x[3000:3500] = x[:500]  # exact ties: the same vector under two ids
-    q = clustered(700, 32, seed=22)
-    built = ix.build_index(x, IndexConfig(kind=kind, nprobe=6))
-    index = built.index
-    Iq = faiss.extract_index_ivf(index).quantizer.search(q, 1)[1]
-    assert not np.array_equal(ix.list_order(Iq), np.arange(len(q)))  # the queries are reordered
-    D, I = ix.search_index(index, q, 20)
-    fD, fI = index.search(q, 20)
-    assert np.array_equal(I, fI) and np.array_equal(D.view(np.uint32), fD.view(np.uint32))
-    assert (D[:, :-1] == D[:, 1:]).any()  # ties were there to keep
-    p = np.random.default_rng(0).permutation(len(q))
-    pD, pI = ix.search_index(index, q[p], 20)
-    assert np.array_equal(pI, I[p]) and np.array_equal(pD.view(np.uint32), D[p].view(np.uint32))
-    for one in range(3):  # a lone query, and one batch of the 4,096 a shard actor gets, search the same
-        oD, oI = ix.search_index(index, q[one:one + 1], 20)
-        assert np.array_equal(oI, I[one:one + 1]) and np.array_equal(oD, D[one:one + 1])
