@@ -9,9 +9,11 @@ This measures, in one process, one index shard as a run builds it (the plan and 
 `--queries` pool rows drawn at random (the mine's queries are texts like the pool's; a run searches 50,000-query
 blocks, `retrieve.block_rows`, cut into `index.query_batch` batches) in these orders:
 
-* `today`: the block's order, batch by batch (what `ShardClient.search` sends a shard);
-* `batch_sorted`: each batch sorted by its queries' nearest list (`quantizer.search(q, 1)`), the results put back;
-* `block_sorted`: the whole block sorted so, then cut into batches;
+* `today` (`''`): the block's order, batch by batch (what `ShardClient.search` sends a shard);
+* `batch`: each batch sorted by its queries' nearest list (an extra `quantizer.search(q, 1)`), the results put back;
+* `block`: the whole block sorted so, then cut into batches;
+* `pre`, `batch_pre`, `block_pre`: the same three orders with the coarse search (`quantizer.search(q, nprobe)`, which
+  `index.search` does first) done once here, sorted by the first list probed, and handed to `search_preassigned`;
 
 at `--threads` FAISS threads (1: what a shard actor gets on a 2-core machine, `index.threads` = CPUs / shards) and,
 above one thread, each of `--parallel-modes` (IndexIVF.parallel_mode: 0 over queries, 1 over the lists of a query,
