@@ -14,6 +14,7 @@ The files are byte for byte those of `write_corpus(load_corpus(...))` (tested wi
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,7 @@ def read_blocks(cfg, state_dir: Path, use_ray: bool, block_rows: int = READ_BLOC
 
 
 def _tables(spec: BlockSpec, name: str) -> pa.Table:
-    return open_ipc(Path(f"{spec.out}.{name}.arrow"))
+    return open_ipc(f"{spec.out}.{name}.arrow")  # a str: pathlib interns every name, blocks x id ranges of them
 
 
 def assemble(task) -> CorpusMeta | InputError:
@@ -408,7 +409,7 @@ def assemble(task) -> CorpusMeta | InputError:
     with _Writer(tmp, qschema, block_rows) as writer, open(staging / "qry_idx.bin", "wb") as qry_file:
         for batch in _batches(segments, block_rows):
             src_b = np.concatenate([np.full(hi - lo, b) for _, b, lo, hi in batch])
-            src_j = np.concatenate([_mmap(Path(f"{pairs[b][0].out}.order.npy"))[lo:hi] for _, b, lo, hi in batch])
+            src_j = np.concatenate([_mmap(f"{pairs[b][0].out}.order.npy")[lo:hi] for _, b, lo, hi in batch])
             pool_of = np.concatenate([np.full(hi - lo, pool_number[c]) for c, _, lo, hi in batch])
             part = _gather(lambda b: _tables(pairs[b][0], "rows"), src_b, src_j,
                            list(QUERY_COLUMNS)[:9] + ["pos_extra_ids", "input_neg_ids"])
@@ -488,7 +489,7 @@ def assemble(task) -> CorpusMeta | InputError:
 
 def _accepted(spec: BlockSpec) -> np.ndarray:
     """A pairs block's accepted rows (`assemble` keeps them on disk, a file a block)."""
-    return _mmap(Path(f"{spec.out}.ok.npy"))
+    return _mmap(f"{spec.out}.ok.npy")
 
 
 def _batches(segments, rows: int):
@@ -514,9 +515,12 @@ class _Buckets:
 
     def __init__(self, prefix: Path, starts: np.ndarray):
         self.prefix, self.starts = prefix, starts
+        for r in range(len(starts) - 1):  # a task run again appends to none of its first run's codes
+            if os.path.exists(self._path(r)):
+                os.remove(self._path(r))
 
-    def _path(self, r: int) -> Path:
-        return Path(f"{self.prefix}-{r:04d}.bin")
+    def _path(self, r: int) -> str:
+        return f"{self.prefix}-{r:04d}.bin"
 
     def add(self, codes: np.ndarray, rows: np.ndarray) -> None:
         if not len(codes):
@@ -531,7 +535,7 @@ class _Buckets:
 
     def _read(self, r: int) -> np.ndarray:
         path = self._path(r)
-        return np.fromfile(path, np.int64) if path.exists() else np.zeros(0, np.int64)
+        return np.fromfile(path, np.int64) if os.path.exists(path) else np.zeros(0, np.int64)
 
     def finish(self, other: Optional["_Buckets"] = None) -> int:
         """Each range's codes (and `other`'s, finished) sorted and unique, in their files; how many in all."""
@@ -551,7 +555,8 @@ class _Buckets:
         spans = []
         for r in range(len(self.starts) - 1):
             path = self._path(r)
-            codes = np.memmap(path, np.int64, "r") if path.exists() and path.stat().st_size else np.zeros(0, np.int64)
+            codes = (np.memmap(path, np.int64, "r") if os.path.exists(path) and os.path.getsize(path)
+                     else np.zeros(0, np.int64))
             lo, hi = np.searchsorted(codes, [j * n_items, (j + 1) * n_items])
             spans.append((r, int(lo), int(hi)))
         return (sum(hi - lo for _, lo, hi in spans),
@@ -559,7 +564,7 @@ class _Buckets:
                  for r, lo, hi in spans if hi > lo))
 
 
-def _raw_chunks(path: Path, dtype, rows: int = 1 << 20):
+def _raw_chunks(path: Path, dtype, rows: int = 1 << 16):
     """A file of raw values, `rows` at a time."""
     size = np.dtype(dtype).itemsize
     for lo in range(0, path.stat().st_size // size, rows):
