@@ -693,10 +693,15 @@ class _Reader:
 class _Seen:
     """64-bit hashes of what accepted pairs have (ids, contents) with the pair each came from: 16 bytes a pair
     instead of a dict entry, and a batch's membership test is a vectorised search. Kept as sorted runs that merge
-    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times."""
+    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times.
+    With a `prefix` the runs are files (PREFIX-N.bin, memory-mapped) merged a chunk at a time: the read's assembling
+    task (pipeline/read_blocks.py) then holds a chunk, not 16 bytes per pair of the corpus."""
 
-    def __init__(self):
+    CHUNK = 1 << 16
+
+    def __init__(self, prefix: Optional[str] = None):
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their pairs)
+        self.prefix, self.files = prefix, 0
 
     def hits(self, hashes: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(hashes), bool)
@@ -714,12 +719,42 @@ class _Seen:
         """The hashes of pairs `first_pair`, `first_pair + 1`, ..."""
         if not len(hashes):
             return
-        run = (hashes, first_pair + np.arange(len(hashes)))
+        order = np.argsort(hashes, kind="stable")
+        run = (hashes[order], first_pair + order.astype(np.int64))
         while self.runs and len(self.runs[-1][0]) <= len(run[0]):
-            last = self.runs.pop()
-            run = (np.concatenate([last[0], run[0]]), np.concatenate([last[1], run[1]]))
-        order = np.argsort(run[0], kind="stable")
-        self.runs.append((run[0][order], run[1][order]))
+            run = self._merge(self.runs.pop(), run)
+        if self.prefix is not None and not isinstance(run[0], np.memmap):
+            kept = self._new(len(run[0]))
+            kept[0][:], kept[1][:] = run
+            run = kept
+        self.runs.append(run)
+
+    def _new(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.prefix is None:
+            return np.empty(n, np.int64), np.empty(n, np.int64)
+        self.files += 2
+        return tuple(np.memmap(f"{self.prefix}-{self.files - k}.bin", np.int64, "w+", shape=(n,)) for k in (1, 0))
+
+    def _merge(self, a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Runs `a` and `b` as one, a chunk of each at a time: at each step every hash up to the smaller of the two
+        chunks' last goes out."""
+        out = self._new(len(a[0]) + len(b[0]))
+        i = j = o = 0
+        while i < len(a[0]) or j < len(b[0]):
+            ia, jb = min(i + self.CHUNK, len(a[0])), min(j + self.CHUNK, len(b[0]))
+            ends = [run[0][end - 1] for run, end in ((a, ia), (b, jb)) if end < len(run[0])]
+            if ends:
+                ia = i + int(np.searchsorted(a[0][i:ia], min(ends), "right"))
+                jb = j + int(np.searchsorted(b[0][j:jb], min(ends), "right"))
+            h = np.concatenate([a[0][i:ia], b[0][j:jb]])
+            order = np.argsort(h, kind="stable")
+            out[0][o:o + len(h)] = h[order]
+            out[1][o:o + len(h)] = np.concatenate([a[1][i:ia], b[1][j:jb]])[order]
+            o, i, j = o + len(h), ia, jb
+        for array in (*a, *b):
+            if isinstance(array, np.memmap):
+                os.remove(array.filename)
+        return out
 
 
 @dataclass
@@ -848,9 +883,9 @@ class Dedup:
 
     COLUMNS = ("query_id", "dataset", "qry_item_id", "pos_item_id", "_file", "_n")
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], folder: Optional[str] = None):
         self.paths = paths
-        self.seen = {"id": _Seen(), "content": _Seen()}
+        self.seen = {name: _Seen(None if folder is None else f"{folder}/seen-{name}") for name in ("id", "content")}
         self.starts = [0]  # accepted pairs before each chunk
         self.chunks: list[tuple] = []  # accepted pairs: a table (or what opens it), and its rows
         self.pending = None

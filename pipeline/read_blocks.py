@@ -277,7 +277,7 @@ def assemble(task) -> CorpusMeta | InputError:
     staging = state_dir / STAGING
     pairs = [(s, r) for s, r in zip(specs, results) if s.k >= 0]
     cands = [(s, r) for s, r in zip(specs, results) if s.k < 0]
-    dedup = Dedup(cfg.pairs)
+    dedup = Dedup(cfg.pairs, str(staging))  # its hashes in files
     rejects, pools = [], {}
     has_negatives = has_extras = False
     base = {}
