@@ -6,9 +6,13 @@
    its items, pool members and group pairs. A block does not know the rows of other blocks, so it accepts nothing:
    duplicates are told later. It returns its rejects and counts.
 2. One task (`assemble`) runs the dedup over the blocks in input order (`read.Dedup`: hashes of the accepted pairs,
-   confirmed in the blocks' files), merges the rejects in input order, and writes the state dir's files
-   (`search.write_corpus`'s) from compact arrays (16-byte item ids, item rows, sort keys), copying each batch of
-   `items.arrow` and `QUERIES_IN` from the blocks' memory-mapped files: the texts are never whole in its memory.
+   in files merged a chunk at a time, confirmed in the blocks' files), merges the rejects in input order, and writes
+   the state dir's files (`search.write_corpus`'s) a block, an id range or a batch at a time: the items one id range
+   at a time (their sorted 16-byte ids to a file it maps), the queries dataset by dataset and block by block (each
+   block's accepted rows sorted by dataset: the order, without a sort of all queries), and the codes of positives,
+   pools and groups through files by id range (`_Buckets`), each range made unique alone. It copies each batch of
+   `items.arrow` and `QUERIES_IN` from the blocks' memory-mapped files and holds no array of the whole corpus: its
+   working set does not grow with it (benchmarks/read_memory.py).
 
 The files are byte for byte those of `write_corpus(load_corpus(...))` (tested with several block sizes).
 """
@@ -28,13 +32,12 @@ from . import extra_positives, input_negatives
 from .blocks import PARTS, _mmap, exact_batch, open_ipc, take_rows
 from .config import InputConfig
 from .executor import map_blocks, run_task
-from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, Dedup, InputError, ReadContext, check_candidates, check_columns,
-                   check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids, id_view, iter_numbered,
-                   jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives, synthetic_id)
+from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, READ_BLOCK_ROWS, Dedup, InputError, ReadContext,
+                   check_candidates, check_columns, check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids,
+                   id_view, iter_numbered, jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives,
+                   synthetic_id)
 from .search import CORPUS, QUERIES_IN, CorpusMeta
 
-READ_BLOCK_ROWS = 50_000
-"""Input rows a read block: what one task holds as Arrow, a batch (read.BATCH_ROWS) of it as Python objects."""
 STAGING = "read"  # the blocks' files, under the state dir, until the read ends
 MAX_PARTS = 256
 """At most this many item-id ranges: each block writes a file per range, and the assembling task holds one range's
