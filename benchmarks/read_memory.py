@@ -9,7 +9,12 @@ corpus tables it returns (Arrow bytes). A job without Ray reads in the driver, s
 The same input read as block tasks (pipeline/read_blocks.py, a job on Ray), side by side: in one child process
 all the block tasks of `--block-rows` rows one after another (a Ray worker runs one at a time), in another the task
 that assembles them into the state dir's files; each child's peak RSS (`blocks`). The one-task read (`load_corpus`
-and `write_corpus`) is the peak these replace on Ray.
+and `write_corpus`) is the peak these replace on Ray. The assembling task's working set, which must not grow with
+the corpus (issue 15: a bounded working set per worker), is measured twice more: its peak anonymous + shmem memory
+(RssAnon + RssShmem, sampled every 5 ms: what `driver_memory.py` counts per process; RSS also counts the pages of
+the blocks' memory-mapped files), and, in a child of its own, its peak of Python/numpy allocations (tracemalloc) and
+of Arrow buffers (a proxy of the memory pool), as `block_memory.py` measures a block task; and their growth per
+pair from the smallest size to each larger one (`assemble_growth`).
 
     python benchmarks/read_memory.py --sizes 100000 400000 1600000   # -> benchmarks/results/read_memory.json
 """
@@ -64,10 +69,43 @@ def child(pairs: str) -> dict:
             "tables_bytes": corpus.queries.nbytes + corpus.items.nbytes}
 
 
+def anon_shmem() -> int:
+    """This process's RssAnon + RssShmem, bytes."""
+    with open("/proc/self/status") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("RssAnon:", "RssShmem:")))
+
+
+class AnonPeak:
+    """The largest `anon_shmem` sampled every 5 ms by a thread while the block runs."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = anon_shmem()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, anon_shmem())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, anon_shmem())
+        return False
+
+
 def blocks_child(pairs: str, phase: str, work: str, block_rows: int) -> dict:
     """One phase of the read as block tasks, in this process: "blocks" (every block task, one after another) or
-    "assemble" (the one task after them), handing over through a pickle in `work`."""
+    "assemble" (the one task after them, in batches of `block_rows` rows; "assemble-traced": the same, traced),
+    handing over through a pickle in `work`."""
     import pickle
+    import tracemalloc
+
+    import pyarrow as pa
 
     from pipeline.config import InputConfig
     from pipeline.read_blocks import STAGING, assemble, plan, read_block
@@ -84,8 +122,18 @@ def blocks_child(pairs: str, phase: str, work: str, block_rows: int) -> dict:
         out = {"blocks": len(specs)}
     else:
         specs, results = pickle.loads((Path(work) / "blocks.pkl").read_bytes())
-        meta = assemble((cfg, str(state_dir), specs, results, 50_000))
-        out = {"queries": meta.nq, "items": meta.n_items}
+        traced = phase == "assemble-traced"
+        if traced:
+            import pandas  # noqa: F401  imported by Arrow's first conversion to numpy: ~25 MB once, not working set
+            pool = pa.proxy_memory_pool(pa.default_memory_pool())
+            pa.set_memory_pool(pool)
+            tracemalloc.start()
+        with AnonPeak() as anon:
+            meta = assemble((cfg, str(state_dir), specs, results, block_rows))
+        out = {"queries": meta.nq, "items": meta.n_items, "anon_before": anon.start, "peak_anon": anon.peak}
+        if traced:
+            out.update(python_mb=round(tracemalloc.get_traced_memory()[1] / 2**20, 2),
+                       arrow_mb=round(pool.max_memory() / 2**20, 2))
     wall = time.perf_counter() - t0
     return {**out, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
             "wall_s": round(wall, 2)}
@@ -130,7 +178,7 @@ def main(argv=None) -> int:
               f"{r['wall_s']} s", flush=True)
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             r["blocks"] = {}
-            for phase in ("blocks", "assemble"):
+            for phase in ("blocks", "assemble", "assemble-traced"):
                 out = subprocess.run([sys.executable, __file__, "--child", str(pairs), "--phase", phase, tmp,
                                       "--block-rows", str(a.block_rows)], capture_output=True, text=True, check=True,
                                      env=env)
@@ -141,10 +189,27 @@ def main(argv=None) -> int:
                   f"in the block tasks ({r['blocks']['blocks']['blocks']} blocks, {r['blocks']['blocks']['wall_s']} s),"
                   f" {r['blocks']['assemble']['peak_rss_mb']:,.0f} MB assembling "
                   f"({r['blocks']['assemble']['wall_s']} s)", flush=True)
+            asm, traced = r["blocks"]["assemble"], r["blocks"]["assemble-traced"]
+            print(f"{'':>9}  assembling: anon+shm peak {asm['peak_anon'] / 2**20:,.1f} MB "
+                  f"({asm['anon_before'] / 2**20:,.1f} MB before), traced peak {traced['python_mb']:,.1f} MB "
+                  f"Python/numpy + {traced['arrow_mb']:,.1f} MB Arrow", flush=True)
+    runs_by_size = [runs[str(n)] for n in sorted(a.sizes)]
+    first = runs_by_size[0]
+    growth = {}
+    for r in runs_by_size[1:]:  # the assembling task's working set per pair added: ~0 when it is bounded
+        n = r["pairs"] - first["pairs"]
+        x, y = first["blocks"], r["blocks"]
+        growth[str(r["pairs"])] = {
+            "anon_bytes_per_pair": round((y["assemble"]["peak_anon"] - x["assemble"]["peak_anon"]) / n, 1),
+            "traced_bytes_per_pair": round(sum(y["assemble-traced"][k] - x["assemble-traced"][k]
+                                               for k in ("python_mb", "arrow_mb")) * 2**20 / n, 1)}
+        print(f"assembling, {first['pairs']:,} -> {r['pairs']:,} pairs: anon+shm peak "
+              f"{growth[str(r['pairs'])]['anon_bytes_per_pair']:+,.1f} B/pair, traced peak "
+              f"{growth[str(r['pairs'])]['traced_bytes_per_pair']:+,.1f} B/pair", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"command": "python benchmarks/read_memory.py --sizes "
                                        + " ".join(map(str, a.sizes)) + f" --block-rows {a.block_rows}",
-                                       "runs": runs}, indent=1))
+                                       "runs": runs, "assemble_growth": growth}, indent=1))
     return 0
 
 

@@ -177,12 +177,12 @@ def read_items(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     raise FileNotFoundError(f"{run_dir} holds no item table (items.arrow)")
 
 
-def _mmap(path: Path) -> np.ndarray:
+def _mmap(path: str | Path) -> np.ndarray:
     arr = np.load(path, mmap_mode="r")
     return np.asarray(arr) if arr.size == 0 else arr
 
 
-def open_ipc(path: Path) -> pa.Table:
+def open_ipc(path: str | Path) -> pa.Table:
     """A table read memory-mapped: slicing and `take_rows` touch only the pages they need."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 

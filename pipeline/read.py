@@ -70,6 +70,8 @@ def _item_key(text: str, image_digest: str) -> bytes:
     return h.digest()
 
 
+READ_BLOCK_ROWS = 50_000
+"""Input rows a read block (pipeline/read_blocks.py): what one task holds as Arrow, a batch of it as Python objects."""
 BATCH_ROWS = 10_000
 """Rows a batch: the reader holds one batch of input rows as Python objects at a time. At least 1,000: a file's
 columns are checked on its first 1,000 rows, which its first batch holds."""
@@ -154,20 +156,63 @@ def _open_input(path: str):
     a read of a block's span fetches 4 MiB past its end, not the driver's default (s3fs: 50 MiB)."""
     if "://" not in path:
         return open(path, "rb")
+    fs, inner = _input_fs(path)
+    return io.BufferedReader(fs.open(inner, "rb", block_size=1 << 22), 1 << 20)
+
+
+def _input_fs(path: str):
+    """(fsspec filesystem, path in it) of a URI."""
     from fsspec.core import url_to_fs
 
     try:
-        fs, inner = url_to_fs(path)
-        return io.BufferedReader(fs.open(inner, "rb", block_size=1 << 22), 1 << 20)
+        return url_to_fs(path)
     except (ImportError, ValueError) as exc:  # no driver for the scheme (fsspec says which package to install)
         raise InputError(f"{path}: cannot open it ({exc}); install the fsspec driver for its scheme (s3fs for "
                          "s3://, gcsfs for gs://) where the read runs") from None
 
 
+def _version(path: str) -> tuple:
+    """What changes when a file's content does: its size and modification time (a local file), its size and ETag
+    (an object: one HEAD request)."""
+    if "://" not in path:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    fs, inner = _input_fs(path)
+    info = fs.info(inner)
+    return info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))
+
+
+_SCANS: dict = {}
+"""(path, block_rows, version) -> `_jsonl_scan` of the last few JSONL files scanned."""
+
+
+def _jsonl_scan(path: str, block_rows: int) -> tuple[list[tuple], int]:
+    """A JSONL file's spans of `block_rows` lines (`plan_spans`) and its line count (`input_items`), from one read of
+    its bytes, kept while the file is unchanged: a job on Ray counts its input in the driver and then plans its block
+    read there, and a file on an object store is downloaded once for both, not twice."""
+    key = (path, block_rows, _version(path))
+    if key not in _SCANS:
+        ends, lines, offset, last = [], 0, 0, b"\n"  # the byte after every `block_rows`-th newline
+        with _open_input(path) as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                at = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+                cut = at[(lines + np.arange(1, len(at) + 1)) % block_rows == 0]
+                ends += (offset + cut + 1).tolist()
+                lines, offset, last = lines + len(at), offset + len(chunk), chunk[-1:]
+        if not ends or ends[-1] < offset:
+            ends.append(offset)
+        starts = [0] + ends[:-1]
+        while len(_SCANS) >= 8:
+            _SCANS.pop(next(iter(_SCANS)))
+        _SCANS[key] = ([(lo, hi, 1 + i * block_rows) for i, (lo, hi) in enumerate(zip(starts, ends))],
+                       lines + (last != b"\n"))
+    return _SCANS[key]
+
+
 def plan_spans(path: str, block_rows: int) -> list[tuple]:
     """A file cut into blocks of `block_rows` rows, for `iter_numbered(path, span)`: Parquet row ranges
     (start, end) from its metadata, JSONL line ranges as byte ranges (start, end, first line number), found by one
-    scan of the file's bytes."""
+    scan of the file's bytes (`input_items`'s, when it scanned the file unchanged for blocks of these rows)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
@@ -177,18 +222,8 @@ def plan_spans(path: str, block_rows: int) -> list[tuple]:
         return [(lo, min(lo + block_rows, n)) for lo in range(0, n, block_rows)] or [(0, 0)]
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise _unsupported(path, suffix)
-    ends, lines, offset = [], 0, 0  # the byte after every `block_rows`-th newline
-    with _jsonl_errors(path), _open_input(path) as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            at = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-            cut = at[(lines + np.arange(1, len(at) + 1)) % block_rows == 0]
-            ends += (offset + cut + 1).tolist()
-            lines, offset = lines + len(at), offset + len(chunk)
-    if not ends or ends[-1] < offset:
-        ends.append(offset)
-    starts = [0] + ends[:-1]
-    return [(lo, hi, 1 + i * block_rows) for i, (lo, hi) in enumerate(zip(starts, ends))]
-    return spans
+    with _jsonl_errors(path):
+        return _jsonl_scan(path, block_rows)[0]
 
 
 def _parquet_batches(path: str, batch_rows: int, span: Optional[tuple] = None):
@@ -507,11 +542,7 @@ def _count_rows(path: str) -> int:
     try:
         if Path(path).suffix.lower() in (".parquet", ".pq"):
             return sum(fragment.metadata.num_rows for fragment in pq.ParquetDataset(path).fragments)
-        n, last = 0, b"\n"
-        with _open_input(path) as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                n, last = n + chunk.count(b"\n"), chunk[-1:]
-        return n + (last != b"\n")
+        return _jsonl_scan(path, READ_BLOCK_ROWS)[1]  # the block read's planning on Ray reuses this scan
     except (OSError, ValueError, pa.ArrowException):
         return 0
 
@@ -715,10 +746,15 @@ class _Reader:
 class _Seen:
     """64-bit hashes of what accepted pairs have (ids, contents) with the pair each came from: 16 bytes a pair
     instead of a dict entry, and a batch's membership test is a vectorised search. Kept as sorted runs that merge
-    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times."""
+    when one is as long as the run before it (as a binary counter): few runs to search, each hash moved log times.
+    With a `prefix` the runs are files (PREFIX-N.bin, memory-mapped) merged a chunk at a time: the read's assembling
+    task (pipeline/read_blocks.py) then holds a chunk, not 16 bytes per pair of the corpus."""
 
-    def __init__(self):
+    CHUNK = 1 << 16
+
+    def __init__(self, prefix: Optional[str] = None):
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their pairs)
+        self.prefix, self.files = prefix, 0
 
     def hits(self, hashes: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(hashes), bool)
@@ -736,12 +772,42 @@ class _Seen:
         """The hashes of pairs `first_pair`, `first_pair + 1`, ..."""
         if not len(hashes):
             return
-        run = (hashes, first_pair + np.arange(len(hashes)))
+        order = np.argsort(hashes, kind="stable")
+        run = (hashes[order], first_pair + order.astype(np.int64))
         while self.runs and len(self.runs[-1][0]) <= len(run[0]):
-            last = self.runs.pop()
-            run = (np.concatenate([last[0], run[0]]), np.concatenate([last[1], run[1]]))
-        order = np.argsort(run[0], kind="stable")
-        self.runs.append((run[0][order], run[1][order]))
+            run = self._merge(self.runs.pop(), run)
+        if self.prefix is not None and not isinstance(run[0], np.memmap):
+            kept = self._new(len(run[0]))
+            kept[0][:], kept[1][:] = run
+            run = kept
+        self.runs.append(run)
+
+    def _new(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.prefix is None:
+            return np.empty(n, np.int64), np.empty(n, np.int64)
+        self.files += 2
+        return tuple(np.memmap(f"{self.prefix}-{self.files - k}.bin", np.int64, "w+", shape=(n,)) for k in (1, 0))
+
+    def _merge(self, a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Runs `a` and `b` as one, a chunk of each at a time: at each step every hash up to the smaller of the two
+        chunks' last goes out."""
+        out = self._new(len(a[0]) + len(b[0]))
+        i = j = o = 0
+        while i < len(a[0]) or j < len(b[0]):
+            ia, jb = min(i + self.CHUNK, len(a[0])), min(j + self.CHUNK, len(b[0]))
+            ends = [run[0][end - 1] for run, end in ((a, ia), (b, jb)) if end < len(run[0])]
+            if ends:
+                ia = i + int(np.searchsorted(a[0][i:ia], min(ends), "right"))
+                jb = j + int(np.searchsorted(b[0][j:jb], min(ends), "right"))
+            h = np.concatenate([a[0][i:ia], b[0][j:jb]])
+            order = np.argsort(h, kind="stable")
+            out[0][o:o + len(h)] = h[order]
+            out[1][o:o + len(h)] = np.concatenate([a[1][i:ia], b[1][j:jb]])[order]
+            o, i, j = o + len(h), ia, jb
+        for array in (*a, *b):
+            if isinstance(array, np.memmap):
+                os.remove(array.filename)
+        return out
 
 
 @dataclass
@@ -870,9 +936,9 @@ class Dedup:
 
     COLUMNS = ("query_id", "dataset", "qry_item_id", "pos_item_id", "_file", "_n")
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], folder: Optional[str] = None):
         self.paths = paths
-        self.seen = {"id": _Seen(), "content": _Seen()}
+        self.seen = {name: _Seen(None if folder is None else f"{folder}/seen-{name}") for name in ("id", "content")}
         self.starts = [0]  # accepted pairs before each chunk
         self.chunks: list[tuple] = []  # accepted pairs: a table (or what opens it), and its rows
         self.pending = None

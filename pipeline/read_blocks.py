@@ -6,14 +6,19 @@
    its items, pool members and group pairs. A block does not know the rows of other blocks, so it accepts nothing:
    duplicates are told later. It returns its rejects and counts.
 2. One task (`assemble`) runs the dedup over the blocks in input order (`read.Dedup`: hashes of the accepted pairs,
-   confirmed in the blocks' files), merges the rejects in input order, and writes the state dir's files
-   (`search.write_corpus`'s) from compact arrays (16-byte item ids, item rows, sort keys), copying each batch of
-   `items.arrow` and `QUERIES_IN` from the blocks' memory-mapped files: the texts are never whole in its memory.
+   in files merged a chunk at a time, confirmed in the blocks' files), merges the rejects in input order, and writes
+   the state dir's files (`search.write_corpus`'s) a block, an id range or a batch at a time: the items one id range
+   at a time (their sorted 16-byte ids to a file it maps), the queries dataset by dataset and block by block (each
+   block's accepted rows sorted by dataset: the order, without a sort of all queries), and the codes of positives,
+   pools and groups through files by id range (`_Buckets`), each range made unique alone. It copies each batch of
+   `items.arrow` and `QUERIES_IN` from the blocks' memory-mapped files and holds no array of the whole corpus: its
+   working set does not grow with it (benchmarks/read_memory.py).
 
 The files are byte for byte those of `write_corpus(load_corpus(...))` (tested with several block sizes).
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +29,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import extra_positives, input_negatives
-from .blocks import PARTS, exact_batch, open_ipc
+from .blocks import PARTS, _mmap, exact_batch, open_ipc, take_rows
 from .config import InputConfig
 from .executor import map_blocks, run_task
-from .filters import query_positives
-from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, Dedup, InputError, ReadContext, check_candidates, check_columns,
-                   check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids, id_view, iter_numbered,
-                   jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives, synthetic_id,
-                   without_cyclic_gc)
-from .search import CORPUS, QUERIES_IN, CorpusMeta, _save
+from .read import (ID_TYPE, MODALITIES, QUERY_COLUMNS, READ_BLOCK_ROWS, Dedup, InputError, ReadContext,
+                   check_candidates, check_columns, check_pairs, check_reject_rate, dataset_of, exact_array, hex_ids,
+                   id_view, iter_numbered, jsonl_verdict, pair_items, plan_spans, query_values, row_has_negatives,
+                   synthetic_id, without_cyclic_gc)
+from .search import CORPUS, QUERIES_IN, CorpusMeta
 
-READ_BLOCK_ROWS = 50_000
-"""Input rows a read block: what one task holds as Arrow, a batch (read.BATCH_ROWS) of it as Python objects."""
 STAGING = "read"  # the blocks' files, under the state dir, until the read ends
 MAX_PARTS = 256
 """At most this many item-id ranges: each block writes a file per range, and the assembling task holds one range's
@@ -269,17 +271,18 @@ def read_blocks(cfg, state_dir: Path, use_ray: bool, block_rows: int = READ_BLOC
 
 
 def _tables(spec: BlockSpec, name: str) -> pa.Table:
-    return open_ipc(Path(f"{spec.out}.{name}.arrow"))
+    return open_ipc(f"{spec.out}.{name}.arrow")  # a str: pathlib interns every name, blocks x id ranges of them
 
 
 def assemble(task) -> CorpusMeta | InputError:
     """The blocks' files as `search.write_corpus` writes a corpus (see the module docstring)."""
     cfg, state_dir, specs, results, block_rows = task
     state_dir = Path(state_dir)
+    staging = state_dir / STAGING
     pairs = [(s, r) for s, r in zip(specs, results) if s.k >= 0]
     cands = [(s, r) for s, r in zip(specs, results) if s.k < 0]
-    dedup = Dedup(cfg.pairs)
-    rejects, accepted, pools = [], [], {}
+    dedup = Dedup(cfg.pairs, str(staging))  # its hashes in files
+    rejects, pools = [], {}
     has_negatives = has_extras = False
     base = {}
     for spec, result in pairs:
@@ -302,8 +305,8 @@ def assemble(task) -> CorpusMeta | InputError:
         duplicates = dedup.run([(q, h, (d, a, b), path, n) for q, h, d, a, b, n in
                                 zip(qids, has_id, dataset, qry, pos, num)])
         ok = np.array([j for j in range(len(qids)) if j not in duplicates], np.int64)
-        dedup.commit(lambda spec=spec: _tables(spec, "rows"), ok)
-        accepted.append(ok)
+        np.save(f"{spec.out}.ok.npy", ok)
+        dedup.commit(lambda spec=spec: _tables(spec, "rows"), _accepted(spec))
         rename = lambda r, ds, i: r if not first or ds is None else {  # noqa: E731
             **r, "query_id": synthetic_id(ds, path, first + i, spec.shared)}
         events = [(i, 0, 0, rename(r, ds, i)) for i, r, ds in result.problems]
@@ -316,8 +319,10 @@ def assemble(task) -> CorpusMeta | InputError:
             pools.setdefault(dataset[j], len(pools))
         if len(ok):
             has_negatives |= bool(np.any(rows.column("_has_neg").to_numpy(zero_copy_only=False)[ok]))
-            has_extras |= bool(pc.max(pc.list_value_length(rows.column("pos_extra_ids").take(ok))).as_py() or 0)
-        del qids, has_id, local, dataset, qry, pos, num
+            has_extras |= bool(pc.max(pc.list_value_length(take_rows(rows.column("pos_extra_ids"), ok))).as_py()
+                               or 0)
+        del qids, has_id, local, dataset, qry, pos, num, ok, ok_set
+    del dedup
     rows_in = sum(r.n_rows + r.n_bad for _, r in pairs)
     rejects = ([x for _, r in pairs for x in r.read_rejects] + rejects
                + [x for _, r in cands for x in r.read_rejects] + [x for _, r in cands for x in r.rejects])
@@ -327,19 +332,21 @@ def assemble(task) -> CorpusMeta | InputError:
     except InputError as exc:
         return exc
 
-    # the items: every accepted pair's and candidate's, the first occurrence of each id kept, one id range at a time
+    # the items: every accepted pair's and candidate's, the first occurrence of each id kept, one id range at a time;
+    # their ids (sorted, 16 bytes each) go to a file, memory-mapped where the queries look their rows up
     all_specs = [s for s, _ in pairs] + [s for s, _ in cands]
     (state_dir / PARTS).mkdir(parents=True, exist_ok=True)
-    ids, modality = [], []
+    starts = [0]  # each id range's first item row
     schema = pa.schema([("item_id", pa.string()), ("text", pa.string()), ("image_path", pa.string()),
                         ("modality", pa.string()), ("embed_text", pa.string())])
-    with _Writer(state_dir / "items.arrow", schema, block_rows) as writer:
+    with _Writer(state_dir / "items.arrow", schema, block_rows) as writer, \
+            open(staging / "ids.bin", "wb") as id_file, open(staging / "modality.bin", "wb") as modality_file:
         for p in range(all_specs[0].parts if all_specs else 0):
             tables = [_tables(spec, f"items-{p:04d}") for spec in all_specs]
             keys, where = [], []
             for b, table in enumerate(tables):
-                at = (np.flatnonzero(np.isin(table.column("_row").to_numpy(), accepted[b])) if b < len(pairs)
-                      else np.arange(table.num_rows))
+                at = (np.flatnonzero(np.isin(table.column("_row").to_numpy(), _accepted(all_specs[b])))
+                      if b < len(pairs) else np.arange(table.num_rows))
                 keys.append(id_view(table.column("item_id").combine_chunks())[at])
                 where.append(np.stack([np.full(len(at), b), at]))
             part_ids, first = np.unique(np.concatenate(keys), return_index=True)
@@ -354,156 +361,243 @@ def assemble(task) -> CorpusMeta | InputError:
                 with_image = np.flatnonzero(pc.not_equal(image, "").to_numpy(zero_copy_only=False))
                 if len(with_image):
                     codes[with_image] = [2 if t.strip() else 1 for t in text.take(with_image).to_pylist()]
-                modality.append(codes)
+                modality_file.write(codes.tobytes())
                 embed = text if embed.null_count == len(embed) else pc.coalesce(embed, text)
                 writer.write(pa.table([hex_ids(part_ids[lo:hi]), text, image,
                                        pa.array(MODALITIES, pa.string()).take(codes), embed], schema=schema))
-            ids.append(part_ids)
-            del tables, where
-    ids = np.concatenate(ids) if ids else np.zeros(0, "S16")
-    modality = np.concatenate(modality) if modality else np.zeros(0, np.int8)
-    n_items = len(ids)
+            id_file.write(part_ids.tobytes())
+            starts.append(starts[-1] + len(part_ids))
+            del tables, where, part_ids
+    n_items = starts[-1]
+    ids = np.memmap(staging / "ids.bin", "S16", "r", shape=(n_items,)) if n_items else np.zeros(0, "S16")
+    _npy(state_dir / "modality.npy", np.int8, n_items, _raw_chunks(staging / "modality.bin", np.int8))
+    starts = np.array(starts, np.int64)
 
-    # the queries: by dataset, file path, place in the file
+    # the queries: by dataset, file path, place in the file. A block's accepted rows by dataset (a file each), then
+    # the datasets one at a time, each the blocks' rows of it by file path and block: that order, without a sort of
+    # all the queries. Each batch of queries adds its codes of positives, pools and groups to files by id range
+    # (`_Buckets`), made unique one range at a time at the end.
     names = sorted(pools)
-    rank = {path: r for r, path in enumerate(sorted(set(cfg.pairs)))}
-    parts = {name: [] for name in ("d", "p", "n", "b", "j", "qry", "pos", "group_values", "extra_n", "extra",
-                                   "neg_n", "neg")}
+    value_set = pa.array(names, pa.string())
     groups = set()
     for spec, _ in cands:
         groups.update(pc.unique(_tables(spec, "groups").column("group")).to_pylist())
+    counts = np.zeros((len(pairs), len(names)), np.int64)
     for b, (spec, _) in enumerate(pairs):
-        rows = _tables(spec, "rows")
-        groups.update(g for g in pc.unique(rows.column("group").take(accepted[b])).to_pylist() if g is not None)
+        rows, ok = _tables(spec, "rows"), _accepted(spec)
+        groups.update(g for g in pc.unique(take_rows(rows.column("group"), ok)).to_pylist() if g is not None)
+        codes = pc.index_in(take_rows(rows.column("dataset"), ok), value_set=value_set).to_numpy().astype(np.int64)
+        np.save(f"{spec.out}.order.npy", ok[np.argsort(codes, kind="stable")])
+        counts[b] = np.bincount(codes, minlength=len(names))
     groups = pa.array(sorted(groups), pa.string())
     n_groups = max(len(groups), 1)
-    for b, (spec, _) in enumerate(pairs):
-        rows = _tables(spec, "rows")
-        ok = accepted[b]
-        sel = rows.select(["dataset", "_n", "qry_item_id", "pos_item_id", "group", "pos_extra_ids",
-                           "input_neg_ids"]).take(ok)
-        parts["d"].append(pc.index_in(sel.column("dataset"), value_set=pa.array(names, pa.string())).to_numpy()
-                          .astype(np.int32))
-        parts["p"].append(np.full(len(ok), rank[cfg.pairs[spec.k]], np.int32))
-        parts["n"].append(sel.column("_n").to_numpy())
-        parts["b"].append(np.full(len(ok), b, np.int32))
-        parts["j"].append(ok.astype(np.int32))
-        for name in ("qry", "pos"):
-            parts[name].append(np.searchsorted(ids, id_view(sel.column(f"{name}_item_id").combine_chunks()))
-                               .astype(np.int32))
-        parts["group_values"].append(pc.fill_null(pc.index_in(sel.column("group"), value_set=groups), -1)
-                                     .to_numpy().astype(np.int32))
-        for name, column in (("extra", "pos_extra_ids"), ("neg", "input_neg_ids")):
-            lists = sel.column(column).combine_chunks()
-            parts[f"{name}_n"].append(pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64))
-            parts[name].append(np.searchsorted(ids, id_view(lists.flatten())).astype(np.int32))
-    cat = {}  # each column joined, then put in order, one at a time: what is held is a column's two copies
-    for name in list(parts):
-        chunks = parts.pop(name)
-        cat[name] = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
-        del chunks
-    order = np.lexsort((cat.pop("n"), cat.pop("p"), cat["d"]))
-    nq = len(order)
-    src_b, src_j, qry_idx, pos_idx, group_code, dataset_code = (cat.pop(name)[order] for name in (
-        "b", "j", "qry", "pos", "group_values", "d"))
-    lists = {name: _permute(cat.pop(f"{name}_n"), cat.pop(name), order) for name in ("extra", "neg")}
-    pool_of = np.array([pools[name] for name in names] or [0], np.int64)[dataset_code]
-
-    list_columns = [(flag, name, lists[key]) for flag, name, key in
-                    ((has_extras, extra_positives.COLUMN, "extra"), (has_negatives, input_negatives.COLUMN, "neg"))
-                    if flag]
+    rank = {path: r for r, path in enumerate(sorted(set(cfg.pairs)))}
+    by_file = sorted(range(len(pairs)), key=lambda b: (rank[cfg.pairs[pairs[b][0].k]], pairs[b][0].k))
+    offsets = np.concatenate([np.zeros((len(pairs), 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+    segments = ((c, b, offsets[b, c], offsets[b, c + 1]) for c in range(len(names)) for b in by_file
+                if counts[b, c])
+    pool_number = np.array([pools[name] for name in names] or [0], np.int64)
+    totals = counts.sum(axis=0)
+    nq = int(totals.sum())
+    positives, members, negatives, memberships = (_Buckets(staging / name, starts) for name in (
+        "positives", "members", "negatives", "groups"))
+    list_columns = [(name, column) for flag, name, column in
+                    ((has_extras, extra_positives.COLUMN, "pos_extra_ids"),
+                     (has_negatives, input_negatives.COLUMN, "input_neg_ids")) if flag]
     qschema = pa.schema([(name, kind if kind != ID_TYPE else pa.string()) for name, kind in
                          list(QUERY_COLUMNS.items())[:9]]
                         + [("qry_idx", pa.int32()), ("pos_idx", pa.int32()), ("group_code", pa.int32())]
-                        + [(name, pa.list_(pa.int32())) for _, name, _ in list_columns])
+                        + [(name, pa.list_(pa.int32())) for name, _ in list_columns])
     tmp = state_dir / f"{QUERIES_IN}.tmp"
-    with _Writer(tmp, qschema, block_rows) as writer:
-        for lo in range(0, nq, block_rows):
-            hi = min(lo + block_rows, nq)
-            part = _gather(lambda b: _tables(pairs[b][0], "rows"), src_b[lo:hi], src_j[lo:hi],
-                           list(QUERY_COLUMNS)[:9])
+    width = 0
+    with _Writer(tmp, qschema, block_rows) as writer, open(staging / "qry_idx.bin", "wb") as qry_file:
+        for batch in _batches(segments, block_rows):
+            src_b = np.concatenate([np.full(hi - lo, b) for _, b, lo, hi in batch])
+            src_j = np.concatenate([_mmap(f"{pairs[b][0].out}.order.npy")[lo:hi] for _, b, lo, hi in batch])
+            pool_of = np.concatenate([np.full(hi - lo, pool_number[c]) for c, _, lo, hi in batch])
+            part = _gather(lambda b: _tables(pairs[b][0], "rows"), src_b, src_j,
+                           list(QUERY_COLUMNS)[:9] + ["pos_extra_ids", "input_neg_ids"])
+            qry_idx, pos_idx = (np.searchsorted(ids, id_view(part.column(f"{name}_item_id").combine_chunks()))
+                                .astype(np.int64) for name in ("qry", "pos"))
+            group_code = pc.fill_null(pc.index_in(part.column("group"), value_set=groups), -1).to_numpy()
+            lists = {}
+            for column in ("pos_extra_ids", "input_neg_ids"):
+                values = part.column(column).combine_chunks()
+                lists[column] = (pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64),
+                                 np.searchsorted(ids, id_view(values.flatten())).astype(np.int64))
             columns = [part.column(name).combine_chunks() if QUERY_COLUMNS[name] != ID_TYPE
                        else hex_ids(id_view(part.column(name).combine_chunks())) for name in list(QUERY_COLUMNS)[:9]]
-            columns += [pa.array(a[lo:hi]) for a in (qry_idx, pos_idx, group_code)]
-            for _, _, (offsets, values) in list_columns:
-                off = offsets[lo:hi + 1]
-                columns.append(pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)),
-                                                        pa.array(values[off[0]:off[-1]])))
+            columns += [pa.array(a.astype(np.int32)) for a in (qry_idx, pos_idx, group_code)]
+            for _, column in list_columns:
+                lengths, values = lists[column]
+                columns.append(pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)])
+                                                                 .astype(np.int32)), pa.array(values.astype(np.int32))))
             writer.write(pa.table(columns, schema=qschema))
+            qry_file.write(qry_idx.tobytes())
 
-    # the pools: each dataset's pairs' positives and extra positives, then the candidates'
-    member_rows = [pos_idx, lists["extra"][1]]
-    member_pools = [pool_of, np.repeat(pool_of, np.diff(lists["extra"][0]))]
-    group_codes = []
+            lengths, extra = lists["pos_extra_ids"]
+            parent = np.repeat(np.arange(len(qry_idx)), lengths)
+            positives.add(qry_idx * n_items + pos_idx, qry_idx)
+            if has_extras:
+                positives.add(qry_idx[parent] * n_items + extra, qry_idx[parent])
+            members.add(pool_of * n_items + pos_idx, pos_idx)
+            members.add(pool_of[parent] * n_items + extra, extra)
+            grouped = group_code >= 0
+            memberships.add(pos_idx[grouped] * n_groups + group_code[grouped], pos_idx[grouped])
+            memberships.add(extra[grouped[parent]] * n_groups + group_code[parent[grouped[parent]]],
+                            extra[grouped[parent]])
+            if has_negatives:
+                lengths, neg = lists["input_neg_ids"]
+                negatives.add(np.repeat(pool_of, lengths) * n_items + neg, neg)
+                width = max(width, int(lengths.max(initial=0)))
+
+    # the candidates' pool members (a member without a dataset is in every pool so far) and group memberships
     for spec, _ in cands:
-        members = _tables(spec, "members")
-        rows = np.searchsorted(ids, id_view(members.column("item_id").combine_chunks())).astype(np.int64)
-        datasets = members.column("dataset").to_pylist()
+        table = _tables(spec, "members")
+        rows = np.searchsorted(ids, id_view(table.column("item_id").combine_chunks())).astype(np.int64)
+        datasets = table.column("dataset").to_pylist()
         numbers = np.array([pools.setdefault(ds, len(pools)) if ds is not None else -1 - len(pools)
                             for ds in datasets], np.int64)
         named = numbers >= 0
-        member_rows += [rows[named], np.repeat(rows[~named], -1 - numbers[~named])]
+        members.add(numbers[named] * n_items + rows[named], rows[named])
         upto = -1 - numbers[~named]
-        member_pools += [numbers[named], np.arange(upto.sum()) - np.repeat(np.cumsum(upto) - upto, upto)]
+        everywhere = np.repeat(rows[~named], upto)
+        members.add((np.arange(upto.sum()) - np.repeat(np.cumsum(upto) - upto, upto)) * n_items + everywhere,
+                    everywhere)
         g = _tables(spec, "groups")
         if g.num_rows:
-            group_codes.append(np.searchsorted(ids, id_view(g.column("item_id").combine_chunks())).astype(np.int64)
-                               * n_groups + pc.index_in(g.column("group"), value_set=groups).to_numpy())
-    codes = np.unique(np.concatenate(member_pools).astype(np.int64) * n_items
-                      + np.concatenate(member_rows).astype(np.int64))
-    bounds = np.searchsorted(codes, np.arange(len(pools) + 1) * n_items)
-    pool_arrays = {ds: codes[bounds[p]:bounds[p + 1]] - p * n_items for ds, p in pools.items()}
-    del codes, member_rows, member_pools
+            rows = np.searchsorted(ids, id_view(g.column("item_id").combine_chunks())).astype(np.int64)
+            memberships.add(rows * n_groups + pc.index_in(g.column("group"), value_set=groups).to_numpy(), rows)
+    del ids
 
-    # group memberships: each grouped pair's positive and extra positives, and the candidates'
-    grouped = group_code >= 0
-    extra_offsets, extra_values = lists["extra"]
-    extra_parent = np.repeat(np.arange(nq), np.diff(extra_offsets))
-    group_codes += [pos_idx[grouped].astype(np.int64) * n_groups + group_code[grouped],
-                    extra_values[grouped[extra_parent]].astype(np.int64) * n_groups
-                    + group_code[extra_parent[grouped[extra_parent]]]]
-    item_groups = np.unique(np.concatenate(group_codes)) if sum(len(c) for c in group_codes) else np.zeros(0, np.int64)
-
-    np.save(state_dir / "item_groups.npy", item_groups)
-    np.save(state_dir / "modality.npy", modality)
-    extra = (qry_idx[extra_parent].astype(np.int64), extra_values.astype(np.int64)) if has_extras else None
-    np.save(state_dir / "positives.npy", query_positives(qry_idx, pos_idx, n_items, extra))
+    _npy(state_dir / "item_groups.npy", np.int64, memberships.finish(), memberships.chunks())
+    _npy(state_dir / "positives.npy", np.int64, positives.finish(), positives.chunks())
     tmp.replace(state_dir / QUERIES_IN)
     d = state_dir / CORPUS
     d.mkdir(parents=True, exist_ok=True)
-    slim = {"dataset": pa.array(names, pa.string()).take(pa.array(dataset_code))}
+    members.finish()
+    embedded = members
     if has_negatives:
-        offsets, values = lists["neg"]
-        slim[input_negatives.COLUMN] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-    embedded = input_negatives.candidate_pools(pool_arrays, pa.table(slim))
-    for j, ds in enumerate(pool_arrays):
-        _save(d / f"pool-{j:05d}.npy", pool_arrays[ds])
-        _save(d / f"embed-{j:05d}.npy", embedded[ds])
-    _save(d / "qry_idx.npy", qry_idx.astype(np.int64))
-    starts = np.searchsorted(dataset_code, np.arange(len(names) + 1))
+        negatives.finish(members)
+        embedded = negatives
+    sizes = {}
+    for ds, j in pools.items():  # the pools in the order they were numbered
+        sizes[ds] = _npy(d / f"pool-{j:05d}.npy", np.int64, *members.pool(j, n_items))
+        _npy(d / f"embed-{j:05d}.npy", np.int64, *embedded.pool(j, n_items))
+    _npy(d / "qry_idx.npy", np.int64, nq, _raw_chunks(staging / "qry_idx.bin", np.int64))
+    starts = np.concatenate([[0], np.cumsum(totals)])
     ranges = {ds: [int(starts[c]), int(starts[c + 1])] for c, ds in enumerate(names) if starts[c + 1] > starts[c]}
-    width = int(np.diff(lists["neg"][0]).max()) if has_negatives and nq else 0
-    return CorpusMeta(nq, n_items, n_groups, rows_in, candidate_rejects, rejects, ranges, list(pools),
-                      {ds: int(len(pool)) for ds, pool in pool_arrays.items()}, width)
+    return CorpusMeta(nq, n_items, n_groups, rows_in, candidate_rejects, rejects, ranges, list(pools), sizes,
+                      width)
 
 
-def _permute(lengths: np.ndarray, values: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lists (their lengths and concatenated values) in `order`: (offsets, values)."""
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    new_lengths = lengths[order]
-    take = np.repeat(offsets[:-1][order], new_lengths) + (np.arange(new_lengths.sum())
-                                                          - np.repeat(np.cumsum(new_lengths) - new_lengths,
-                                                                      new_lengths))
-    return np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64), values[take]
+def _accepted(spec: BlockSpec) -> np.ndarray:
+    """A pairs block's accepted rows (`assemble` keeps them on disk, a file a block)."""
+    return _mmap(f"{spec.out}.ok.npy")
+
+
+def _batches(segments, rows: int):
+    """(dataset code, block, lo, hi) segments of queries, cut into lists of segments of `rows` rows each."""
+    batch, held = [], 0
+    for c, b, lo, hi in segments:
+        while lo < hi:
+            take = min(hi - lo, rows - held)
+            batch.append((c, b, lo, lo + take))
+            lo, held = lo + take, held + take
+            if held == rows:
+                yield batch
+                batch, held = [], 0
+    if batch:
+        yield batch
+
+
+class _Buckets:
+    """int64 codes appended to files by the id range (`starts`: each range's first item row) of a row they
+    carry, then sorted and made unique one range at a time: what is held is a range's codes, not the corpus's. The
+    codes of a row's range come before those of the next range's rows when the row is the code's leading part
+    (query x positive, item x group); a pool's (pool x row) are taken from every range (`pool`)."""
+
+    def __init__(self, prefix: Path, starts: np.ndarray):
+        self.prefix, self.starts = prefix, starts
+        for r in range(len(starts) - 1):  # a task run again appends to none of its first run's codes
+            if os.path.exists(self._path(r)):
+                os.remove(self._path(r))
+
+    def _path(self, r: int) -> str:
+        return f"{self.prefix}-{r:04d}.bin"
+
+    def add(self, codes: np.ndarray, rows: np.ndarray) -> None:
+        if not len(codes):
+            return
+        ranges = np.searchsorted(self.starts, rows, "right") - 1
+        order = np.argsort(ranges, kind="stable")
+        ranges, codes = ranges[order], np.asarray(codes, np.int64)[order]
+        cuts = [0, *(np.flatnonzero(np.diff(ranges)) + 1).tolist(), len(ranges)]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            with open(self._path(int(ranges[lo])), "ab") as f:
+                f.write(codes[lo:hi].tobytes())
+
+    def _read(self, r: int) -> np.ndarray:
+        path = self._path(r)
+        return np.fromfile(path, np.int64) if os.path.exists(path) else np.zeros(0, np.int64)
+
+    def finish(self, other: Optional["_Buckets"] = None) -> int:
+        """Each range's codes (and `other`'s, finished) sorted and unique, in their files; how many in all."""
+        n = 0
+        for r in range(len(self.starts) - 1):
+            codes = self._read(r) if other is None else np.concatenate([self._read(r), other._read(r)])
+            codes = np.unique(codes)
+            codes.tofile(self._path(r))
+            n += len(codes)
+        return n
+
+    def chunks(self):
+        return (self._read(r) for r in range(len(self.starts) - 1))
+
+    def pool(self, j: int, n_items: int) -> tuple[int, object]:
+        """Pool `j`'s rows (codes j * n_items + row): how many, and the rows range by range."""
+        spans = []
+        for r in range(len(self.starts) - 1):
+            path = self._path(r)
+            codes = (np.memmap(path, np.int64, "r") if os.path.exists(path) and os.path.getsize(path)
+                     else np.zeros(0, np.int64))
+            lo, hi = np.searchsorted(codes, [j * n_items, (j + 1) * n_items])
+            spans.append((r, int(lo), int(hi)))
+        return (sum(hi - lo for _, lo, hi in spans),
+                (np.fromfile(self._path(r), np.int64, hi - lo, offset=8 * lo) - j * n_items
+                 for r, lo, hi in spans if hi > lo))
+
+
+def _raw_chunks(path: Path, dtype, rows: int = 1 << 16):
+    """A file of raw values, `rows` at a time."""
+    size = np.dtype(dtype).itemsize
+    for lo in range(0, path.stat().st_size // size, rows):
+        yield np.fromfile(path, dtype, rows, offset=lo * size)
+
+
+def _npy(path: Path, dtype, n: int, chunks) -> int:
+    """An .npy file of `n` values (`chunks`: arrays, in order) written a chunk at a time, byte for byte what
+    np.save writes of them joined; by a new file, as `search._save` (the driver may have the old one mapped). `n`."""
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, "w+", dtype, (n,))
+    at = 0
+    for chunk in chunks:
+        out[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    assert at == n, (path, at, n)
+    out.flush()
+    del out
+    tmp.replace(path)
+    return n
 
 
 def _gather(table, blocks: np.ndarray, rows: np.ndarray, columns: list[str]) -> pa.Table:
-    """Rows (`blocks[i]`, `rows[i]`) of the blocks' tables (`table(b)`), in that order: a take per block, then one
-    reorder."""
+    """Rows (`blocks[i]`, `rows[i]`) of the blocks' tables (`table(b)`), in that order: a take per block (of the
+    chunks that hold its rows: `take_rows`), then one reorder."""
     parts, at = [], []
     for b in np.unique(blocks):
         sel = np.flatnonzero(blocks == b)
-        parts.append(table(int(b)).select(columns).take(rows[sel]))
+        parts.append(take_rows(table(int(b)).select(columns), rows[sel]))
         at.append(sel)
     table = pa.concat_tables(parts).combine_chunks()
     inverse = np.empty(len(blocks), np.int64)

@@ -15,8 +15,8 @@ import yaml
 from corpus import base_config, text_pairs, write_jsonl
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.mine import mine
-from pipeline.read import InputError, input_items, load_corpus, plan_spans
-from pipeline.read_blocks import read_blocks
+from pipeline.read import READ_BLOCK_ROWS, InputError, input_items, load_corpus, plan_spans
+from pipeline.read_blocks import plan, read_blocks
 from pipeline.search import write_corpus
 from test_cache_s3 import BUCKET, digests, s3  # noqa: F401 (s3: the moto server fixture)
 from test_cli_errors import hardneg
@@ -158,3 +158,26 @@ def test_hardneg_mine_names_a_missing_object_before_any_work(s3_env, tmp_path):
     assert r.stderr.strip() == (f"hardneg: error: input.pairs: s3://{BUCKET}/nowhere/pairs.jsonl does not exist; "
                                 "fix the URI or upload the file")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_driver_downloads_a_jsonl_input_once_to_count_and_plan_it(s3_env, tmp_path, monkeypatch):
+    """A job on Ray counts its input in the driver (`input_items`, to decide on Ray) and then plans its block read
+    there (`read_blocks.plan`: the files' line boundaries): one download of a JSONL object gives both, the same
+    spans as a scan of its local copy."""
+    from s3fs.core import S3File
+
+    fetched = []  # (key, bytes) of every range read from the bucket
+    fetch = S3File._fetch_range
+    monkeypatch.setattr(S3File, "_fetch_range", lambda self, start, end: fetched.append((self.key, end - start))
+                        or fetch(self, start, end))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", text_pairs(40))
+    local = config_from_dict(base_config(pairs, str(tmp_path / "cache")))
+    remote = replace(local, input=replace(local.input, pairs=[_upload(s3_env, pairs, "once")]))
+
+    assert input_items(remote.input) == 2 * 40
+    specs, errors = plan(remote.input, False, tmp_path / "staging")
+    assert sum(n for key, n in fetched if key == "once/pairs.jsonl") == pairs.stat().st_size
+    assert errors == [None] and [s.span for s in specs] == plan_spans(str(pairs), READ_BLOCK_ROWS)
+    write_jsonl(tmp_path / "pairs.jsonl", text_pairs(41))  # the object changed: read again
+    _upload(s3_env, pairs, "once")
+    assert input_items(remote.input) == 2 * 41
